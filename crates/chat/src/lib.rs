@@ -1,0 +1,1 @@
+//! ChatML tokenizer and SFT dataset builder.
