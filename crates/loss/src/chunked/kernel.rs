@@ -1,0 +1,194 @@
+//! The reference bodies of the chunked lm_head + loss, written with plain tensor ops.
+//!
+//! They run on whatever backend they are given; a backend with a faster kernel overrides
+//! [`ChunkedCeBackend`](super::ChunkedCeBackend)'s methods instead of changing these.
+
+use burn::tensor::{
+    IndexingUpdateOp, Int, Tensor, TensorPrimitive,
+    backend::Backend,
+    ops::{FloatTensor, IntTensor},
+};
+
+use super::{ChunkPlan, GradRequest, LmHeadCeForward, LmHeadCeGrads, LmHeadCeParams, plan::chunks};
+use crate::{cross_entropy::row_losses_with_lse, options::LOSS_DTYPE};
+
+fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
+    tensor.into_primitive().tensor()
+}
+
+/// Forward: per-row loss and log-sum-exp, one row chunk of full-vocabulary logits at a time.
+///
+/// # Shapes
+/// - `hidden`: `[n, hidden]`, `weight`: `[vocab, hidden]`, `targets`: `[n]` all in range
+/// - output: `loss` and `lse`, both `[n]` f32
+pub fn forward<B: Backend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    params: &LmHeadCeParams,
+) -> LmHeadCeForward<B> {
+    let hidden = float::<B, 2>(hidden);
+    let weight_t = float::<B, 2>(weight).transpose(); // [hidden, vocab]
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets);
+    let [n, _] = hidden.dims();
+    let [_, vocab] = weight_t.dims();
+    let plan = ChunkPlan::new(n, vocab, params.chunk_memory_bytes);
+
+    let mut losses = Vec::new();
+    let mut lses = Vec::new();
+    for (start, rows) in chunks(n, plan.forward_rows) {
+        let logits = hidden
+            .clone()
+            .narrow(0, start, rows)
+            .matmul(weight_t.clone())
+            .cast(LOSS_DTYPE); // [rows, vocab]
+        let (loss, lse) = row_losses_with_lse(
+            logits,
+            targets.clone().narrow(0, start, rows),
+            params.label_smoothing,
+            params.z_loss_weight,
+        ); // [rows, 1] each
+        losses.push(loss.reshape([rows]));
+        lses.push(lse.reshape([rows]));
+    }
+    LmHeadCeForward {
+        loss: primitive(Tensor::cat(losses, 0)),
+        lse: primitive(Tensor::cat(lses, 0)),
+    }
+}
+
+/// Backward: recomputes the logits tile by tile and accumulates both gradients.
+///
+/// With `p = softmax(x)` and upstream gradient `g` per row, the gradient of the row loss with
+/// respect to its logits is
+///
+/// ```text
+/// dx = g ((1 + 2 λ lse) p - (1 - ε) one_hot(t) - ε / vocab)
+/// ```
+///
+/// so a tile needs only its logits, the saved `lse` and `g`. For each vocabulary slab
+/// `W[c0..c1]`, `grad_hidden += dx @ W[c0..c1]` per row chunk, and
+/// `grad_weight[c0..c1] = sum over row chunks of dx^T @ hidden`, written once per slab.
+/// Both are accumulated in f32 and cast to the inputs' dtype at the end.
+///
+/// # Shapes
+/// - `hidden`: `[n, hidden]`, `weight`: `[vocab, hidden]`, `targets`, `lse`, `grad_loss`: `[n]`
+/// - output: `[n, hidden]` and `[vocab, hidden]`, where requested
+pub fn backward<B: Backend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad_loss: FloatTensor<B>,
+    params: &LmHeadCeParams,
+    request: GradRequest,
+) -> LmHeadCeGrads<B> {
+    let hidden = float::<B, 2>(hidden);
+    let weight = float::<B, 2>(weight);
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets);
+    let lse = float::<B, 1>(lse).cast(LOSS_DTYPE);
+    let grad_loss = float::<B, 1>(grad_loss).cast(LOSS_DTYPE);
+    let [n, dim] = hidden.dims();
+    let [vocab, _] = weight.dims();
+    let device = hidden.device();
+    let compute_dtype = hidden.dtype();
+    let weight_dtype = weight.dtype();
+    let plan = ChunkPlan::new(n, vocab, params.chunk_memory_bytes);
+    let eps = params.label_smoothing;
+    let z = params.z_loss_weight;
+
+    let row_chunks: Vec<(usize, usize)> = chunks(n, plan.backward_rows).collect();
+    // Per row chunk: the upstream gradient and the multiplier of p, `g (1 + 2 λ lse)`.
+    let row_state: Vec<(Tensor<B, 2>, Tensor<B, 2>)> = row_chunks
+        .iter()
+        .map(|&(start, rows)| {
+            let g = grad_loss
+                .clone()
+                .narrow(0, start, rows)
+                .unsqueeze_dim::<2>(1); // [rows, 1]
+            let p_scale = if z > 0.0 {
+                let lse = lse.clone().narrow(0, start, rows).unsqueeze_dim::<2>(1);
+                g.clone() * lse.mul_scalar(2.0 * z).add_scalar(1.0)
+            } else {
+                g.clone()
+            }; // [rows, 1]
+            (g, p_scale)
+        })
+        .collect();
+
+    let mut grad_hidden: Vec<Tensor<B, 2>> = if request.hidden {
+        row_chunks
+            .iter()
+            .map(|&(_, rows)| Tensor::zeros([rows, dim], (&device, LOSS_DTYPE)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut grad_weight = request
+        .weight
+        .then(|| Tensor::<B, 2>::zeros([vocab, dim], (&device, weight_dtype)));
+
+    for (col_start, cols) in chunks(vocab, plan.backward_cols) {
+        let col_end = col_start + cols;
+        let weight_slab = weight.clone().narrow(0, col_start, cols); // [cols, hidden]
+        let mut grad_slab = request
+            .weight
+            .then(|| Tensor::<B, 2>::zeros([cols, dim], (&device, LOSS_DTYPE)));
+
+        for (chunk, &(row_start, rows)) in row_chunks.iter().enumerate() {
+            let (g, p_scale) = &row_state[chunk];
+            let hidden_rows = hidden.clone().narrow(0, row_start, rows); // [rows, hidden]
+            let lse_rows = lse.clone().narrow(0, row_start, rows).unsqueeze_dim::<2>(1); // [rows, 1]
+            let logits = hidden_rows
+                .clone()
+                .matmul(weight_slab.clone().transpose())
+                .cast(LOSS_DTYPE); // [rows, cols]
+            let mut dlogits = (logits - lse_rows).exp() * p_scale.clone(); // [rows, cols]
+            if eps > 0.0 {
+                dlogits = dlogits - g.clone().mul_scalar(eps / vocab as f32);
+            }
+
+            // The one-hot term, for rows whose target falls in this slab.
+            let t = targets.clone().narrow(0, row_start, rows); // [rows]
+            let outside = t
+                .clone()
+                .lower_elem(col_start as i64)
+                .bool_or(t.clone().greater_equal_elem(col_end as i64))
+                .unsqueeze_dim::<2>(1); // [rows, 1]
+            let local = t
+                .sub_scalar(col_start as i64)
+                .clamp(0, cols as i64 - 1)
+                .unsqueeze_dim::<2>(1); // [rows, 1]
+            let one_hot = g.clone().mul_scalar(eps - 1.0).mask_fill(outside, 0.0); // [rows, 1]
+            let dlogits = dlogits
+                .scatter(1, local, one_hot, IndexingUpdateOp::Add)
+                .cast(compute_dtype); // [rows, cols]
+
+            if request.hidden {
+                let part = dlogits.clone().matmul(weight_slab.clone()).cast(LOSS_DTYPE); // [rows, hidden]
+                grad_hidden[chunk].inplace(|acc| acc + part);
+            }
+            if let Some(grad_slab) = grad_slab.as_mut() {
+                let part = dlogits.transpose().matmul(hidden_rows).cast(LOSS_DTYPE); // [cols, hidden]
+                grad_slab.inplace(|acc| acc + part);
+            }
+        }
+
+        if let (Some(grad_weight), Some(grad_slab)) = (grad_weight.as_mut(), grad_slab) {
+            let grad_slab = grad_slab.cast(weight_dtype);
+            grad_weight.inplace(|acc| acc.slice_assign([col_start..col_end, 0..dim], grad_slab));
+        }
+    }
+
+    LmHeadCeGrads {
+        hidden: request.hidden.then(|| {
+            let grad = Tensor::cat(grad_hidden, 0).cast(compute_dtype); // [n, hidden]
+            primitive(grad)
+        }),
+        weight: grad_weight.map(primitive),
+    }
+}
