@@ -1,1 +1,30 @@
-pub fn hello() {}
+//! The Qwen2 causal language model in burn, equal to transformers' `Qwen2ForCausalLM`, with
+//! Hugging Face checkpoint I/O.
+//!
+//! ```text
+//! config.json + model.safetensors -> Qwen2ForCausalLM<B> -> logits / hidden states
+//! ```
+//!
+//! - [`Qwen2Config`] mirrors `config.json`.
+//! - [`Qwen2ForCausalLM`] is the model; its field names are Hugging Face's.
+//! - [`ops`] holds the hot operations, one function each.
+//! - [`load_pretrained`] and [`save_pretrained`] read and write model directories that
+//!   transformers and vLLM load as they are.
+
+mod checkpoint;
+mod config;
+mod error;
+mod model;
+pub mod ops;
+mod weights;
+
+pub use checkpoint::{
+    CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
+};
+pub use config::{AttentionKind, Qwen2Config, RopeParameters};
+pub use error::{ConfigError, LoadError, SaveError};
+pub use model::{
+    Embedding, KvCache, LayerCache, Linear, Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM,
+    Qwen2Input, Qwen2Mlp, Qwen2Model, RmsNorm,
+};
+pub use weights::{Init, RandomInit, WeightSource, Weights};

@@ -1,0 +1,234 @@
+//! The hot operations of the model, each one function.
+//!
+//! The model calls attention, RMSNorm, RoPE, SwiGLU, the linear layers and the embedding only
+//! through this module, so that a faster kernel for one backend can replace a body here without
+//! touching the model. The bodies below are the reference: plain burn tensor ops, correct on
+//! every backend and under autodiff.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
+
+/// `x @ weight^T + bias`, with `weight` in Hugging Face layout `[out, in]`.
+///
+/// The weight is cast to the activations' dtype, so f32 master weights serve bf16 compute.
+///
+/// # Shapes
+/// - x: `[..., in]`
+/// - weight: `[out, in]`, bias: `[out]`
+/// - output: `[..., out]`
+pub fn linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let dims = x.dims();
+    let [out_features, in_features] = weight.dims();
+    let rows = dims[..D - 1].iter().product();
+    // [rows, in] @ [in, out] -> [rows, out]
+    let y = x
+        .reshape([rows, in_features])
+        .matmul(weight.cast(dtype).transpose());
+    let y = match bias {
+        Some(bias) => y + bias.cast(dtype).unsqueeze::<2>(),
+        None => y,
+    };
+    let mut out_dims = dims;
+    out_dims[D - 1] = out_features;
+    y.reshape(out_dims)
+}
+
+/// Token embedding lookup.
+///
+/// # Shapes
+/// - weight: `[vocab, hidden]`, ids: `[batch, seq]`
+/// - output: `[batch, seq, hidden]`
+pub fn embedding<B: Backend>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    burn::tensor::module::embedding(weight, ids)
+}
+
+/// RMSNorm as in transformers' `Qwen2RMSNorm`: normalised in f32, cast back to the input's
+/// dtype, then scaled by `weight`.
+///
+/// # Shapes
+/// - x: `[..., hidden]`, weight: `[hidden]`
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
+    // [..., 1]
+    let variance = x.clone().square().mean_dim(D - 1);
+    let normed = x * (variance + eps).sqrt().recip();
+    normed.cast(dtype) * weight.cast(dtype).unsqueeze::<D>()
+}
+
+/// `silu(gate) * up`, the SwiGLU gate of the MLP.
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    silu(gate) * up
+}
+
+/// The cosine and sine tables of rotary embeddings for the given positions.
+///
+/// Computed in f32 like transformers (`inv_freq = 1 / theta^(2i/d)`, the angles duplicated
+/// across both halves), then cast to `dtype`.
+///
+/// # Shapes
+/// - position_ids: `[batch, seq]`
+/// - output: two tensors `[batch, 1, seq, head_dim]`
+pub fn rotary_tables<B: Backend>(
+    position_ids: Tensor<B, 2, Int>,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let device = position_ids.device();
+    let [batch, seq] = position_ids.dims();
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    // [1, 1, half]
+    let inv_freq = Tensor::<B, 1>::from_floats(inv_freq.as_slice(), &device)
+        .cast(FloatDType::F32)
+        .reshape([1, 1, half]);
+    // [batch, seq, 1] * [1, 1, half] -> [batch, seq, half]
+    let freqs = position_ids
+        .float()
+        .cast(FloatDType::F32)
+        .reshape([batch, seq, 1])
+        * inv_freq;
+    // [batch, seq, head_dim] -> [batch, 1, seq, head_dim]
+    let angles = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
+    (angles.clone().cos().cast(dtype), angles.sin().cast(dtype))
+}
+
+/// Rotary position embedding in the rotate_half convention used by Qwen (the two halves of
+/// the head, not interleaved pairs as `burn::nn::RotaryEncoding` rotates).
+///
+/// # Shapes
+/// - x: `[batch, heads, seq, head_dim]`
+/// - cos, sin: `[batch, 1, seq, head_dim]`
+pub fn apply_rotary<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [_, _, _, head_dim] = x.dims();
+    let half = head_dim / 2;
+    let first = x.clone().narrow(3, 0, half);
+    let second = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    x * cos + rotated * sin
+}
+
+/// Who may attend to whom.
+///
+/// Query `i` sees key `j` iff `j <= i` (absolute positions in the row), both carry the same
+/// non-zero segment id, and, for sliding layers, `i - j < window`. Segment 0 is padding.
+/// Packed rows hold several segments; an unpacked row is a single segment followed by padding.
+#[derive(Debug, Clone)]
+pub struct AttentionMask<B: Backend> {
+    /// `[batch, q_len]`
+    pub query_segments: Tensor<B, 2, Int>,
+    /// `[batch, k_len]`
+    pub key_segments: Tensor<B, 2, Int>,
+    /// Absolute index of the first query among the keys (the cached length when decoding).
+    pub query_offset: usize,
+    pub window: Option<usize>,
+    /// `[batch, 1, q_len, k_len]`, true where attention is forbidden. Built once per forward
+    /// and shared by every layer of the same kind.
+    pub forbidden: Tensor<B, 4, Bool>,
+}
+
+impl<B: Backend> AttentionMask<B> {
+    pub fn new(
+        query_segments: Tensor<B, 2, Int>,
+        key_segments: Tensor<B, 2, Int>,
+        query_offset: usize,
+        window: Option<usize>,
+    ) -> Self {
+        let device = query_segments.device();
+        let [batch, q_len] = query_segments.dims();
+        let [_, k_len] = key_segments.dims();
+        let shape = [batch, q_len, k_len];
+        // [1, q_len, 1] and [1, 1, k_len]
+        let q_pos = Tensor::<B, 1, Int>::arange(
+            query_offset as i64..(query_offset + q_len) as i64,
+            &device,
+        )
+        .reshape([1, q_len, 1])
+        .expand(shape);
+        let k_pos = Tensor::<B, 1, Int>::arange(0..k_len as i64, &device)
+            .reshape([1, 1, k_len])
+            .expand(shape);
+        let future = k_pos.clone().greater(q_pos.clone());
+        let q_seg = query_segments
+            .clone()
+            .reshape([batch, q_len, 1])
+            .expand(shape);
+        let k_seg = key_segments
+            .clone()
+            .reshape([batch, 1, k_len])
+            .expand(shape);
+        let other_segment = q_seg.not_equal(k_seg.clone());
+        let padding = k_seg.equal_elem(0);
+        let mut forbidden = future.bool_or(other_segment).bool_or(padding);
+        if let Some(window) = window {
+            let too_old = (q_pos - k_pos).greater_equal_elem(window as i64);
+            forbidden = forbidden.bool_or(too_old);
+        }
+        Self {
+            query_segments,
+            key_segments,
+            query_offset,
+            window,
+            forbidden: forbidden.unsqueeze_dim(1),
+        }
+    }
+}
+
+/// Causal grouped-query attention, `softmax(q k^T / sqrt(head_dim)) v`, with the softmax in f32
+/// as transformers does.
+///
+/// Keys and values keep their `kv_heads`; this reference body repeats them to `heads`.
+///
+/// # Shapes
+/// - q: `[batch, heads, q_len, head_dim]`
+/// - k, v: `[batch, kv_heads, k_len, head_dim]`
+/// - output: `[batch, heads, q_len, head_dim]`
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+) -> Tensor<B, 4> {
+    let dtype = q.dtype();
+    let [batch, heads, q_len, head_dim] = q.dims();
+    let [_, kv_heads, k_len, _] = k.dims();
+    let k = repeat_kv(k, heads / kv_heads);
+    let v = repeat_kv(v, heads / kv_heads);
+    let scale = (head_dim as f64).powf(-0.5);
+    // [batch, heads, q_len, k_len]
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let forbidden = mask.forbidden.clone().expand([batch, heads, q_len, k_len]);
+    // A fully forbidden row (a padding query) becomes uniform rather than NaN.
+    let scores = scores.cast(FloatDType::F32).mask_fill(forbidden, f32::MIN);
+    let probs = softmax(scores, 3).cast(dtype);
+    probs.matmul(v)
+}
+
+/// `[batch, kv_heads, len, d]` -> `[batch, kv_heads * n_rep, len, d]`, each kv head repeated
+/// for the `n_rep` query heads of its group.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [batch, kv_heads, len, head_dim] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([batch, kv_heads, n_rep, len, head_dim])
+        .reshape([batch, kv_heads * n_rep, len, head_dim])
+}
