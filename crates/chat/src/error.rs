@@ -90,7 +90,9 @@ pub enum ChatError {
     )]
     UnknownFormat { at: Source },
 
-    #[error("{at}: {field}: unknown role {role:?} (expected system, user, assistant or tool; human, gpt)")]
+    #[error(
+        "{at}: {field}: unknown role {role:?} (expected system, user, assistant or tool; human, gpt)"
+    )]
     UnknownRole {
         at: Source,
         field: String,
@@ -124,7 +126,10 @@ pub enum ChatError {
     },
 
     #[error("{at}: the chat template failed: {source}")]
-    Render { at: Source, source: minijinja::Error },
+    Render {
+        at: Source,
+        source: minijinja::Error,
+    },
 
     #[error(
         "{at}: the chat template changes message content (strip, split, ...), so content cannot be told apart from template text"

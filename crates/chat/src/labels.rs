@@ -237,7 +237,11 @@ mod tests {
 
     #[test]
     fn overlap_marks_straddling_tokens() {
-        let labels = label_tokens(&[1, 2, 3, 4], &[(0, 2), (2, 5), (5, 6), (6, 9)], &[4..6]);
+        let labels = label_tokens(
+            &[1, 2, 3, 4],
+            &[(0, 2), (2, 5), (5, 6), (6, 9)],
+            &[4..6, 20..21],
+        );
         assert_eq!(labels, vec![-100, 2, 3, -100]);
     }
 

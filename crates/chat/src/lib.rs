@@ -17,6 +17,19 @@
 //!
 //! This crate does not depend on burn or on the model.
 //!
+//! ```
+//! use qwen_chat::{Chat, ChatTokenizer, DatasetOptions, Loader, LoaderConfig, Message};
+//!
+//! let tok = ChatTokenizer::bundled()?;
+//! let chats = vec![Chat::new(vec![Message::user("2+2?"), Message::assistant("4")])];
+//! let dataset = tok.dataset_from_chats(&chats, &DatasetOptions::default())?;
+//! let config = LoaderConfig { batch_rows: 1, pad_id: tok.pad_id(), ..LoaderConfig::default() };
+//! let batch = Loader::new(dataset.examples, config)?.next_batch().expect("one batch");
+//! // Learned: "\n4<|im_end|>\n" after "<|im_start|>assistant".
+//! assert_eq!(batch.supervised_tokens(), 4);
+//! # Ok::<(), qwen_chat::ChatError>(())
+//! ```
+//!
 //! # Rendering and tokenizing
 //!
 //! The chat template comes from `tokenizer_config.json` (`chat_template`) or `chat_template.jinja`

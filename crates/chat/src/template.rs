@@ -166,7 +166,9 @@ fn pick_sentinels(messages: &[Message], tools: Option<&[Value]>) -> (char, char)
         haystack.push(Value::Array(tools.to_vec()).to_string());
     }
     let unused = |c: char| !haystack.iter().any(|s| s.contains(c));
-    let candidates = (0xE000u32..0xF8FF).step_by(2).chain((0xF0000..0xFFFFD).step_by(2));
+    let candidates = (0xE000u32..0xF8FF)
+        .step_by(2)
+        .chain((0xF0000..0xFFFFD).step_by(2));
     for lo in candidates {
         let (a, b) = (char::from_u32(lo), char::from_u32(lo + 1));
         if let (Some(a), Some(b)) = (a, b)
@@ -195,9 +197,7 @@ fn substitute_sentinels(
         text.push_str(&rest[..at]);
         let after = &rest[at + open.len_utf8()..];
         let end = after.find(close).ok_or(RenderError::NotVerbatim)?;
-        let index: usize = after[..end]
-            .parse()
-            .map_err(|_| RenderError::NotVerbatim)?;
+        let index: usize = after[..end].parse().map_err(|_| RenderError::NotVerbatim)?;
         let message = messages.get(index).ok_or(RenderError::NotVerbatim)?;
         let start = text.len();
         text.push_str(&message.content);
@@ -441,7 +441,13 @@ mod tests {
             rewrite_generation_tags("a{%- generation -%} b {%+ endgeneration %}c"),
             "a{%- if true -%} b {%+ endif %}c"
         );
-        assert_eq!(render("x{% generation %}y{% endgeneration %}z", serde_json::json!({})), "xyz");
+        assert_eq!(
+            render(
+                "x{% generation %}y{% endgeneration %}z",
+                serde_json::json!({})
+            ),
+            "xyz"
+        );
     }
 
     #[test]
@@ -450,17 +456,26 @@ mod tests {
             "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}",
         )
         .unwrap();
-        let messages = vec![Message::user("hi \u{E000}0\u{E001}"), Message::assistant("")];
+        let messages = vec![
+            Message::user("hi \u{E000}0\u{E001}"),
+            Message::assistant(""),
+        ];
         let r = t.render(&messages, None, false, &[]).unwrap();
-        assert_eq!(r.text, "<user>hi \u{E000}0\u{E001}</user><assistant></assistant>");
+        assert_eq!(
+            r.text,
+            "<user>hi \u{E000}0\u{E001}</user><assistant></assistant>"
+        );
         assert_eq!(r.content_spans.len(), 1);
-        assert_eq!(&r.text[r.content_spans[0].range.clone()], messages[0].content);
+        assert_eq!(
+            &r.text[r.content_spans[0].range.clone()],
+            messages[0].content
+        );
     }
 
     #[test]
     fn a_template_that_changes_content_is_refused() {
-        let t = ChatTemplate::new("{% for m in messages %}{{ m.content | trim }}{% endfor %}")
-            .unwrap();
+        let t =
+            ChatTemplate::new("{% for m in messages %}{{ m.content | trim }}{% endfor %}").unwrap();
         let err = t
             .render(&[Message::user(" padded ")], None, false, &[])
             .unwrap_err();

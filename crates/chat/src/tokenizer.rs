@@ -107,8 +107,8 @@ impl ChatTokenizer {
 
     /// Replaces the chat template (for example with the Qwen2 one).
     pub fn with_chat_template(mut self, source: &str) -> Result<Self> {
-        self.template = ChatTemplate::new(source)
-            .map_err(|source| ChatError::TemplateSyntax { source })?;
+        self.template =
+            ChatTemplate::new(source).map_err(|source| ChatError::TemplateSyntax { source })?;
         Ok(self)
     }
 
@@ -298,7 +298,10 @@ impl ChatTokenizer {
             }
         }
         for (field, text) in fields {
-            if let Some((token, _)) = self.controls.iter().find(|(t, _)| text.contains(t.as_str()))
+            if let Some((token, _)) = self
+                .controls
+                .iter()
+                .find(|(t, _)| text.contains(t.as_str()))
             {
                 return Err(ChatError::ControlTokenInField {
                     at: chat.source.clone(),

@@ -110,7 +110,10 @@ fn good_lines_in_all_three_formats_parse() {
     assert_eq!(chats.len(), 5);
     assert_eq!(report.examples_read, 5);
     assert_eq!(report.blank_lines, 1);
-    let texts: Vec<String> = chats[..4].iter().map(|c| tok().render(c).unwrap()).collect();
+    let texts: Vec<String> = chats[..4]
+        .iter()
+        .map(|c| tok().render(c).unwrap())
+        .collect();
     assert!(texts.iter().all(|t| t == &texts[0]), "{texts:?}");
     assert_eq!(chats[3].source.to_string(), "ok.jsonl:5");
     assert!(chats[4].messages[1].extra.contains_key("tool_calls"));
@@ -141,14 +144,21 @@ fn skip_policy_counts_every_skip_with_its_line() {
     assert_eq!(reasons["malformed_json"], 1);
     assert_eq!(reasons["invalid_utf8"], 1);
     assert_eq!(reasons["no_assistant_turn"], 1);
-    assert!(ds.report.skipped[0].message.starts_with(&format!("{}:2: malformed JSON", path.display())));
+    assert!(
+        ds.report.skipped[0]
+            .message
+            .starts_with(&format!("{}:2: malformed JSON", path.display()))
+    );
 
     let fail = DatasetOptions {
         policy: SkipPolicy::Fail,
         ..DatasetOptions::default()
     };
     let err = tok().build_dataset(&[&path], &fail).unwrap_err();
-    assert!(matches!(err, ChatError::MalformedJson { ref at, .. } if at.line == 2), "{err}");
+    assert!(
+        matches!(err, ChatError::MalformedJson { ref at, .. } if at.line == 2),
+        "{err}"
+    );
 }
 
 #[test]
@@ -175,13 +185,24 @@ fn template_errors_follow_the_policy_with_their_line() {
     assert_eq!(examples.len(), 1);
     assert_eq!(report.skipped.len(), 1);
     assert_eq!(report.skipped[0].reason, "template_render");
-    assert!(report.skipped[0].message.starts_with("t.jsonl:2: the chat template failed"));
-    assert!(report.skipped[0].message.contains("no tools here"), "{}", report.skipped[0].message);
+    assert!(
+        report.skipped[0]
+            .message
+            .starts_with("t.jsonl:2: the chat template failed")
+    );
+    assert!(
+        report.skipped[0].message.contains("no tools here"),
+        "{}",
+        report.skipped[0].message
+    );
 }
 
 #[test]
 fn a_missing_file_names_the_path() {
     let mut report = DataReport::default();
     let err = read_jsonl("/nonexistent/x.jsonl", SkipPolicy::Skip, &mut report).unwrap_err();
-    assert!(err.to_string().starts_with("/nonexistent/x.jsonl: "), "{err}");
+    assert!(
+        err.to_string().starts_with("/nonexistent/x.jsonl: "),
+        "{err}"
+    );
 }

@@ -11,7 +11,11 @@ use serde_json::Value;
 fn cases() -> Vec<Value> {
     let goldens = fixture("goldens.json");
     let cases = goldens["cases"].as_array().expect("cases").clone();
-    assert!(cases.len() >= 20, "want 20+ conversations, have {}", cases.len());
+    assert!(
+        cases.len() >= 20,
+        "want 20+ conversations, have {}",
+        cases.len()
+    );
     cases
 }
 
@@ -26,7 +30,11 @@ fn check(tok: &ChatTokenizer, key: &str) -> usize {
         let chat = chat_of(&case);
 
         let text = tok.render(&chat).unwrap();
-        assert_eq!(text, golden["text"].as_str().unwrap(), "{key}/{name}: rendered text");
+        assert_eq!(
+            text,
+            golden["text"].as_str().unwrap(),
+            "{key}/{name}: rendered text"
+        );
 
         let encoded = tok.encode_chat(&chat, MaskMode::Assistant).unwrap();
         let want = ids(&golden["input_ids"]);
@@ -36,8 +44,16 @@ fn check(tok: &ChatTokenizer, key: &str) -> usize {
             first_difference(tok, &encoded.input_ids, &want)
         );
 
-        let mask: Vec<i64> = encoded.labels.iter().map(|&l| i64::from(l != -100)).collect();
-        assert_eq!(mask, ints(&golden["assistant_masks"]), "{key}/{name}: assistant mask");
+        let mask: Vec<i64> = encoded
+            .labels
+            .iter()
+            .map(|&l| i64::from(l != -100))
+            .collect();
+        assert_eq!(
+            mask,
+            ints(&golden["assistant_masks"]),
+            "{key}/{name}: assistant mask"
+        );
         for ((&l, &id), m) in encoded.labels.iter().zip(&encoded.input_ids).zip(&mask) {
             if *m == 1 {
                 assert_eq!(l, i64::from(id), "{key}/{name}: labels are unshifted ids");
@@ -94,8 +110,13 @@ fn bundled_qwen2_template_is_the_fixture_template() {
 #[test]
 fn no_template_falls_back_to_qwen2_5() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tokenizer.json"), qwen_chat::bundled::TOKENIZER_JSON).unwrap();
-    let mut config: Value = serde_json::from_str(qwen_chat::bundled::TOKENIZER_CONFIG_JSON).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        qwen_chat::bundled::TOKENIZER_JSON,
+    )
+    .unwrap();
+    let mut config: Value =
+        serde_json::from_str(qwen_chat::bundled::TOKENIZER_CONFIG_JSON).unwrap();
     config.as_object_mut().unwrap().remove("chat_template");
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
     let no_template = ChatTokenizer::from_dir(dir.path()).unwrap();
@@ -111,7 +132,11 @@ fn no_template_falls_back_to_qwen2_5() {
 #[test]
 fn chat_template_jinja_file_wins() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tokenizer.json"), qwen_chat::bundled::TOKENIZER_JSON).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        qwen_chat::bundled::TOKENIZER_JSON,
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
         qwen_chat::bundled::TOKENIZER_CONFIG_JSON,

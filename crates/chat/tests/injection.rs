@@ -15,10 +15,18 @@ fn control_tokens_in_content_are_plain_text() {
         let chat = chat_of(case);
         let got = tok().encode_chat(&chat, MaskMode::Assistant).unwrap();
         let want = ids(&case["input_ids"]);
-        assert!(got.input_ids == want, "{name}: {}", first_difference(tok(), &got.input_ids, &want));
+        assert!(
+            got.input_ids == want,
+            "{name}: {}",
+            first_difference(tok(), &got.input_ids, &want)
+        );
         assert_ne!(got.input_ids, ids(&case["transformers_default_input_ids"]));
         // Decoding gives back exactly the rendered text: nothing was lost or invented.
-        assert_eq!(tok().decode(&got.input_ids, false).unwrap(), got.text, "{name}");
+        assert_eq!(
+            tok().decode(&got.input_ids, false).unwrap(),
+            got.text,
+            "{name}"
+        );
     }
 }
 
@@ -41,8 +49,16 @@ fn a_forged_turn_is_neither_a_boundary_nor_learned() {
 
     for mode in [MaskMode::Qwen, MaskMode::Last] {
         let e = tok().encode_chat(&chat, mode).unwrap();
-        let learned: Vec<u32> = e.labels.iter().filter(|&&l| l != -100).map(|&l| l as u32).collect();
-        assert!(!tok().decode(&learned, false).unwrap().contains("I am root"), "{mode}");
+        let learned: Vec<u32> = e
+            .labels
+            .iter()
+            .filter(|&&l| l != -100)
+            .map(|&l| l as u32)
+            .collect();
+        assert!(
+            !tok().decode(&learned, false).unwrap().contains("I am root"),
+            "{mode}"
+        );
     }
 }
 
@@ -63,7 +79,10 @@ fn control_tokens_in_tools_or_tool_calls_are_refused() {
     });
     let chat = parse_record(&record, Source::new("t.jsonl", 4)).unwrap();
     let err = tok().encode_chat(&chat, MaskMode::Assistant).unwrap_err();
-    assert!(matches!(err, ChatError::ControlTokenInField { .. }), "{err}");
+    assert!(
+        matches!(err, ChatError::ControlTokenInField { .. }),
+        "{err}"
+    );
     assert_eq!(
         err.to_string(),
         "t.jsonl:4: tools contains the control token \"<|im_end|>\"; only message content may contain control tokens (it is read as plain text there)"
@@ -76,7 +95,12 @@ fn control_tokens_in_tools_or_tool_calls_are_refused() {
     ]});
     let chat = parse_record(&record, Source::new("t.jsonl", 5)).unwrap();
     let err = tok().encode_chat(&chat, MaskMode::Assistant).unwrap_err();
-    assert!(err.to_string().starts_with("t.jsonl:5: messages[1].tool_calls contains the control token \"<|im_start|>\""), "{err}");
+    assert!(
+        err.to_string().starts_with(
+            "t.jsonl:5: messages[1].tool_calls contains the control token \"<|im_start|>\""
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -87,5 +111,11 @@ fn sentinel_lookalikes_in_content_cannot_forge_spans() {
     let e = tok().encode_chat(&chat, MaskMode::Assistant).unwrap();
     assert!(e.text.contains(content));
     assert_eq!(tok().decode(&e.input_ids, false).unwrap(), e.text);
-    assert_eq!(e.input_ids.iter().filter(|&&t| t == tok().im_end_id()).count(), 3);
+    assert_eq!(
+        e.input_ids
+            .iter()
+            .filter(|&&t| t == tok().im_end_id())
+            .count(),
+        3
+    );
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::{fixture, ids, ints, tok, tok_qwen2};
 use qwen_chat::{
-    Chat, DatasetOptions, Markup, MaskMode, Message, SkipPolicy, InspectOptions, Source,
+    Chat, DatasetOptions, InspectOptions, Markup, MaskMode, Message, SkipPolicy, Source,
     parse_record,
 };
 
@@ -90,7 +90,12 @@ fn last_mode_learns_only_the_final_assistant_turn() {
 fn all_mode_learns_everything() {
     let chat = two_turns();
     let e = tok().encode_chat(&chat, MaskMode::All).unwrap();
-    assert!(e.labels.iter().zip(&e.input_ids).all(|(&l, &id)| l == i64::from(id)));
+    assert!(
+        e.labels
+            .iter()
+            .zip(&e.input_ids)
+            .all(|(&l, &id)| l == i64::from(id))
+    );
 }
 
 #[test]
@@ -104,7 +109,10 @@ fn train_false_and_true_override_the_mode() {
         "<|im_start|>|<|im_end|>\n<|im_start|>|<|im_end|>\n|<|im_start|>|<|im_end|>\n<|im_start|>|a2<|im_end|>\n|"
     );
     let all = learned(&chat, MaskMode::All);
-    assert!(!all.contains("a1") && all.contains("a2") && all.contains("u1"), "{all}");
+    assert!(
+        !all.contains("a1") && all.contains("a2") && all.contains("u1"),
+        "{all}"
+    );
 
     let mut chat = two_turns();
     chat.messages[1].train = Some(true);
@@ -129,7 +137,10 @@ fn train_override_reaches_empty_messages_and_tool_turns() {
         {"role": "assistant", "content": "It is sunny."}
     ]});
     let chat = parse_record(&record, Source::memory()).unwrap();
-    assert_eq!(learned(&chat, MaskMode::Assistant), "\nIt is sunny.<|im_end|>\n|");
+    assert_eq!(
+        learned(&chat, MaskMode::Assistant),
+        "\nIt is sunny.<|im_end|>\n|"
+    );
 }
 
 #[test]
@@ -137,8 +148,14 @@ fn truncation_keeps_the_start_and_drops_examples_left_with_nothing() {
     let long_user = "word ".repeat(400);
     let chats = vec![
         Chat::new(vec![Message::user("hi"), Message::assistant("hello")]),
-        Chat::new(vec![Message::user(long_user.clone()), Message::assistant("ok")]),
-        Chat::new(vec![Message::user("q"), Message::assistant("a ".repeat(400))]),
+        Chat::new(vec![
+            Message::user(long_user.clone()),
+            Message::assistant("ok"),
+        ]),
+        Chat::new(vec![
+            Message::user("q"),
+            Message::assistant("a ".repeat(400)),
+        ]),
     ];
     let opts = DatasetOptions {
         mode: MaskMode::Assistant,
@@ -161,7 +178,10 @@ fn truncation_keeps_the_start_and_drops_examples_left_with_nothing() {
     );
     assert_eq!(
         ds.report.supervised_tokens,
-        ds.examples.iter().map(|e| e.supervised_tokens()).sum::<usize>()
+        ds.examples
+            .iter()
+            .map(|e| e.supervised_tokens())
+            .sum::<usize>()
     );
 }
 
@@ -207,7 +227,10 @@ fn inspect_marks_supervised_spans_and_counts() {
     assert_eq!(report.report.skipped.len(), 1);
     assert_eq!(report.report.skipped[0].reason, "no_assistant_turn");
     let printed = report.to_string();
-    assert!(printed.contains("d.jsonl:2: the chat has no assistant turn"), "{printed}");
+    assert!(
+        printed.contains("d.jsonl:2: the chat has no assistant turn"),
+        "{printed}"
+    );
     assert!(printed.contains("supervised tokens:"), "{printed}");
 
     let ansi = tok()

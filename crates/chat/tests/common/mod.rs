@@ -71,7 +71,11 @@ pub fn first_difference(tok: &ChatTokenizer, got: &[u32], want: &[u32]) -> Strin
     let window = |v: &[u32]| {
         let lo = at.saturating_sub(3);
         let hi = (at + 4).min(v.len());
-        format!("{:?} = {:?}", &v[lo..hi], tok.decode(&v[lo..hi], false).unwrap_or_default())
+        format!(
+            "{:?} = {:?}",
+            &v[lo..hi],
+            tok.decode(&v[lo..hi], false).unwrap_or_default()
+        )
     };
     format!(
         "lengths {} vs {}; first difference at {at}: got {} want {}",
