@@ -1,0 +1,36 @@
+//! The concrete backend of the `qwen-sft` binary, picked by cargo feature.
+//!
+//! Library code is generic; only the binary names a backend. With several features enabled the
+//! binary takes `cuda`, then `wgpu`, then `cpu`.
+
+#[cfg(feature = "cuda")]
+mod selected {
+    pub type Inner = burn::backend::Cuda;
+    pub const NAME: &str = "cuda";
+}
+
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+mod selected {
+    pub type Inner = burn::backend::Wgpu;
+    pub const NAME: &str = "wgpu";
+}
+
+#[cfg(all(feature = "cpu", not(any(feature = "wgpu", feature = "cuda"))))]
+mod selected {
+    pub type Inner = burn::backend::Flex;
+    pub const NAME: &str = "cpu (flex)";
+}
+
+#[cfg(not(any(feature = "cpu", feature = "wgpu", feature = "cuda")))]
+compile_error!("enable one of the features `cpu`, `wgpu` or `cuda`");
+
+/// The inference backend.
+pub type Inference = selected::Inner;
+/// The training backend.
+pub type Training = burn::backend::Autodiff<Inference>;
+/// A human-readable name of the compiled-in backend.
+pub const BACKEND_NAME: &str = selected::NAME;
+
+pub fn device() -> <Inference as burn::tensor::backend::BackendTypes>::Device {
+    Default::default()
+}

@@ -1,0 +1,173 @@
+//! The training benchmark behind `qwen-sft bench` and `cargo xtask bench`.
+//!
+//! It runs the real loop of [`train`](crate::train::train) (data loading, forward, masked
+//! loss over real labels, backward, clipping, optimizer step) on a generated corpus whose rows
+//! are packed to `seq_len` with about half of every row supervised, and times the steps after
+//! a warm-up. Nothing a real run does is skipped.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use qwen_loss::ChunkedCeBackend;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::config::{Precision, TrainConfig};
+use crate::error::TrainError;
+use crate::metrics::StepMetrics;
+use crate::train::{Observer, train};
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub preset: String,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    /// Timed steps.
+    pub steps: u64,
+    /// Untimed steps first (kernel compilation, autotuning, allocator warm-up).
+    pub warmup_steps: u64,
+    pub precision: Precision,
+    pub loss_chunk_mib: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub preset: String,
+    pub parameters: usize,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub precision: Precision,
+    pub steps_timed: usize,
+    /// Non-padding tokens per second over the timed steps.
+    pub tokens_per_second: f64,
+    pub supervised_tokens_per_second: f64,
+    pub supervised_fraction: f64,
+    pub step_seconds_median: f64,
+    pub step_seconds_mean: f64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    /// Wall time from the start of the run to the first timed step (load, init, warm-up).
+    pub setup_seconds: f64,
+}
+
+/// Common one-token English words, so a chat's token count is about its word count.
+const WORDS: [&str; 32] = [
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
+    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
+    "had", "they", "you", "were", "their",
+];
+
+/// Writes `n` chats of about `tokens` tokens each, half of them in the assistant reply.
+pub fn write_corpus(path: &Path, n: usize, tokens: usize, seed: u64) -> Result<(), TrainError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut text = |count: usize| -> String {
+        (0..count)
+            .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let half = tokens.saturating_sub(12) / 2;
+    let mut out = String::new();
+    for _ in 0..n {
+        let record = serde_json::json!({"messages": [
+            {"role": "user", "content": text(half)},
+            {"role": "assistant", "content": text(half)},
+        ]});
+        out.push_str(&record.to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+struct Timer {
+    started: Instant,
+    warmup: u64,
+    setup_seconds: Option<f64>,
+    timed: Vec<StepMetrics>,
+    losses: Vec<f64>,
+}
+
+impl Observer for Timer {
+    fn on_step(&mut self, m: &StepMetrics) {
+        self.losses.push(m.loss);
+        if m.step == self.warmup {
+            self.setup_seconds = Some(self.started.elapsed().as_secs_f64());
+        }
+        if m.step > self.warmup {
+            self.timed.push(m.clone());
+        }
+    }
+}
+
+pub fn run<B>(
+    bench: &BenchConfig,
+    device: &B::Device,
+    backend_name: &str,
+    work_dir: &Path,
+) -> Result<BenchReport, TrainError>
+where
+    B: AutodiffBackend + ChunkedCeBackend,
+    B::InnerBackend: ChunkedCeBackend,
+{
+    let steps = bench.warmup_steps + bench.steps;
+    // Chats of a quarter row each, packed four to a row.
+    let chat_tokens = bench.seq_len / 4;
+    let rows_needed = (steps as usize + 1) * bench.batch_size;
+    let corpus = work_dir.join("bench.jsonl");
+    write_corpus(&corpus, rows_needed * 4 + 8, chat_tokens, 7)?;
+
+    let mut config = TrainConfig::default();
+    config.model.preset = bench.preset.clone();
+    config.data.train = vec![corpus];
+    config.data.max_len = bench.seq_len;
+    config.data.packing = true;
+    config.optim.lr = 1e-5;
+    config.optim.schedule = crate::schedule::ScheduleKind::Constant;
+    config.train.batch_size = bench.batch_size;
+    config.train.max_steps = Some(steps);
+    config.train.precision = bench.precision;
+    config.train.loss_chunk_mib = bench.loss_chunk_mib;
+    config.checkpoint.keep_last = 1;
+    config.output_dir = work_dir.join("run");
+
+    let mut timer = Timer {
+        started: Instant::now(),
+        warmup: bench.warmup_steps,
+        setup_seconds: None,
+        timed: Vec::new(),
+        losses: Vec::new(),
+    };
+    let parameters =
+        qwen_model::Qwen2Config::preset(&bench.preset).map_or(0, |c| c.num_parameters());
+    train::<B>(&config, device, backend_name, None, &mut timer)?;
+
+    let seconds: Vec<f64> = timer.timed.iter().map(|m| m.step_seconds).collect();
+    let total: f64 = seconds.iter().sum();
+    let tokens: usize = timer.timed.iter().map(|m| m.tokens).sum();
+    let supervised: usize = timer.timed.iter().map(|m| m.supervised_tokens).sum();
+    let mut sorted = seconds.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(BenchReport {
+        backend: backend_name.to_string(),
+        preset: bench.preset.clone(),
+        parameters,
+        seq_len: bench.seq_len,
+        batch_size: bench.batch_size,
+        precision: bench.precision,
+        steps_timed: seconds.len(),
+        tokens_per_second: tokens as f64 / total,
+        supervised_tokens_per_second: supervised as f64 / total,
+        supervised_fraction: supervised as f64 / tokens.max(1) as f64,
+        step_seconds_median: sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
+        step_seconds_mean: total / seconds.len().max(1) as f64,
+        first_loss: timer.losses.first().copied().unwrap_or(f64::NAN),
+        last_loss: timer.losses.last().copied().unwrap_or(f64::NAN),
+        setup_seconds: timer.setup_seconds.unwrap_or(0.0),
+    })
+}

@@ -1,0 +1,656 @@
+//! `qwen-sft`: supervised fine-tuning of Qwen2-family chat models.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use qwen_chat::{
+    Chat, ChatTokenizer, DatasetOptions, InspectOptions, MaskMode, Message, SkipPolicy,
+};
+use qwen_model::{SaveDtype, SaveOptions};
+use qwen_sft::backend::{self, BACKEND_NAME, Inference, Training};
+use qwen_sft::config::{Precision, TrainConfig};
+use qwen_sft::eval::{evaluate, score_examples};
+use qwen_sft::generate::{GenerationConfig, generate};
+use qwen_sft::metrics::StepMetrics;
+use qwen_sft::source::{self, LoadedModel};
+use qwen_sft::train::{Observer, RunInfo, load_examples};
+
+#[derive(Parser)]
+#[command(
+    name = "qwen-sft",
+    version,
+    about = "Supervised fine-tuning of Qwen2-family chat models on burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A full SFT run. With no config and no model/data flags: the embedded demo.
+    Train(TrainArgs),
+    /// Loss, perplexity and token accuracy on a JSONL file.
+    Eval(DataArgs),
+    /// One JSON line per example: {"index", "loss_sum", "n_tokens"} under the masking mode.
+    Score(DataArgs),
+    /// Generate a reply to one prompt.
+    Generate(GenerateArgs),
+    /// Talk to a model, with its chat template.
+    Chat(ChatArgs),
+    /// Rendered chats with supervised spans marked, plus dataset statistics.
+    Inspect(InspectArgs),
+    /// Write a random-init model directory from a size preset, with the bundled tokenizer.
+    Init(InitArgs),
+    /// Write a Hugging Face model directory from a model directory or a training checkpoint.
+    Export(ExportArgs),
+    /// The training benchmark: tokens/s and step time as JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config file; flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Hugging Face model directory to fine-tune.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Size preset to initialise at random instead (tiny, 0.5b, 1.5b, 7b).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Training JSONL (repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Evaluation JSONL (repeatable).
+    #[arg(long)]
+    eval_data: Vec<PathBuf>,
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// assistant | qwen | last | all
+    #[arg(long)]
+    mask: Option<MaskMode>,
+    /// Pack chats into rows instead of padding.
+    #[arg(long)]
+    pack: bool,
+    /// f32 | bf16
+    #[arg(long)]
+    precision: Option<Precision>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Any config value: `--set optim.schedule=cosine` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue from a checkpoint directory, or from the newest checkpoint of a run directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// No progress bar (metrics still go to metrics.jsonl).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct DataArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value = "assistant")]
+    mask: MaskMode,
+    #[arg(long, default_value_t = 2048)]
+    max_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// fail | skip
+    #[arg(long, default_value = "fail", value_parser = parse_policy)]
+    on_bad_line: SkipPolicy,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Greedy decoding, whatever generation_config.json says.
+    #[arg(long)]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// A system message (without one the template may insert its default).
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Model directory whose tokenizer to use; the bundled Qwen2.5 tokenizer when absent.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value = "assistant")]
+    mask: MaskMode,
+    #[arg(long, default_value_t = 2048)]
+    max_len: usize,
+    /// Examples shown in full.
+    #[arg(long, default_value_t = 3)]
+    show: usize,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[arg(long)]
+    preset: String,
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// f32 | bf16 | f16
+    #[arg(long, default_value = "bf16")]
+    dtype: SaveDtype,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A model directory, or a checkpoint (`<run>/checkpoints/step-N`) whose `model/` to take.
+    #[arg(long)]
+    from: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value = "bf16")]
+    dtype: SaveDtype,
+    /// Shard above this many bytes.
+    #[arg(long, default_value_t = 5_000_000_000)]
+    max_shard_bytes: u64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: u64,
+    #[arg(long, default_value_t = 3)]
+    warmup_steps: u64,
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+    #[arg(long, default_value_t = 1024)]
+    loss_chunk_mib: usize,
+    /// Scratch directory for the corpus and the run (a temporary one when absent).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::Score(args) => score(args),
+        Command::Generate(args) => generate_once(args),
+        Command::Chat(args) => chat(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Init(args) => init(args),
+        Command::Export(args) => export(args),
+        Command::Bench(args) => bench(args),
+    }
+}
+
+fn parse_policy(s: &str) -> Result<SkipPolicy, String> {
+    match s {
+        "fail" => Ok(SkipPolicy::Fail),
+        "skip" => Ok(SkipPolicy::Skip),
+        other => Err(format!("`{other}`: use fail or skip")),
+    }
+}
+
+fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let uses_defaults = args.config.is_none()
+        && args.model.is_none()
+        && args.preset.is_none()
+        && args.data.is_empty();
+    let mut config = match &args.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None if uses_defaults => TrainConfig::demo(),
+        None => TrainConfig::default(),
+    };
+    if let Some(model) = &args.model {
+        config.model.path = Some(model.clone());
+    }
+    if let Some(preset) = &args.preset {
+        config.model.path = None;
+        config.model.preset = preset.clone();
+    }
+    if !args.data.is_empty() {
+        config.data.train = args.data.clone();
+    }
+    if !args.eval_data.is_empty() {
+        config.data.eval = args.eval_data.clone();
+    }
+    if let Some(v) = &args.output {
+        config.output_dir = v.clone();
+    }
+    if let Some(v) = args.lr {
+        config.optim.lr = v;
+    }
+    if let Some(v) = args.epochs {
+        config.train.epochs = v;
+    }
+    if let Some(v) = args.max_steps {
+        config.train.max_steps = Some(v);
+    }
+    if let Some(v) = args.batch_size {
+        config.train.batch_size = v;
+    }
+    if let Some(v) = args.grad_accum {
+        config.train.grad_accum = v;
+    }
+    if let Some(v) = args.max_len {
+        config.data.max_len = v;
+    }
+    if let Some(v) = args.mask {
+        config.data.mask = v;
+    }
+    if args.pack {
+        config.data.packing = true;
+    }
+    if let Some(v) = args.precision {
+        config.train.precision = v;
+    }
+    if let Some(v) = args.seed {
+        config.train.seed = v;
+    }
+    for assignment in &args.sets {
+        config.set(assignment)?;
+    }
+    config
+        .validate()
+        .map_err(|reason| anyhow::anyhow!("bad configuration: {reason}"))?;
+    Ok(config)
+}
+
+/// Progress bar and summaries on stderr.
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Observer for Progress {
+    fn on_start(&mut self, info: &RunInfo) {
+        eprintln!(
+            "qwen-sft: backend {}, {:.1}M parameters, {} steps (from step {}), output {}",
+            info.backend,
+            info.parameters as f64 / 1e6,
+            info.total_steps,
+            info.start_step,
+            info.output_dir.display()
+        );
+        eprintln!("train data: {}", info.train);
+        if let Some(eval) = &info.eval {
+            eprintln!("eval data: {}", eval);
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_length(info.total_steps);
+            bar.set_position(info.start_step);
+        }
+    }
+
+    fn on_step(&mut self, m: &StepMetrics) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(m.step);
+                bar.set_message(format!(
+                    "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+                    m.loss, m.lr, m.grad_norm, m.tokens_per_second
+                ));
+            }
+            None => {}
+        }
+    }
+
+    fn on_eval(&mut self, m: &qwen_sft::eval::EvalMetrics) {
+        let line = format!(
+            "eval @ step {}: loss {:.4}  ppl {:.3}  accuracy {:.4}  ({} tokens)",
+            m.step, m.loss, m.perplexity, m.accuracy, m.supervised_tokens
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn on_checkpoint(&mut self, path: &Path) {
+        let line = format!("checkpoint: {}", path.display());
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let config = resolve_config(&args)?;
+    let bar = (!args.quiet).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let mut progress = Progress { bar };
+    let summary = qwen_sft::train::<Training>(
+        &config,
+        &backend::device(),
+        BACKEND_NAME,
+        args.resume.as_deref(),
+        &mut progress,
+    )
+    .with_context(|| format!("training into {}", config.output_dir.display()))?;
+    if let Some(bar) = &progress.bar {
+        bar.finish();
+    }
+    eprintln!(
+        "done: {} steps, final loss {:.4}; model exported to {}; loss curve {}",
+        summary.steps,
+        summary.final_loss.unwrap_or(f64::NAN),
+        summary.exported.display(),
+        config.output_dir.join("loss.png").display()
+    );
+    Ok(())
+}
+
+fn load_inference(dir: &Path) -> Result<LoadedModel<Inference>> {
+    source::load_dir::<Inference>(dir, &backend::device())
+        .with_context(|| format!("loading the model {}", dir.display()))
+}
+
+fn examples_for(args: &DataArgs, tokenizer: &ChatTokenizer) -> Result<Vec<qwen_chat::Example>> {
+    let opts = DatasetOptions {
+        mode: args.mask,
+        max_len: args.max_len,
+        policy: args.on_bad_line,
+    };
+    let (examples, report) = load_examples(tokenizer, &args.data, &opts)?;
+    eprintln!("data: {}", report);
+    Ok(examples)
+}
+
+fn eval(args: DataArgs) -> Result<()> {
+    let loaded = load_inference(&args.model)?;
+    let examples = examples_for(&args, &loaded.files.tokenizer()?)?;
+    let mut config = TrainConfig::default();
+    config.eval.batch_size = args.batch_size;
+    config.data.max_len = args.max_len;
+    let metrics = evaluate(&loaded.model, &examples, &config, 0, &Default::default())?;
+    println!("{}", serde_json::to_string(&metrics)?);
+    Ok(())
+}
+
+fn score(args: DataArgs) -> Result<()> {
+    let loaded = load_inference(&args.model)?;
+    let examples = examples_for(&args, &loaded.files.tokenizer()?)?;
+    let scores = score_examples(
+        &loaded.model,
+        &examples,
+        args.batch_size,
+        args.max_len,
+        256 << 20,
+    )?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for s in scores {
+        writeln!(out, "{}", serde_json::to_string(&s)?)?;
+    }
+    Ok(())
+}
+
+fn generation_config(
+    loaded: &LoadedModel<Inference>,
+    args: &SamplingArgs,
+) -> Result<GenerationConfig> {
+    let mut generation = GenerationConfig::from_json(&loaded.files.generation_config_json)
+        .context("reading generation_config.json")?;
+    if args.greedy {
+        generation = generation.greedy();
+    }
+    if let Some(v) = args.max_new_tokens {
+        generation.max_new_tokens = v;
+    }
+    if let Some(v) = args.temperature {
+        generation.temperature = v;
+    }
+    if let Some(v) = args.top_p {
+        generation.top_p = v;
+    }
+    if let Some(v) = args.top_k {
+        generation.top_k = v;
+    }
+    if let Some(v) = args.repetition_penalty {
+        generation.repetition_penalty = v;
+    }
+    Ok(generation)
+}
+
+/// Generates a reply to `messages`, printing it as it comes; returns the text.
+fn reply(
+    loaded: &LoadedModel<Inference>,
+    tokenizer: &ChatTokenizer,
+    messages: Vec<Message>,
+    generation: &GenerationConfig,
+    seed: u64,
+) -> Result<String> {
+    let prompt = tokenizer.encode_prompt(&Chat::new(messages))?;
+    let ids = generate(
+        &loaded.model,
+        &loaded.config,
+        &prompt,
+        generation,
+        &tokenizer.stop_ids(),
+        tokenizer.vocab_size(),
+        seed,
+        |_| {},
+    );
+    Ok(tokenizer.decode(&ids, true)?)
+}
+
+fn generate_once(args: GenerateArgs) -> Result<()> {
+    let loaded = load_inference(&args.model)?;
+    let tokenizer = loaded.files.tokenizer()?;
+    let generation = generation_config(&loaded, &args.sampling)?;
+    let mut messages = Vec::new();
+    if let Some(system) = args.system {
+        messages.push(Message::system(system));
+    }
+    messages.push(Message::user(args.prompt));
+    println!(
+        "{}",
+        reply(
+            &loaded,
+            &tokenizer,
+            messages,
+            &generation,
+            args.sampling.seed
+        )?
+    );
+    Ok(())
+}
+
+fn chat(args: ChatArgs) -> Result<()> {
+    let loaded = load_inference(&args.model)?;
+    let tokenizer = loaded.files.tokenizer()?;
+    let generation = generation_config(&loaded, &args.sampling)?;
+    let mut messages: Vec<Message> = args.system.into_iter().map(Message::system).collect();
+    eprintln!("qwen-sft chat ({BACKEND_NAME}); an empty line or Ctrl-D ends it.");
+    let stdin = std::io::stdin();
+    let mut turn = 0u64;
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        messages.push(Message::user(line.trim_end_matches(['\n', '\r'])));
+        let answer = reply(
+            &loaded,
+            &tokenizer,
+            messages.clone(),
+            &generation,
+            args.sampling.seed + turn,
+        )?;
+        println!("{answer}");
+        messages.push(Message::assistant(answer));
+        turn += 1;
+    }
+}
+
+fn inspect(args: InspectArgs) -> Result<()> {
+    let tokenizer = match &args.model {
+        Some(dir) => source::TokenizerFiles::from_dir(dir)?.tokenizer()?,
+        None => ChatTokenizer::bundled()?,
+    };
+    let opts = InspectOptions {
+        mode: args.mask,
+        max_len: args.max_len,
+        show: args.show,
+        ..Default::default()
+    };
+    let report = tokenizer.inspect_files(&args.data, &opts)?;
+    println!("{report}");
+    Ok(())
+}
+
+fn init(args: InitArgs) -> Result<()> {
+    let loaded = source::init_preset::<Inference>(&args.preset, args.seed, &backend::device())?;
+    let opts = SaveOptions {
+        dtype: args.dtype,
+        ..Default::default()
+    };
+    source::export(&loaded, &args.output, &opts)?;
+    eprintln!(
+        "wrote a random {} model ({} parameters) to {}",
+        args.preset,
+        loaded.config.num_parameters(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let (model_dir, files_dir) = if args.from.join("state.json").exists() {
+        // A training checkpoint: the weights are in model/, the tokenizer files beside the run.
+        let run = args
+            .from
+            .parent()
+            .and_then(Path::parent)
+            .context("a checkpoint lives in <run>/checkpoints/")?;
+        (args.from.join("model"), run.join("final"))
+    } else {
+        (args.from.clone(), args.from.clone())
+    };
+    let files = source::TokenizerFiles::from_dir(&files_dir)
+        .or_else(|_| source::TokenizerFiles::from_dir(&model_dir))
+        .with_context(|| {
+            format!(
+                "no tokenizer.json in {} or {}",
+                files_dir.display(),
+                model_dir.display()
+            )
+        })?;
+    let (config, model) = qwen_model::load_pretrained::<Inference>(
+        &model_dir,
+        &backend::device(),
+        burn::tensor::DType::F32,
+    )?;
+    let loaded = LoadedModel {
+        config,
+        model,
+        files,
+        dir: Some(model_dir),
+    };
+    source::export(
+        &loaded,
+        &args.output,
+        &SaveOptions {
+            dtype: args.dtype,
+            max_shard_bytes: args.max_shard_bytes,
+        },
+    )?;
+    eprintln!("exported to {}", args.output.display());
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let temp;
+    let work_dir = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = std::env::temp_dir().join(format!("qwen-sft-bench-{}", std::process::id()));
+            temp
+        }
+    };
+    std::fs::create_dir_all(&work_dir)?;
+    let bench = qwen_sft::bench::BenchConfig {
+        preset: args.preset,
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        steps: args.steps,
+        warmup_steps: args.warmup_steps,
+        precision: args.precision,
+        loss_chunk_mib: args.loss_chunk_mib,
+    };
+    let report =
+        qwen_sft::bench::run::<Training>(&bench, &backend::device(), BACKEND_NAME, &work_dir)?;
+    if args.work_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

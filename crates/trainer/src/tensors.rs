@@ -1,0 +1,60 @@
+//! Host batches from `qwen-chat` to device tensors for the model and the loss.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use qwen_chat::Batch;
+use qwen_model::Qwen2Input;
+
+/// A batch on the device.
+#[derive(Debug, Clone)]
+pub struct DeviceBatch<B: Backend> {
+    pub input: Qwen2Input<B>,
+    /// `[rows, len]`, unshifted (the loss crate shifts).
+    pub labels: Tensor<B, 2, Int>,
+    /// Supervised targets after the shift: labels that are not -100, past the first position
+    /// of each row (which no position predicts).
+    pub supervised: usize,
+    /// Non-padding tokens.
+    pub tokens: usize,
+}
+
+fn ints<B: Backend>(
+    values: Vec<i64>,
+    rows: usize,
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    Tensor::from_data(
+        TensorData::new(values, [rows, len]).convert::<B::IntElem>(),
+        device,
+    )
+}
+
+/// The number of targets that the shifted labels of `batch` supervise.
+pub fn supervised_targets(batch: &Batch) -> usize {
+    batch
+        .labels
+        .chunks(batch.len)
+        .map(|row| {
+            row[1..]
+                .iter()
+                .filter(|&&l| l != qwen_loss::IGNORE_INDEX)
+                .count()
+        })
+        .sum()
+}
+
+pub fn to_device<B: Backend>(batch: &Batch, device: &B::Device) -> DeviceBatch<B> {
+    let (rows, len) = (batch.rows, batch.len);
+    let ids = batch.input_ids.iter().map(|&id| i64::from(id)).collect();
+    let segments = batch.segment_ids.iter().map(|&s| i64::from(s)).collect();
+    let input = Qwen2Input::new(ints(ids, rows, len, device))
+        .with_positions(ints(batch.position_ids.clone(), rows, len, device))
+        .with_segments(ints(segments, rows, len, device));
+    DeviceBatch {
+        input,
+        labels: ints(batch.labels.clone(), rows, len, device),
+        supervised: supervised_targets(batch),
+        tokens: batch.real_tokens(),
+    }
+}

@@ -1,0 +1,364 @@
+//! The training loop, top to bottom in one place:
+//!
+//! ```text
+//! batch -> forward -> masked loss -> backward -> global-norm clip -> optimizer step -> schedule
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, ElementConversion, Tensor};
+use qwen_chat::{DataReport, DatasetOptions, Example, Loader, LoaderConfig};
+use qwen_loss::{
+    ChunkedCeBackend, CrossEntropyOptions, Reduction, chunked_lm_head_cross_entropy,
+    next_token_targets,
+};
+use qwen_model::{Qwen2ForCausalLM, SaveDtype, SaveOptions};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{Precision, TrainConfig};
+use crate::error::TrainError;
+use crate::eval::{EvalMetrics, evaluate};
+use crate::metrics::{MetricsLog, StepMetrics};
+use crate::optim::{Optimizer, clip_scale, global_grad_norm};
+use crate::schedule::Schedule;
+use crate::source::{self, LoadedModel};
+use crate::tensors::to_device;
+
+/// What a run reports while it goes.
+pub trait Observer {
+    fn on_start(&mut self, _info: &RunInfo) {}
+    fn on_step(&mut self, _metrics: &StepMetrics) {}
+    fn on_eval(&mut self, _metrics: &EvalMetrics) {}
+    fn on_checkpoint(&mut self, _path: &Path) {}
+}
+
+/// An observer that reports nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Facts about a run, known once its data is loaded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunInfo {
+    pub backend: String,
+    pub parameters: usize,
+    pub total_steps: u64,
+    pub start_step: u64,
+    pub train: DataReport,
+    pub eval: Option<DataReport>,
+    pub output_dir: PathBuf,
+}
+
+/// The outcome of a finished run.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: Option<f64>,
+    pub final_eval: Option<EvalMetrics>,
+    pub exported: PathBuf,
+}
+
+/// The embedded classic example, used when a config names no training file.
+pub const CLASSIC_JSONL: &str = include_str!("../configs/classic.jsonl");
+
+/// Runs a whole SFT job as `config` says, resuming from the checkpoint directory `resume` when
+/// given, and exports the result to `<output_dir>/final`.
+pub fn train<B>(
+    config: &TrainConfig,
+    device: &B::Device,
+    backend_name: &str,
+    resume: Option<&Path>,
+    observer: &mut dyn Observer,
+) -> Result<TrainSummary, TrainError>
+where
+    B: AutodiffBackend + ChunkedCeBackend,
+    B::InnerBackend: ChunkedCeBackend,
+{
+    let out = &config.output_dir;
+    create_dir(out)?;
+    write(&out.join("config.toml"), config.to_toml_string().as_bytes())?;
+
+    // The model: from the checkpoint when resuming, else from its directory or preset.
+    let base = match &config.model.path {
+        Some(dir) => source::load_dir::<B>(dir, device)?,
+        None => source::init_preset::<B>(&config.model.preset, config.model.init_seed, device)?,
+    };
+    let tokenizer = base.files.tokenizer()?;
+    let (mut model, mut optimizer, mut state) = match resume {
+        Some(ckpt) => {
+            let restored = checkpoint::load::<B>(ckpt, config, device)?;
+            (restored.model, restored.optimizer, restored.state)
+        }
+        None => (
+            base.model,
+            Optimizer::new(config.optim.optimizer),
+            TrainerState::default(),
+        ),
+    };
+    if config.train.precision == Precision::Bf16 {
+        model = model.with_compute_dtype(DType::BF16);
+    }
+
+    // The data.
+    let dataset_opts = DatasetOptions {
+        mode: config.data.mask,
+        max_len: config.data.max_len,
+        policy: config.data.on_bad_line,
+    };
+    let (train_examples, train_report) =
+        load_examples(&tokenizer, &config.data.train, &dataset_opts)?;
+    let eval_set = if config.data.eval.is_empty() {
+        None
+    } else {
+        Some(load_examples(&tokenizer, &config.data.eval, &dataset_opts)?)
+    };
+    let loader_config = LoaderConfig {
+        batch_rows: config.train.batch_size,
+        max_len: config.data.max_len,
+        packing: config.data.packing,
+        group_by_length: config.data.group_by_length,
+        shuffle: config.data.shuffle,
+        seed: config.train.seed,
+        epochs: config.train.epochs,
+        pad_id: tokenizer.pad_id(),
+        ..LoaderConfig::default()
+    };
+    let mut loader = match &state.cursor {
+        Some(cursor) => Loader::resume(train_examples, loader_config, cursor)?,
+        None => Loader::new(train_examples, loader_config)?,
+    };
+    let accum = config.train.grad_accum;
+    let total_steps = config
+        .train
+        .max_steps
+        .unwrap_or_else(|| loader.total_batches().div_ceil(accum) as u64);
+    if total_steps == 0 {
+        return Err(TrainError::NoData(
+            "the training data yields no batch".into(),
+        ));
+    }
+    let schedule = Schedule::new(
+        config.optim.schedule,
+        config.optim.lr,
+        config.optim.warmup_steps,
+        config.optim.warmup_ratio,
+        total_steps,
+    );
+    let loss_opts = CrossEntropyOptions::default()
+        .with_reduction(Reduction::Sum)
+        .with_label_smoothing(config.optim.label_smoothing)
+        .with_z_loss_weight(config.optim.z_loss_weight)
+        .with_chunk_memory_bytes(config.train.loss_chunk_mib << 20);
+
+    observer.on_start(&RunInfo {
+        backend: backend_name.to_string(),
+        parameters: base.config.num_parameters(),
+        total_steps,
+        start_step: state.step,
+        train: train_report,
+        eval: eval_set.as_ref().map(|(_, r)| r.clone()),
+        output_dir: out.clone(),
+    });
+    let mut metrics_log = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
+    let mut last_checkpoint = state.checkpoint.clone();
+    let mut final_loss = None;
+    let started = Instant::now();
+
+    while state.step < total_steps {
+        let step_started = Instant::now();
+        // One optimizer step: up to `accum` micro-batches.
+        let micro: Vec<_> = (0..accum).map_while(|_| loader.next_batch()).collect();
+        if micro.is_empty() {
+            break;
+        }
+        let batches: Vec<_> = micro.iter().map(|b| to_device::<B>(b, device)).collect();
+        // transformers' num_items_in_batch: every micro-batch's summed loss is divided by the
+        // supervised targets of the whole accumulated step.
+        let step_supervised: usize = batches.iter().map(|b| b.supervised).sum();
+        let step_tokens: usize = batches.iter().map(|b| b.tokens).sum();
+
+        let mut accumulator = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
+        let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
+        for batch in batches {
+            // [rows, len, hidden]
+            let hidden = model.hidden_states(&batch.input, None);
+            let [rows, len, width] = hidden.dims();
+            // [rows, len] -> [rows * len]
+            let targets = next_token_targets(batch.labels).reshape([rows * len]);
+            let weight = model.lm_head_weight().cast(hidden.dtype());
+            let loss = chunked_lm_head_cross_entropy(
+                hidden.reshape([rows * len, width]),
+                weight,
+                targets,
+                &loss_opts,
+            )?;
+            let loss = loss.normalized_by(step_supervised);
+            step_loss = Some(match step_loss.take() {
+                Some(total) => total + loss.clone().inner(),
+                None => loss.clone().inner(),
+            });
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        let mut grads = accumulator.grads();
+
+        let grad_norm = global_grad_norm(&model, &grads);
+        let loss = step_loss.map_or(0.0, |l| l.into_scalar().elem::<f64>());
+        for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: state.step + 1,
+                    what,
+                    value,
+                    last_checkpoint,
+                });
+            }
+        }
+        let lr = schedule.lr(state.step);
+        model = optimizer.step(
+            model,
+            &mut grads,
+            lr,
+            clip_scale(grad_norm, config.optim.max_grad_norm),
+        );
+
+        state.step += 1;
+        state.tokens += step_tokens as u64;
+        state.supervised_tokens += step_supervised as u64;
+        state.cursor = Some(loader.cursor());
+        final_loss = Some(loss);
+        let step_seconds = step_started.elapsed().as_secs_f64();
+        let metrics = StepMetrics {
+            step: state.step,
+            total_steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens: step_tokens,
+            supervised_tokens: step_supervised,
+            step_seconds,
+            tokens_per_second: step_tokens as f64 / step_seconds,
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+            epoch: loader.cursor().epoch,
+        };
+        if state.step % config.train.log_every.max(1) == 0 || state.step == total_steps {
+            metrics_log.step(&metrics)?;
+        }
+        observer.on_step(&metrics);
+
+        if let Some((examples, _)) = &eval_set
+            && config.eval.every > 0
+            && state.step % config.eval.every == 0
+            && state.step < total_steps
+        {
+            let metrics = evaluate(&model.valid(), examples, config, state.step, &loss_opts)?;
+            metrics_log.eval(&metrics)?;
+            observer.on_eval(&metrics);
+        }
+        if config.checkpoint.every > 0
+            && state.step % config.checkpoint.every == 0
+            && state.step < total_steps
+        {
+            let path = checkpoint::save(
+                out,
+                &model,
+                &base.config,
+                &optimizer,
+                &state,
+                config.checkpoint.keep_last,
+            )?;
+            state.checkpoint = Some(path.clone());
+            last_checkpoint = Some(path.clone());
+            observer.on_checkpoint(&path);
+        }
+    }
+
+    let final_eval = match &eval_set {
+        Some((examples, _)) => {
+            let metrics = evaluate(&model.valid(), examples, config, state.step, &loss_opts)?;
+            metrics_log.eval(&metrics)?;
+            observer.on_eval(&metrics);
+            Some(metrics)
+        }
+        None => None,
+    };
+    let path = checkpoint::save(
+        out,
+        &model,
+        &base.config,
+        &optimizer,
+        &state,
+        config.checkpoint.keep_last,
+    )?;
+    observer.on_checkpoint(&path);
+
+    let exported = out.join("final");
+    let final_model = LoadedModel {
+        config: base.config.clone(),
+        model: model.valid(),
+        files: base.files.clone(),
+        dir: None,
+    };
+    let export_opts = SaveOptions {
+        dtype: config.checkpoint.export_dtype,
+        max_shard_bytes: config.checkpoint.max_shard_bytes,
+    };
+    source::export(&final_model, &exported, &export_opts)?;
+    crate::plot::loss_curve(&out.join("metrics.jsonl"), &out.join("loss.png"))?;
+    Ok(TrainSummary {
+        steps: state.step,
+        final_loss,
+        final_eval,
+        exported,
+    })
+}
+
+/// Reads and tokenizes the JSONL files, or the embedded classic example when there are none.
+pub fn load_examples(
+    tokenizer: &qwen_chat::ChatTokenizer,
+    files: &[PathBuf],
+    opts: &DatasetOptions,
+) -> Result<(Vec<Example>, DataReport), TrainError> {
+    let dataset = if files.is_empty() {
+        let mut report = DataReport::default();
+        let chats = qwen_chat::parse_jsonl(
+            CLASSIC_JSONL.as_bytes(),
+            "<embedded classic.jsonl>",
+            opts.policy,
+            &mut report,
+        )?;
+        let examples = tokenizer.tokenize_chats(&chats, opts, &mut report)?;
+        qwen_chat::Dataset { examples, report }
+    } else {
+        tokenizer.build_dataset(files, opts)?
+    };
+    if dataset.examples.is_empty() {
+        return Err(TrainError::NoData(format!(
+            "{} read, none kept",
+            dataset.report.examples_read
+        )));
+    }
+    Ok((dataset.examples, dataset.report))
+}
+
+pub(crate) fn create_dir(path: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    std::fs::write(path, bytes).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The export dtype name for logs.
+pub fn dtype_name(dtype: SaveDtype) -> &'static str {
+    dtype.torch_name()
+}
