@@ -156,16 +156,18 @@ fn message_value(message: &Message, content: String) -> Value {
 /// Two private-use characters that occur nowhere in the chat, so a marker cannot be forged by
 /// the data. Candidates run through the BMP private-use area, then plane 15.
 fn pick_sentinels(messages: &[Message], tools: Option<&[Value]>) -> (char, char) {
-    let mut haystack: Vec<String> = messages.iter().map(|m| m.content.clone()).collect();
-    for m in messages {
-        if !m.extra.is_empty() {
-            haystack.push(Value::Object(m.extra.clone()).to_string());
-        }
-    }
+    // Fields other than content rarely exist; serialize them once to search them as text.
+    let mut others: Vec<String> = messages
+        .iter()
+        .filter(|m| !m.extra.is_empty())
+        .map(|m| Value::Object(m.extra.clone()).to_string())
+        .collect();
     if let Some(tools) = tools {
-        haystack.push(Value::Array(tools.to_vec()).to_string());
+        others.push(Value::Array(tools.to_vec()).to_string());
     }
-    let unused = |c: char| !haystack.iter().any(|s| s.contains(c));
+    let unused = |c: char| {
+        !messages.iter().any(|m| m.content.contains(c)) && !others.iter().any(|s| s.contains(c))
+    };
     let candidates = (0xE000u32..0xF8FF)
         .step_by(2)
         .chain((0xF0000..0xFFFFD).step_by(2));

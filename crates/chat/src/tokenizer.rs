@@ -257,6 +257,11 @@ impl ChatTokenizer {
         })
     }
 
+    /// The text of `encode_prompt`: the chat rendered with `add_generation_prompt=True`.
+    pub fn render_prompt(&self, chat: &Chat) -> Result<String> {
+        Ok(self.render_spans(chat, true)?.text)
+    }
+
     /// The ids a model continues from to answer `chat`: the chat rendered with
     /// `add_generation_prompt=True` (ending in `<|im_start|>assistant\n`).
     pub fn encode_prompt(&self, chat: &Chat) -> Result<Vec<u32>> {
@@ -447,7 +452,7 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
     })
 }
 
-/// Builds the one-message-per-line form of a prompt for `encode_prompt` from plain messages.
+/// Lets `encode_prompt(&messages.into())` take plain messages.
 impl From<Vec<Message>> for Chat {
     fn from(messages: Vec<Message>) -> Self {
         Chat::new(messages)
