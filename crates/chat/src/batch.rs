@@ -101,7 +101,7 @@ type Plan = Vec<Vec<Vec<usize>>>;
 
 /// Yields batches over `epochs` epochs. Deterministic: same examples, config and cursor, same
 /// batches.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Loader {
     examples: Vec<Example>,
     config: LoaderConfig,
@@ -207,6 +207,18 @@ impl Loader {
             self.plan = plan_epoch(&lengths, &self.config, epoch);
             self.plan_epoch = Some(epoch);
         }
+    }
+}
+
+/// A summary rather than every example.
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("examples", &self.examples.len())
+            .field("config", &self.config)
+            .field("cursor", &self.cursor())
+            .field("batches_per_epoch", &self.batches_per_epoch)
+            .finish_non_exhaustive()
     }
 }
 

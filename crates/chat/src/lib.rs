@@ -12,7 +12,7 @@
 //! | tokenize + label | [`ChatTokenizer::tokenize_chats`] (rayon), or [`ChatTokenizer::build_dataset`] for files |
 //! | batch | [`Loader`] with [`LoaderConfig`]: padding or packing, seeded shuffle, epochs, [`Cursor`] |
 //! | look at it | [`ChatTokenizer::inspect_files`] -> [`InspectReport`] (printable) |
-//! | generate | [`ChatTokenizer::encode_prompt`], [`ChatTokenizer::decode`], [`ChatTokenizer::stop_ids`] |
+//! | generate | [`ChatTokenizer::encode_prompt`] ([`ChatTokenizer::render_prompt`] for its text), [`ChatTokenizer::decode`], [`ChatTokenizer::stop_ids`] |
 //! | benchmark | [`bench_tokenize`] -> [`BenchReport`] |
 //!
 //! This crate does not depend on burn or on the model.
@@ -62,7 +62,9 @@
 //!
 //! Labels are unshifted: `labels[i] = input_ids[i]` where position `i` is learned, -100
 //! elsewhere; the loss crate shifts once. A token is learned when any of its bytes lies in a
-//! learned span. Turns are the template's `<|im_start|>role\n ... <|im_end|>\n`.
+//! learned span. Turns are the template's `<|im_start|>role\n ... <|im_end|>\n`, so the modes
+//! need a ChatML template (every Qwen2-family template is one); with a template that writes no
+//! `<|im_start|>`, only `All` learns anything.
 //!
 //! | [`MaskMode`] | learned |
 //! |---|---|

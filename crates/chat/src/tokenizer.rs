@@ -26,7 +26,6 @@ const IM_END: &str = "<|im_end|>";
 /// A tokenizer plus chat template, able to turn chats into ids and labels.
 ///
 /// Cheap to share across threads (`&ChatTokenizer` is `Sync`); tokenizing runs on rayon.
-#[derive(Debug)]
 pub struct ChatTokenizer {
     /// Encodes runs of text between control tokens; special-token matching is off, so control
     /// tokens in content stay text. Non-special added tokens (`<tool_call>`) still match.
@@ -40,6 +39,18 @@ pub struct ChatTokenizer {
     im_end_id: u32,
     eos_id: u32,
     pad_id: u32,
+}
+
+/// A summary: the full tokenizer's Debug would print the whole vocabulary.
+impl std::fmt::Debug for ChatTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("control_tokens", &self.controls.len())
+            .field("eos_id", &self.eos_id)
+            .field("pad_id", &self.pad_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A chat rendered and tokenized, before truncation, with what `inspect` needs to show it.
