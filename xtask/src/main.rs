@@ -189,31 +189,19 @@ fn bench_loss(args: &[String]) -> Result<()> {
         .args(rest))
 }
 
-/// Release binaries for the lent GPU machine (which has no Rust toolchain), in `.device/`,
-/// which `.git/info/exclude` keeps out of git.
+/// The CUDA build of `qwen-sft` for the lent GPU machine (which has no Rust toolchain):
+/// stripped and xz-compressed into `.device/qwen-sft.xz`, since the working tree sent there is
+/// capped at 64 MiB. `.git/info/exclude` keeps `.device/` out of git;
+/// `xtask/device/gpu_bench.sh` unpacks it there.
 fn device_bundle() -> Result<()> {
     let out = root().join(".device");
     std::fs::create_dir_all(&out)?;
     let bin = build_qwen_sft("cuda")?;
-    std::fs::copy(&bin, out.join("qwen-sft"))?;
-    let target = root().join("target").join("cuda");
-    run(cargo()
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "qwen-loss",
-            "--example",
-            "bench_loss_cuda",
-            "--features",
-            "bench-cuda",
-        ])
-        .env("CARGO_TARGET_DIR", &target))?;
-    std::fs::copy(
-        target.join("release/examples/bench_loss_cuda"),
-        out.join("bench_loss_cuda"),
-    )?;
-    println!("{}", out.display());
+    let stripped = out.join("qwen-sft");
+    std::fs::copy(&bin, &stripped)?;
+    run(Command::new("strip").arg(&stripped))?;
+    run(Command::new("xz").args(["-T2", "-6", "-f"]).arg(&stripped))?;
+    println!("{}", out.join("qwen-sft.xz").display());
     Ok(())
 }
 

@@ -69,10 +69,12 @@ pub fn write_corpus(path: &Path, n: usize, tokens: usize, seed: u64) -> Result<(
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let half = tokens.saturating_sub(12) / 2;
+    // About 24 tokens of ChatML around the two texts, with a one-word system prompt.
+    let half = tokens.saturating_sub(24) / 2;
     let mut out = String::new();
     for _ in 0..n {
         let record = serde_json::json!({"messages": [
+            {"role": "system", "content": "Answer."},
             {"role": "user", "content": text(half)},
             {"role": "assistant", "content": text(half)},
         ]});
@@ -169,5 +171,81 @@ where
         first_loss: timer.losses.first().copied().unwrap_or(f64::NAN),
         last_loss: timer.losses.last().copied().unwrap_or(f64::NAN),
         setup_seconds: timer.setup_seconds.unwrap_or(0.0),
+    })
+}
+
+/// The forward pass of a preset on random tokens: the real-size check of the model crate.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardReport {
+    pub backend: String,
+    pub preset: String,
+    /// Counted from the initialised model's tensors.
+    pub parameters: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub precision: Precision,
+    pub init_seconds: f64,
+    /// The first forward (kernel compilation and autotuning included).
+    pub first_forward_seconds: f64,
+    pub forward_seconds_median: f64,
+    pub logits_finite: bool,
+}
+
+pub fn forward<B: burn::tensor::backend::Backend>(
+    preset: &str,
+    batch_size: usize,
+    seq_len: usize,
+    precision: Precision,
+    iterations: usize,
+    device: &B::Device,
+    backend_name: &str,
+) -> Result<ForwardReport, TrainError> {
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    let started = Instant::now();
+    let loaded = crate::source::init_preset::<B>(preset, 0, device)?;
+    let mut model = loaded.model;
+    if precision == Precision::Bf16 {
+        model = model.with_compute_dtype(burn::tensor::DType::BF16);
+    }
+    let parameters: usize = qwen_model::named_parameters(&model)
+        .iter()
+        .map(|(_, _, shape)| shape.iter().product::<usize>())
+        .sum();
+    B::sync(device).ok();
+    let init_seconds = started.elapsed().as_secs_f64();
+
+    let mut rng = StdRng::seed_from_u64(1);
+    let ids: Vec<i64> = (0..batch_size * seq_len)
+        .map(|_| rng.random_range(0..151_643))
+        .collect();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids, [batch_size, seq_len]).convert::<B::IntElem>(),
+        device,
+    );
+    let input = qwen_model::Qwen2Input::new(ids);
+    let mut times = Vec::new();
+    let mut finite = true;
+    for _ in 0..iterations.max(2) {
+        let t = Instant::now();
+        let logits = model.forward(&input);
+        // Reading one value back waits for the whole forward.
+        let probe = logits.narrow(1, seq_len - 1, 1).sum().into_scalar();
+        times.push(t.elapsed().as_secs_f64());
+        finite &= burn::tensor::ElementConversion::elem::<f64>(probe).is_finite();
+    }
+    let first = times.remove(0);
+    times.sort_by(f64::total_cmp);
+    Ok(ForwardReport {
+        backend: backend_name.to_string(),
+        preset: preset.to_string(),
+        parameters,
+        batch_size,
+        seq_len,
+        precision,
+        init_seconds,
+        first_forward_seconds: first,
+        forward_seconds_median: times[times.len() / 2],
+        logits_finite: finite,
     })
 }

@@ -127,6 +127,8 @@ pub struct CheckpointSection {
     pub export_dtype: SaveDtype,
     /// Export shards above this many bytes.
     pub max_shard_bytes: u64,
+    /// Write the final checkpoint and export at the end (benchmarks turn this off).
+    pub save_final: bool,
 }
 
 impl Default for TrainConfig {
@@ -214,6 +216,7 @@ impl Default for CheckpointSection {
             keep_last: 2,
             export_dtype: SaveDtype::Bf16,
             max_shard_bytes: 5_000_000_000,
+            save_final: true,
         }
     }
 }

@@ -49,6 +49,22 @@ enum Command {
     Export(ExportArgs),
     /// The training benchmark: tokens/s and step time as JSON.
     Bench(BenchArgs),
+    /// Time the forward pass of a preset on random tokens, as JSON.
+    BenchForward(BenchForwardArgs),
+}
+
+#[derive(Args)]
+struct BenchForwardArgs {
+    #[arg(long, default_value = "0.5b")]
+    preset: String,
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+    #[arg(long, default_value_t = 5)]
+    iterations: usize,
 }
 
 #[derive(Args)]
@@ -238,6 +254,19 @@ fn main() -> Result<()> {
         Command::Init(args) => init(args),
         Command::Export(args) => export(args),
         Command::Bench(args) => bench(args),
+        Command::BenchForward(args) => {
+            let report = qwen_sft::bench::forward::<Inference>(
+                &args.preset,
+                args.batch_size,
+                args.seq_len,
+                args.precision,
+                args.iterations,
+                &backend::device(),
+                BACKEND_NAME,
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
     }
 }
 

@@ -285,28 +285,29 @@ where
         }
         None => None,
     };
-    let path = checkpoint::save(
-        out,
-        &model,
-        &base.config,
-        &optimizer,
-        &state,
-        config.checkpoint.keep_last,
-    )?;
-    observer.on_checkpoint(&path);
-
     let exported = out.join("final");
-    let final_model = LoadedModel {
-        config: base.config.clone(),
-        model: model.valid(),
-        files: base.files.clone(),
-        dir: None,
-    };
-    let export_opts = SaveOptions {
-        dtype: config.checkpoint.export_dtype,
-        max_shard_bytes: config.checkpoint.max_shard_bytes,
-    };
-    source::export(&final_model, &exported, &export_opts)?;
+    if config.checkpoint.save_final {
+        let path = checkpoint::save(
+            out,
+            &model,
+            &base.config,
+            &optimizer,
+            &state,
+            config.checkpoint.keep_last,
+        )?;
+        observer.on_checkpoint(&path);
+        let final_model = LoadedModel {
+            config: base.config.clone(),
+            model: model.valid(),
+            files: base.files.clone(),
+            dir: None,
+        };
+        let export_opts = SaveOptions {
+            dtype: config.checkpoint.export_dtype,
+            max_shard_bytes: config.checkpoint.max_shard_bytes,
+        };
+        source::export(&final_model, &exported, &export_opts)?;
+    }
     crate::plot::loss_curve(&out.join("metrics.jsonl"), &out.join("loss.png"))?;
     Ok(TrainSummary {
         steps: state.step,
