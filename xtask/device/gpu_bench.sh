@@ -27,13 +27,14 @@ step() { # name timeout command...
   timeout "$limit" $M "$name" "$OUT" -- "$@" || echo "$name: exit $?"
 }
 
+# In order of importance, so that a call cut short still brings back the main figures.
 # The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].
-step forward_f32 150 $BIN bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision f32
-step forward_bf16 150 $BIN bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16
+step forward_f32 90 $BIN bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision f32
 # Training: ours and the peer, 0.5b, seq 2048, AdamW, half of every row supervised.
-step ours_b4_bf16 240 $BIN bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 3 --precision bf16
-step peer_amp_b4 150 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp
-step peer_amp_b8 150 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "$STEPS" --mode amp
-step ours_b8_bf16 240 $BIN bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 3 --precision bf16
+step ours_b4_bf16 200 $BIN bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16
+step peer_amp_b8 120 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "$STEPS" --mode amp
+step peer_amp_b4 100 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp
+step ours_b8_bf16 150 $BIN bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16
+step forward_bf16 60 $BIN bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16
 echo "== summary"
 cat "$OUT"/*.json

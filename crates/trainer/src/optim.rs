@@ -63,7 +63,9 @@ impl Default for OptimizerConfig {
 
 /// transformers' `get_decay_parameter_names`: biases and normalisation weights are not decayed.
 pub fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.contains("norm."))
+    let mut parts = name.split('.');
+    let is_bias = name.rsplit('.').next() == Some("bias");
+    !(is_bias || parts.any(|part| part.contains("norm")))
 }
 
 /// Moment buffers of one parameter, flattened.
@@ -345,5 +347,109 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
         max_norm / (norm + 1e-6)
     } else {
         1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::Module;
+
+    type AB = Autodiff<Flex>;
+
+    #[derive(Module, Debug)]
+    struct Toy<B: Backend> {
+        weight: Param<Tensor<B, 1>>,
+        bias: Param<Tensor<B, 1>>,
+    }
+
+    fn toy() -> Toy<AB> {
+        let device = Default::default();
+        let start = || Param::from_tensor(Tensor::<AB, 1>::from_floats([0.5, -1.0, 2.0], &device));
+        Toy { weight: start(), bias: start() }
+    }
+
+    /// Two steps with the gradients `[0.1, -0.2, 0.3]` then `[-0.05, 0.4, 0.0]`.
+    fn two_steps(config: OptimizerConfig, lr: f64) -> Toy<AB> {
+        let mut model = toy();
+        let mut optimizer = Optimizer::<Flex>::new(config);
+        for g in [[0.1f32, -0.2, 0.3], [-0.05, 0.4, 0.0]] {
+            let mut grads = GradientsParams::new();
+            for id in [model.weight.id, model.bias.id] {
+                grads.register::<Flex, 1>(id, Tensor::from_floats(g, &Default::default()));
+            }
+            model = optimizer.step(model, &mut grads, lr, 1.0);
+        }
+        model
+    }
+
+    fn values(p: &Param<Tensor<AB, 1>>) -> Vec<f32> {
+        p.val().into_data().to_vec().unwrap()
+    }
+
+    fn assert_close(ours: &[f32], torch: &[f32]) {
+        for (a, b) in ours.iter().zip(torch) {
+            assert!((a - b).abs() < 1e-6, "{ours:?} vs torch {torch:?}");
+        }
+    }
+
+    /// Expected values: `torch.optim.AdamW(lr=0.01, weight_decay=0.1)` and `SGD(lr=0.1,
+    /// momentum=0.9)` on the same parameters and gradients (torch 2.15).
+    #[test]
+    fn adamw_matches_torch_and_spares_biases_from_decay() {
+        let config = OptimizerConfig::Adamw { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let model = two_steps(config, 0.01);
+        assert_close(&values(&model.weight), &[0.486_347_14, -0.991_672_1, 1.979_311_5]);
+        // The bias gets the update of weight_decay = 0.
+        assert_close(&values(&model.bias), &[0.487_336_64, -0.993_661_05, 1.983_299_4]);
+    }
+
+    #[test]
+    fn sgd_with_momentum_matches_torch() {
+        let model = two_steps(OptimizerConfig::Sgd { momentum: 0.9 }, 0.1);
+        assert_close(&values(&model.weight), &[0.486, -1.002, 1.943]);
+    }
+
+    #[test]
+    fn optimizer_state_round_trips() {
+        let config = OptimizerConfig::default();
+        let mut model = toy();
+        let mut optimizer = Optimizer::<Flex>::new(config);
+        let mut grads = GradientsParams::new();
+        grads.register::<Flex, 1>(model.weight.id, Tensor::from_floats([0.1f32, -0.2, 0.3], &Default::default()));
+        model = optimizer.step(model, &mut grads, 0.01, 1.0);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optimizer.safetensors");
+        optimizer.save(&path).unwrap();
+        let loaded = Optimizer::<Flex>::load(config, &path, &Default::default()).unwrap();
+        assert_eq!(loaded.steps_taken(), 1);
+        let (a, b) = (&optimizer.state["weight"], &loaded.state["weight"]);
+        assert_eq!(a.first.to_data(), b.first.to_data());
+        assert_eq!(a.second.as_ref().unwrap().to_data(), b.second.as_ref().unwrap().to_data());
+        drop(model);
+    }
+
+    #[test]
+    fn global_norm_and_clip_follow_torch() {
+        let model = toy();
+        let mut grads = GradientsParams::new();
+        grads.register::<Flex, 1>(model.weight.id, Tensor::from_floats([3.0f32, 0.0, 0.0], &Default::default()));
+        grads.register::<Flex, 1>(model.bias.id, Tensor::from_floats([0.0f32, 4.0, 0.0], &Default::default()));
+        let norm = global_grad_norm(&model, &grads);
+        assert!((norm - 5.0).abs() < 1e-12);
+        assert!((clip_scale(norm, 1.0) - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        assert_eq!(clip_scale(norm, 10.0), 1.0);
+        assert_eq!(clip_scale(norm, 0.0), 1.0);
+    }
+
+    #[test]
+    fn no_decay_on_biases_and_norms() {
+        assert!(decays("model.layers.0.self_attn.q_proj.weight"));
+        assert!(decays("model.embed_tokens.weight"));
+        assert!(!decays("model.layers.0.self_attn.q_proj.bias"));
+        assert!(!decays("model.layers.3.input_layernorm.weight"));
+        assert!(!decays("model.layers.3.post_attention_layernorm.weight"));
+        assert!(!decays("model.norm.weight"));
     }
 }

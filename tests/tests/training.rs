@@ -1,0 +1,82 @@
+//! Properties of the training loop: gradient accumulation normalises by the whole step's
+//! supervised tokens, and a non-finite loss stops the run with the last good checkpoint kept.
+
+mod common;
+
+use common::{device, write_corpus, B};
+use qwen_sft::metrics::StepMetrics;
+use qwen_sft::{train, Observer, TrainConfig, TrainError};
+
+struct Steps(Vec<StepMetrics>);
+
+impl Observer for Steps {
+    fn on_step(&mut self, metrics: &StepMetrics) {
+        self.0.push(metrics.clone());
+    }
+}
+
+fn base(out: &std::path::Path, data: &std::path::Path) -> TrainConfig {
+    let mut config = TrainConfig::default();
+    config.output_dir = out.to_path_buf();
+    config.data.train = vec![data.to_path_buf()];
+    config.data.max_len = 64;
+    config.data.shuffle = false;
+    config.optim.lr = 1e-3;
+    config.train.max_steps = Some(1);
+    config.checkpoint.save_final = false;
+    config
+}
+
+/// One step over 4 chats of different lengths, as one micro-batch of 4 rows or as 2
+/// accumulated micro-batches of 2: the loss (normalised by all supervised tokens of the step,
+/// not averaged per micro-batch) and the gradient must be the same.
+#[test]
+fn accumulated_step_equals_the_full_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    write_corpus(&data, 4);
+
+    let mut full = base(&dir.path().join("full"), &data);
+    full.train.batch_size = 4;
+    let mut whole = Steps(Vec::new());
+    train::<B>(&full, &device(), "cpu", None, &mut whole).unwrap();
+
+    let mut split = base(&dir.path().join("split"), &data);
+    split.train.batch_size = 2;
+    split.train.grad_accum = 2;
+    let mut accumulated = Steps(Vec::new());
+    train::<B>(&split, &device(), "cpu", None, &mut accumulated).unwrap();
+
+    let (a, b) = (&whole.0[0], &accumulated.0[0]);
+    println!("full: loss {} |g| {}; accumulated: loss {} |g| {}", a.loss, a.grad_norm, b.loss, b.grad_norm);
+    assert_eq!(a.supervised_tokens, b.supervised_tokens);
+    assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "{} vs {}", a.loss, b.loss);
+    assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "{} vs {}", a.grad_norm, b.grad_norm);
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    write_corpus(&data, 8);
+    let mut config = base(&dir.path().join("run"), &data);
+    config.train.batch_size = 2;
+    config.train.max_steps = Some(4);
+    // A learning rate no model survives: the first update moves every weight by about 1e38.
+    config.optim.lr = 1e38;
+    config.optim.max_grad_norm = 0.0;
+    config.checkpoint.every = 1;
+    config.checkpoint.keep_last = 3;
+    match train::<B>(&config, &device(), "cpu", None, &mut Steps(Vec::new())) {
+        Err(TrainError::NonFinite { step, what, last_checkpoint, .. }) => {
+            assert_eq!(step, 2, "the first update is still finite, the second loss is not");
+            assert_eq!(what, "loss");
+            let kept = last_checkpoint.expect("step 1 was saved");
+            assert!(kept.ends_with("checkpoints/step-000001"), "{}", kept.display());
+            assert!(kept.join("state.json").exists());
+            let message = TrainError::NonFinite { step, what, value: f64::NAN, last_checkpoint: Some(kept) }.to_string();
+            assert!(message.contains("step 2") && message.contains("step-000001"), "{message}");
+        }
+        other => panic!("expected a non-finite stop, got {:?}", other.map(|s| s.steps)),
+    }
+}
