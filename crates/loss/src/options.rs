@@ -44,8 +44,14 @@ pub struct CrossEntropyOptions {
     /// z-loss weight `λ >= 0` (PaLM uses 1e-4). Default: 0.
     pub z_loss_weight: f64,
     /// Chunked path only: the bytes that one chunk's f32 logits and their temporaries may take.
-    /// The chunk shape is derived from it (see [`ChunkPlan`](crate::ChunkPlan)). It bounds the
+    /// The chunk shape is derived from it (see [`ChunkPlan`](crate::ChunkPlan)). It scales the
     /// working set; the weight gradient (`[vocab, hidden]`) comes on top. Default: 256 MiB.
+    ///
+    /// Measured on an H200 with `Autodiff<Cuda>` (fusion, autotune) at 16,384 tokens, half
+    /// supervised, hidden 896 and vocabulary 151,936: the default took 1.36 GiB of device memory
+    /// beyond the inputs, weight gradient included, so the live working set is about three times
+    /// the budget there; 128 MiB saved nothing and ran 30% slower, 1 GiB ran 14% faster for
+    /// 2.6 GiB more.
     pub chunk_memory_bytes: usize,
 }
 
