@@ -24,7 +24,7 @@ STEPS=${STEPS:-20}
 step() { # name timeout command...
   local name=$1 limit=$2; shift 2
   echo "== $name"
-  timeout "$limit" $M "$name" "$OUT" -- "$@" || echo "$name: exit $?"
+  $M "$name" "$OUT" "$limit" -- "$@" || echo "$name: exit $?"
 }
 
 # In order of importance, so that a call cut short still brings back the main figures.

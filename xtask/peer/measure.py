@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Runs a command and samples the GPU's used memory (NVML, every 20 ms) while it runs.
 
-    python3 xtask/peer/measure.py NAME OUT_DIR -- command args...
+    python3 xtask/peer/measure.py NAME OUT_DIR LIMIT_SECONDS -- command args...
 
 Writes OUT_DIR/NAME.json: the command's last JSON line merged with
-{"peak_used_gib", "baseline_used_gib", "peak_delta_gib", "wall_seconds", "exit_code"}, and
-OUT_DIR/NAME.log with its output. The same sampler measures ours and the peer, so the figures
+{"peak_used_gib", "baseline_used_gib", "peak_delta_gib", "wall_seconds", "exit_code",
+"timed_out"}, and OUT_DIR/NAME.log with its output, streamed as it comes. A command still
+running at LIMIT_SECONDS is killed with its whole process group, so nothing it started lingers
+on the GPU into the next measurement. The same sampler measures ours and the peer, so the figures
 compare: device memory in use by the process, allocator pools included.
 """
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,9 +22,9 @@ import pynvml
 
 
 def main() -> None:
-    name, out_dir = sys.argv[1], sys.argv[2]
-    assert sys.argv[3] == "--"
-    cmd = sys.argv[4:]
+    name, out_dir, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    assert sys.argv[4] == "--"
+    cmd = sys.argv[5:]
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
     used = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30
@@ -36,13 +40,20 @@ def main() -> None:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     start = time.time()
-    with open(f"{out_dir}/{name}.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        log.write(proc.stdout)
+    timed_out = False
+    with open(f"{out_dir}/{name}.log", "w") as log, open(f"{out_dir}/{name}.stdout", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=log, start_new_session=True)
+        try:
+            proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stdout = open(f"{out_dir}/{name}.stdout").read()
     done.set()
     thread.join()
     result = {}
-    for line in reversed(proc.stdout.splitlines()):
+    for line in reversed(stdout.splitlines()):
         try:
             result = json.loads(line)
             break
@@ -55,6 +66,7 @@ def main() -> None:
         "peak_delta_gib": peak[0] - baseline,
         "wall_seconds": time.time() - start,
         "exit_code": proc.returncode,
+        "timed_out": timed_out,
     })
     with open(f"{out_dir}/{name}.json", "w") as f:
         json.dump(result, f)

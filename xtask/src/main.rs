@@ -162,11 +162,32 @@ fn bench(args: &[String]) -> Result<()> {
 }
 
 fn bench_tokenize(args: &[String]) -> Result<()> {
-    let chats = match args {
-        [] => 100_000,
-        [flag, n] if flag == "--chats" => n.parse().context("--chats takes a number")?,
-        _ => bail!("usage: cargo xtask bench-tokenize [--chats N]"),
-    };
+    let mut chats = 100_000;
+    let mut corpus = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--chats" => chats = it.next().context("--chats takes a number")?.parse()?,
+            "--write-corpus" => {
+                corpus = Some(PathBuf::from(
+                    it.next().context("--write-corpus takes a path")?,
+                ))
+            }
+            other => bail!(
+                "unexpected `{other}`; usage: cargo xtask bench-tokenize [--chats N] [--write-corpus FILE]"
+            ),
+        }
+    }
+    if let Some(path) = corpus {
+        // The same chats the benchmark tokenizes, as JSONL, for the transformers peer
+        // (xtask/peer/tokenize_peer.py).
+        let mut out = String::new();
+        for chat in qwen_chat::synthetic_chats(chats, qwen_chat::BENCH_SEED) {
+            out.push_str(&serde_json::json!({ "messages": chat.messages }).to_string());
+            out.push('\n');
+        }
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    }
     let report = qwen_chat::bench_tokenize(chats)?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

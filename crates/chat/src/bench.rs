@@ -11,6 +11,9 @@ use crate::error::Result;
 use crate::report::DataReport;
 use crate::tokenizer::ChatTokenizer;
 
+/// The seed of the corpus [`bench_tokenize`] generates.
+pub const BENCH_SEED: u64 = 0x5eed;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BenchReport {
     pub chats: usize,
@@ -32,7 +35,7 @@ pub fn bench_tokenize(n_chats: usize) -> Result<BenchReport> {
     let t0 = Instant::now();
     let tok = ChatTokenizer::bundled()?;
     let load_seconds = t0.elapsed().as_secs_f64();
-    let chats = synthetic_chats(n_chats, 0x5eed);
+    let chats = synthetic_chats(n_chats, BENCH_SEED);
     let opts = DatasetOptions {
         max_len: usize::MAX,
         ..DatasetOptions::default()

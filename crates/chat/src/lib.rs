@@ -110,7 +110,7 @@ mod template;
 pub mod tokenizer;
 
 pub use batch::{Batch, Cursor, Loader, LoaderConfig, QWEN_PAD_ID};
-pub use bench::{BenchReport, bench_tokenize, synthetic_chats};
+pub use bench::{BENCH_SEED, BenchReport, bench_tokenize, synthetic_chats};
 pub use chat::{Chat, Message, Role};
 pub use dataset::{Dataset, DatasetOptions, Example};
 pub use error::{ChatError, Result, Source};

@@ -97,6 +97,16 @@ struct Timer {
 
 impl Observer for Timer {
     fn on_step(&mut self, m: &StepMetrics) {
+        // Progress on stderr, so that a run cut short still shows how far it got.
+        eprintln!(
+            "bench step {}/{}: {:.3} s, loss {:.4}, {:.0} tokens/s, {:.1} s since start",
+            m.step,
+            m.total_steps,
+            m.step_seconds,
+            m.loss,
+            m.tokens_per_second,
+            self.started.elapsed().as_secs_f64()
+        );
         self.losses.push(m.loss);
         if m.step == self.warmup {
             self.setup_seconds = Some(self.started.elapsed().as_secs_f64());
@@ -226,12 +236,14 @@ pub fn forward<B: burn::tensor::backend::Backend>(
     let input = qwen_model::Qwen2Input::new(ids);
     let mut times = Vec::new();
     let mut finite = true;
-    for _ in 0..iterations.max(2) {
+    eprintln!("bench-forward: initialised {parameters} parameters in {init_seconds:.1} s");
+    for i in 0..iterations.max(2) {
         let t = Instant::now();
         let logits = model.forward(&input);
         // Reading one value back waits for the whole forward.
         let probe = logits.narrow(1, seq_len - 1, 1).sum().into_scalar();
         times.push(t.elapsed().as_secs_f64());
+        eprintln!("bench-forward: forward {i}: {:.3} s", times[i]);
         finite &= burn::tensor::ElementConversion::elem::<f64>(probe).is_finite();
     }
     let first = times.remove(0);

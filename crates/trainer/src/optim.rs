@@ -367,7 +367,10 @@ mod tests {
     fn toy() -> Toy<AB> {
         let device = Default::default();
         let start = || Param::from_tensor(Tensor::<AB, 1>::from_floats([0.5, -1.0, 2.0], &device));
-        Toy { weight: start(), bias: start() }
+        Toy {
+            weight: start(),
+            bias: start(),
+        }
     }
 
     /// Two steps with the gradients `[0.1, -0.2, 0.3]` then `[-0.05, 0.4, 0.0]`.
@@ -398,11 +401,22 @@ mod tests {
     /// momentum=0.9)` on the same parameters and gradients (torch 2.15).
     #[test]
     fn adamw_matches_torch_and_spares_biases_from_decay() {
-        let config = OptimizerConfig::Adamw { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let config = OptimizerConfig::Adamw {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let model = two_steps(config, 0.01);
-        assert_close(&values(&model.weight), &[0.486_347_14, -0.991_672_1, 1.979_311_5]);
+        assert_close(
+            &values(&model.weight),
+            &[0.486_347_14, -0.991_672_1, 1.979_311_5],
+        );
         // The bias gets the update of weight_decay = 0.
-        assert_close(&values(&model.bias), &[0.487_336_64, -0.993_661_05, 1.983_299_4]);
+        assert_close(
+            &values(&model.bias),
+            &[0.487_336_64, -0.993_661_05, 1.983_299_4],
+        );
     }
 
     #[test]
@@ -417,7 +431,10 @@ mod tests {
         let mut model = toy();
         let mut optimizer = Optimizer::<Flex>::new(config);
         let mut grads = GradientsParams::new();
-        grads.register::<Flex, 1>(model.weight.id, Tensor::from_floats([0.1f32, -0.2, 0.3], &Default::default()));
+        grads.register::<Flex, 1>(
+            model.weight.id,
+            Tensor::from_floats([0.1f32, -0.2, 0.3], &Default::default()),
+        );
         model = optimizer.step(model, &mut grads, 0.01, 1.0);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("optimizer.safetensors");
@@ -426,7 +443,10 @@ mod tests {
         assert_eq!(loaded.steps_taken(), 1);
         let (a, b) = (&optimizer.state["weight"], &loaded.state["weight"]);
         assert_eq!(a.first.to_data(), b.first.to_data());
-        assert_eq!(a.second.as_ref().unwrap().to_data(), b.second.as_ref().unwrap().to_data());
+        assert_eq!(
+            a.second.as_ref().unwrap().to_data(),
+            b.second.as_ref().unwrap().to_data()
+        );
         drop(model);
     }
 
@@ -434,8 +454,14 @@ mod tests {
     fn global_norm_and_clip_follow_torch() {
         let model = toy();
         let mut grads = GradientsParams::new();
-        grads.register::<Flex, 1>(model.weight.id, Tensor::from_floats([3.0f32, 0.0, 0.0], &Default::default()));
-        grads.register::<Flex, 1>(model.bias.id, Tensor::from_floats([0.0f32, 4.0, 0.0], &Default::default()));
+        grads.register::<Flex, 1>(
+            model.weight.id,
+            Tensor::from_floats([3.0f32, 0.0, 0.0], &Default::default()),
+        );
+        grads.register::<Flex, 1>(
+            model.bias.id,
+            Tensor::from_floats([0.0f32, 4.0, 0.0], &Default::default()),
+        );
         let norm = global_grad_norm(&model, &grads);
         assert!((norm - 5.0).abs() < 1e-12);
         assert!((clip_scale(norm, 1.0) - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);

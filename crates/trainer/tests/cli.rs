@@ -5,16 +5,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 fn qwen_sft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qwen-sft")).args(args).output().expect("qwen-sft runs")
+    Command::new(env!("CARGO_BIN_EXE_qwen-sft"))
+        .args(args)
+        .output()
+        .expect("qwen-sft runs")
 }
 
 fn ok(output: &Output) -> String {
-    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout.clone()).unwrap()
 }
 
 fn err(output: &Output) -> String {
-    assert!(!output.status.success(), "should have failed; stdout: {}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        !output.status.success(),
+        "should have failed; stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     String::from_utf8_lossy(&output.stderr).to_string()
 }
 
@@ -30,27 +41,86 @@ fn s(p: &Path) -> &str {
 fn init_generate_and_chat() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
-    ok(&qwen_sft(&["init", "--preset", "tiny", "--output", s(&model), "--seed", "3"]));
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    ok(&qwen_sft(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--output",
+        s(&model),
+        "--seed",
+        "3",
+    ]));
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(model.join(file).exists(), "{file}");
     }
-    let text = ok(&qwen_sft(&["generate", "--model", s(&model), "--prompt", "hi", "--greedy", "--max-new-tokens", "4"]));
+    let text = ok(&qwen_sft(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "hi",
+        "--greedy",
+        "--max-new-tokens",
+        "4",
+    ]));
     assert!(!text.is_empty());
     // Sampling with the defaults from generation_config.json, seeded: the same twice.
-    let a = ok(&qwen_sft(&["generate", "--model", s(&model), "--prompt", "hi", "--max-new-tokens", "4", "--seed", "9"]));
-    let b = ok(&qwen_sft(&["generate", "--model", s(&model), "--prompt", "hi", "--max-new-tokens", "4", "--seed", "9"]));
+    let a = ok(&qwen_sft(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "9",
+    ]));
+    let b = ok(&qwen_sft(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "9",
+    ]));
     assert_eq!(a, b);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-sft"))
-        .args(["chat", "--model", s(&model), "--greedy", "--max-new-tokens", "3"])
+        .args([
+            "chat",
+            "--model",
+            s(&model),
+            "--greedy",
+            "--max-new-tokens",
+            "3",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all("2+2等于几\nand then?\n\n".as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all("2+2等于几\nand then?\n\n".as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Two questions answered, then the empty line ends the session at the third prompt.
     let prompts = String::from_utf8(out.stderr).unwrap().matches("> ").count();
     assert_eq!(prompts, 3);
@@ -64,12 +134,33 @@ fn score_prints_one_json_line_per_example() {
     let model = dir.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
     for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures().join("model/tied_f32").join(file), model.join(file)).unwrap();
+        std::fs::copy(
+            fixtures().join("model/tied_f32").join(file),
+            model.join(file),
+        )
+        .unwrap();
     }
-    std::fs::write(model.join("tokenizer.json"), qwen_chat::bundled::TOKENIZER_JSON).unwrap();
-    std::fs::write(model.join("tokenizer_config.json"), qwen_chat::bundled::TOKENIZER_CONFIG_JSON).unwrap();
-    let out = ok(&qwen_sft(&["score", "--model", s(&model), "--data", s(&fixtures().join("score/chats.jsonl"))]));
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    std::fs::write(
+        model.join("tokenizer.json"),
+        qwen_chat::bundled::TOKENIZER_JSON,
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        qwen_chat::bundled::TOKENIZER_CONFIG_JSON,
+    )
+    .unwrap();
+    let out = ok(&qwen_sft(&[
+        "score",
+        "--model",
+        s(&model),
+        "--data",
+        s(&fixtures().join("score/chats.jsonl")),
+    ]));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 6);
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["index"], i);
@@ -77,7 +168,13 @@ fn score_prints_one_json_line_per_example() {
         assert!(line["n_tokens"].as_u64().unwrap() > 0);
         assert_eq!(line.as_object().unwrap().len(), 3, "{line}");
     }
-    let eval = ok(&qwen_sft(&["eval", "--model", s(&model), "--data", s(&fixtures().join("score/chats.jsonl"))]));
+    let eval = ok(&qwen_sft(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&fixtures().join("score/chats.jsonl")),
+    ]));
     let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
     let total: f64 = lines.iter().map(|l| l["loss_sum"].as_f64().unwrap()).sum();
     let tokens: u64 = lines.iter().map(|l| l["n_tokens"].as_u64().unwrap()).sum();
@@ -87,7 +184,13 @@ fn score_prints_one_json_line_per_example() {
 
 #[test]
 fn inspect_marks_supervised_spans() {
-    let out = ok(&qwen_sft(&["inspect", "--data", s(&fixtures().join("score/chats.jsonl")), "--show", "1"]));
+    let out = ok(&qwen_sft(&[
+        "inspect",
+        "--data",
+        s(&fixtures().join("score/chats.jsonl")),
+        "--show",
+        "1",
+    ]));
     assert!(out.contains("⟦"), "{out}");
     assert!(out.contains("supervised tokens"), "{out}");
 }
@@ -104,16 +207,40 @@ fn bad_inputs_say_what_and_where() {
     let e = err(&qwen_sft(&["train", "--preset", "huge", "--quiet"]));
     assert!(e.contains("huge") && e.contains("0.5b"), "{e}");
 
-    let e = err(&qwen_sft(&["train", "--preset", "tiny", "--set", "train.batch_size=0", "--quiet"]));
+    let e = err(&qwen_sft(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "train.batch_size=0",
+        "--quiet",
+    ]));
     assert!(e.contains("train.batch_size"), "{e}");
 
     let data = dir.path().join("bad.jsonl");
     std::fs::write(&data, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n{not json\n").unwrap();
     let out = dir.path().join("run");
-    let e = err(&qwen_sft(&["train", "--preset", "tiny", "--data", s(&data), "--output", s(&out), "--max-steps", "1", "--quiet"]));
+    let e = err(&qwen_sft(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        s(&data),
+        "--output",
+        s(&out),
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]));
     assert!(e.contains("bad.jsonl:2"), "{e}");
 
     let missing = dir.path().join("no-such-model");
-    let e = err(&qwen_sft(&["generate", "--model", s(&missing), "--prompt", "hi"]));
+    let e = err(&qwen_sft(&[
+        "generate",
+        "--model",
+        s(&missing),
+        "--prompt",
+        "hi",
+    ]));
     assert!(e.contains("no-such-model"), "{e}");
 }
