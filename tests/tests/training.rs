@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{device, write_corpus, B};
+use common::{B, device, write_corpus};
 use qwen_sft::metrics::StepMetrics;
-use qwen_sft::{train, Observer, TrainConfig, TrainError};
+use qwen_sft::{Observer, TrainConfig, TrainError, train};
 
 struct Steps(Vec<StepMetrics>);
 
@@ -48,10 +48,23 @@ fn accumulated_step_equals_the_full_batch() {
     train::<B>(&split, &device(), "cpu", None, &mut accumulated).unwrap();
 
     let (a, b) = (&whole.0[0], &accumulated.0[0]);
-    println!("full: loss {} |g| {}; accumulated: loss {} |g| {}", a.loss, a.grad_norm, b.loss, b.grad_norm);
+    println!(
+        "full: loss {} |g| {}; accumulated: loss {} |g| {}",
+        a.loss, a.grad_norm, b.loss, b.grad_norm
+    );
     assert_eq!(a.supervised_tokens, b.supervised_tokens);
-    assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "{} vs {}", a.loss, b.loss);
-    assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "{} vs {}", a.grad_norm, b.grad_norm);
+    assert!(
+        (a.loss - b.loss).abs() < 1e-5 * a.loss,
+        "{} vs {}",
+        a.loss,
+        b.loss
+    );
+    assert!(
+        (a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm,
+        "{} vs {}",
+        a.grad_norm,
+        b.grad_norm
+    );
 }
 
 #[test]
@@ -68,15 +81,39 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     config.checkpoint.every = 1;
     config.checkpoint.keep_last = 3;
     match train::<B>(&config, &device(), "cpu", None, &mut Steps(Vec::new())) {
-        Err(TrainError::NonFinite { step, what, last_checkpoint, .. }) => {
-            assert_eq!(step, 2, "the first update is still finite, the second loss is not");
+        Err(TrainError::NonFinite {
+            step,
+            what,
+            last_checkpoint,
+            ..
+        }) => {
+            assert_eq!(
+                step, 2,
+                "the first update is still finite, the second loss is not"
+            );
             assert_eq!(what, "loss");
             let kept = last_checkpoint.expect("step 1 was saved");
-            assert!(kept.ends_with("checkpoints/step-000001"), "{}", kept.display());
+            assert!(
+                kept.ends_with("checkpoints/step-000001"),
+                "{}",
+                kept.display()
+            );
             assert!(kept.join("state.json").exists());
-            let message = TrainError::NonFinite { step, what, value: f64::NAN, last_checkpoint: Some(kept) }.to_string();
-            assert!(message.contains("step 2") && message.contains("step-000001"), "{message}");
+            let message = TrainError::NonFinite {
+                step,
+                what,
+                value: f64::NAN,
+                last_checkpoint: Some(kept),
+            }
+            .to_string();
+            assert!(
+                message.contains("step 2") && message.contains("step-000001"),
+                "{message}"
+            );
         }
-        other => panic!("expected a non-finite stop, got {:?}", other.map(|s| s.steps)),
+        other => panic!(
+            "expected a non-finite stop, got {:?}",
+            other.map(|s| s.steps)
+        ),
     }
 }

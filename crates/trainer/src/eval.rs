@@ -135,7 +135,6 @@ pub fn evaluate<B: Backend>(
     examples: &[Example],
     config: &TrainConfig,
     step: u64,
-    _train_loss: &CrossEntropyOptions,
 ) -> Result<EvalMetrics, TrainError> {
     let scores = score_examples(
         model,

@@ -457,7 +457,7 @@ fn eval(args: DataArgs) -> Result<()> {
     let mut config = TrainConfig::default();
     config.eval.batch_size = args.batch_size;
     config.data.max_len = args.max_len;
-    let metrics = evaluate(&loaded.model, &examples, &config, 0, &Default::default())?;
+    let metrics = evaluate(&loaded.model, &examples, &config, 0)?;
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
 }

@@ -16,7 +16,7 @@ use qwen_loss::{
     ChunkedCeBackend, CrossEntropyOptions, Reduction, chunked_lm_head_cross_entropy,
     next_token_targets,
 };
-use qwen_model::{Qwen2ForCausalLM, SaveDtype, SaveOptions};
+use qwen_model::{Qwen2ForCausalLM, SaveOptions};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{Precision, TrainConfig};
@@ -254,7 +254,7 @@ where
             && state.step % config.eval.every == 0
             && state.step < total_steps
         {
-            let metrics = evaluate(&model.valid(), examples, config, state.step, &loss_opts)?;
+            let metrics = evaluate(&model.valid(), examples, config, state.step)?;
             metrics_log.eval(&metrics)?;
             observer.on_eval(&metrics);
         }
@@ -278,7 +278,7 @@ where
 
     let final_eval = match &eval_set {
         Some((examples, _)) => {
-            let metrics = evaluate(&model.valid(), examples, config, state.step, &loss_opts)?;
+            let metrics = evaluate(&model.valid(), examples, config, state.step)?;
             metrics_log.eval(&metrics)?;
             observer.on_eval(&metrics);
             Some(metrics)
@@ -357,9 +357,4 @@ pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// The export dtype name for logs.
-pub fn dtype_name(dtype: SaveDtype) -> &'static str {
-    dtype.torch_name()
 }
