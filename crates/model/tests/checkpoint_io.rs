@@ -553,3 +553,34 @@ fn exported_directory_for_transformers() {
         safetensors::tensor::serialize_to_file(views, None, &dir.join("ours.safetensors")).unwrap();
     }
 }
+
+/// An f16 checkpoint loads, widened exactly to f32: its logits equal those of the same values
+/// stored as f32.
+#[test]
+fn f16_checkpoint_loads() {
+    let dir = scratch("tied_f32");
+    let as_f16 = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), as_f16.path());
+    rewrite(as_f16.path(), "model.safetensors", |tensors| {
+        for (_, dtype, _, data) in tensors.iter_mut() {
+            let halves: Vec<u8> = data
+                .chunks_exact(4)
+                .flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                .collect();
+            *dtype = Dtype::F16;
+            *data = halves;
+        }
+    });
+    // The same f16-rounded values, stored as f32.
+    rewrite(dir.path(), "model.safetensors", |tensors| {
+        for (_, _, _, data) in tensors.iter_mut() {
+            *data = data
+                .chunks_exact(4)
+                .flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_f32().to_le_bytes())
+                .collect();
+        }
+    });
+    let (_, from_f16) = load_pretrained::<B>(as_f16.path(), &device(), DType::F32).unwrap();
+    let (_, from_f32) = load_pretrained::<B>(dir.path(), &device(), DType::F32).unwrap();
+    assert_eq!(logits(&from_f16), logits(&from_f32));
+}
