@@ -163,7 +163,6 @@ where
         output_dir: out.clone(),
     });
     let mut metrics_log = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
-    let mut last_checkpoint = state.checkpoint.clone();
     let mut final_loss = None;
     let started = Instant::now();
 
@@ -213,7 +212,7 @@ where
                     step: state.step + 1,
                     what,
                     value,
-                    last_checkpoint,
+                    last_checkpoint: state.checkpoint,
                 });
             }
         }
@@ -271,7 +270,6 @@ where
                 config.checkpoint.keep_last,
             )?;
             state.checkpoint = Some(path.clone());
-            last_checkpoint = Some(path.clone());
             observer.on_checkpoint(&path);
         }
     }
