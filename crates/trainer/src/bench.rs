@@ -51,6 +51,18 @@ pub struct BenchReport {
     pub last_loss: f64,
     /// Wall time from the start of the run to the first timed step (load, init, warm-up).
     pub setup_seconds: f64,
+    /// The process's peak resident memory (`VmHWM`), which on the CPU backend is the training
+    /// memory. Device memory on a GPU is sampled from outside by `xtask/peer/measure.py`, the
+    /// same way for ours and the PyTorch peer.
+    pub peak_host_memory_bytes: Option<u64>,
+}
+
+/// `VmHWM` of `/proc/self/status`, where there is one.
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Common one-token English words, so a chat's token count is about its word count.
@@ -181,6 +193,7 @@ where
         first_loss: timer.losses.first().copied().unwrap_or(f64::NAN),
         last_loss: timer.losses.last().copied().unwrap_or(f64::NAN),
         setup_seconds: timer.setup_seconds.unwrap_or(0.0),
+        peak_host_memory_bytes: peak_resident_bytes(),
     })
 }
 
