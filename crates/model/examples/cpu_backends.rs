@@ -9,9 +9,14 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use qwen_model::{Qwen2Config, Qwen2ForCausalLM, Qwen2Input};
+use qwen_model::{AttentionBackend, Qwen2Config, Qwen2ForCausalLM, Qwen2Input};
 
-fn time<B: AutodiffBackend>(name: &str, hidden: usize, seq: usize, vocab: usize) {
+fn time<B: AutodiffBackend + AttentionBackend>(
+    name: &str,
+    hidden: usize,
+    seq: usize,
+    vocab: usize,
+) {
     let device = Default::default();
     let mut config = Qwen2Config::preset("tiny").unwrap();
     config.hidden_size = hidden;

@@ -8,9 +8,12 @@
 //! - [`Qwen2Config`] mirrors `config.json`.
 //! - [`Qwen2ForCausalLM`] is the model; its field names are Hugging Face's.
 //! - [`ops`] holds the hot operations, one function each.
+//! - [`attention`] is the memory-efficient causal attention behind [`ops::attention`], a backend
+//!   trait ([`AttentionBackend`]) with a custom autodiff backward.
 //! - [`load_pretrained`] and [`save_pretrained`] read and write model directories that
 //!   transformers and vLLM load as they are.
 
+pub mod attention;
 mod checkpoint;
 mod config;
 mod error;
@@ -18,6 +21,7 @@ mod model;
 pub mod ops;
 mod weights;
 
+pub use attention::AttentionBackend;
 pub use checkpoint::{
     CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
 };

@@ -8,6 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
+use crate::attention::AttentionBackend;
 use crate::config::{AttentionKind, Qwen2Config};
 use crate::error::LoadError;
 use crate::ops::{self, AttentionMask};
@@ -120,7 +121,9 @@ impl<B: Backend> Qwen2Attention<B> {
             head_dim: d,
         })
     }
+}
 
+impl<B: AttentionBackend> Qwen2Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]`, cos/sin: `[batch, 1, seq, head_dim]`
     /// - output: `[batch, seq, hidden]`
@@ -174,7 +177,9 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
             post_attention_layernorm: RmsNorm::new(&mut w.pp("post_attention_layernorm"), h, eps)?,
         })
     }
+}
 
+impl<B: AttentionBackend> Qwen2DecoderLayer<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -371,6 +376,24 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         self.compute_dtype
     }
 
+    /// The lm_head weight in `[vocab, hidden]` layout (the embedding when tied).
+    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.weight.val(),
+        }
+    }
+
+    /// Logits from final hidden states.
+    ///
+    /// # Shapes
+    /// `[batch, seq, hidden]` -> `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        ops::linear(hidden, self.lm_head_weight(), None)
+    }
+}
+
+impl<B: AttentionBackend> Qwen2ForCausalLM<B> {
     /// Final hidden states, after the last norm.
     ///
     /// # Shapes
@@ -454,22 +477,6 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             x = layer.forward(x, &rope, mask, layer_cache);
         }
         self.model.norm.forward(x)
-    }
-
-    /// The lm_head weight in `[vocab, hidden]` layout (the embedding when tied).
-    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
-        match &self.lm_head {
-            Some(head) => head.weight.val(),
-            None => self.model.embed_tokens.weight.val(),
-        }
-    }
-
-    /// Logits from final hidden states.
-    ///
-    /// # Shapes
-    /// `[batch, seq, hidden]` -> `[batch, seq, vocab]`
-    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        ops::linear(hidden, self.lm_head_weight(), None)
     }
 
     /// Logits for every position.

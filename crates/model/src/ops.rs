@@ -7,7 +7,10 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
+use burn::tensor::{DType, FloatDType, Int, Tensor};
+
+pub use crate::attention::AttentionMask;
+use crate::attention::{AttentionBackend, chunked_attention};
 
 /// `x @ weight^T + bias`, with `weight` in Hugging Face layout `[out, in]`.
 ///
@@ -125,82 +128,37 @@ pub fn apply_rotary<B: Backend>(
     x * cos + rotated * sin
 }
 
-/// Who may attend to whom.
-///
-/// Query `i` sees key `j` iff `j <= i` (absolute positions in the row), both carry the same
-/// non-zero segment id, and, for sliding layers, `i - j < window`. Segment 0 is padding.
-/// Packed rows hold several segments; an unpacked row is a single segment followed by padding.
-#[derive(Debug, Clone)]
-pub struct AttentionMask<B: Backend> {
-    /// `[batch, q_len]`
-    pub query_segments: Tensor<B, 2, Int>,
-    /// `[batch, k_len]`
-    pub key_segments: Tensor<B, 2, Int>,
-    /// Absolute index of the first query among the keys (the cached length when decoding).
-    pub query_offset: usize,
-    pub window: Option<usize>,
-    /// `[batch, 1, q_len, k_len]`, true where attention is forbidden. Built once per forward
-    /// and shared by every layer of the same kind.
-    pub forbidden: Tensor<B, 4, Bool>,
-}
-
-impl<B: Backend> AttentionMask<B> {
-    pub fn new(
-        query_segments: Tensor<B, 2, Int>,
-        key_segments: Tensor<B, 2, Int>,
-        query_offset: usize,
-        window: Option<usize>,
-    ) -> Self {
-        let device = query_segments.device();
-        let [batch, q_len] = query_segments.dims();
-        let [_, k_len] = key_segments.dims();
-        let shape = [batch, q_len, k_len];
-        // [1, q_len, 1] and [1, 1, k_len]
-        let q_pos = Tensor::<B, 1, Int>::arange(
-            query_offset as i64..(query_offset + q_len) as i64,
-            &device,
-        )
-        .reshape([1, q_len, 1])
-        .expand(shape);
-        let k_pos = Tensor::<B, 1, Int>::arange(0..k_len as i64, &device)
-            .reshape([1, 1, k_len])
-            .expand(shape);
-        let future = k_pos.clone().greater(q_pos.clone());
-        let q_seg = query_segments
-            .clone()
-            .reshape([batch, q_len, 1])
-            .expand(shape);
-        let k_seg = key_segments
-            .clone()
-            .reshape([batch, 1, k_len])
-            .expand(shape);
-        let other_segment = q_seg.not_equal(k_seg.clone());
-        let padding = k_seg.equal_elem(0);
-        let mut forbidden = future.bool_or(other_segment).bool_or(padding);
-        if let Some(window) = window {
-            let too_old = (q_pos - k_pos).greater_equal_elem(window as i64);
-            forbidden = forbidden.bool_or(too_old);
-        }
-        Self {
-            query_segments,
-            key_segments,
-            query_offset,
-            window,
-            forbidden: forbidden.unsqueeze_dim(1),
-        }
-    }
-}
-
 /// Causal grouped-query attention, `softmax(q k^T / sqrt(head_dim)) v`, with the softmax in f32
 /// as transformers does.
 ///
-/// Keys and values keep their `kv_heads`; this reference body repeats them to `heads`.
+/// The body is [`chunked_attention`](crate::attention::chunked_attention): query chunks under a
+/// memory budget, keys and values never repeated, and under autodiff one backward node that
+/// stores only `q`, `k`, `v`, the output and a `[batch, heads, q_len]` log-sum-exp per layer
+/// (see [`crate::attention`]). It equals [`attention_reference`] except on rows that see no key
+/// (padding), which give zeros here.
 ///
 /// # Shapes
 /// - q: `[batch, heads, q_len, head_dim]`
 /// - k, v: `[batch, kv_heads, k_len, head_dim]`
 /// - output: `[batch, heads, q_len, head_dim]`
-pub fn attention<B: Backend>(
+pub fn attention<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+) -> Tensor<B, 4> {
+    chunked_attention(q, k, v, mask)
+}
+
+/// The reference body of [`attention`]: plain tensor ops, with keys and values repeated to
+/// `heads` and the whole `[batch, heads, q_len, k_len]` scores materialised (and, under
+/// autodiff, stored for the backward pass). Kept for tests and comparison.
+///
+/// # Shapes
+/// - q: `[batch, heads, q_len, head_dim]`
+/// - k, v: `[batch, kv_heads, k_len, head_dim]`
+/// - output: `[batch, heads, q_len, head_dim]`
+pub fn attention_reference<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -214,7 +172,7 @@ pub fn attention<B: Backend>(
     let scale = (head_dim as f64).powf(-0.5);
     // [batch, heads, q_len, k_len]
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    let forbidden = mask.forbidden.clone().expand([batch, heads, q_len, k_len]);
+    let forbidden = mask.forbidden().expand([batch, heads, q_len, k_len]);
     // A fully forbidden row (a padding query) becomes uniform rather than NaN.
     let scores = scores.cast(FloatDType::F32).mask_fill(forbidden, f32::MIN);
     let probs = softmax(scores, 3).cast(dtype);

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use qwen_loss::ChunkedCeBackend;
+use qwen_model::AttentionBackend;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -136,8 +137,8 @@ pub fn run<B>(
     work_dir: &Path,
 ) -> Result<BenchReport, TrainError>
 where
-    B: AutodiffBackend + ChunkedCeBackend,
-    B::InnerBackend: ChunkedCeBackend,
+    B: AutodiffBackend + ChunkedCeBackend + AttentionBackend,
+    B::InnerBackend: ChunkedCeBackend + AttentionBackend,
 {
     let steps = bench.warmup_steps + bench.steps;
     // Chats of a quarter row each, packed four to a row.
@@ -214,7 +215,7 @@ pub struct ForwardReport {
     pub logits_finite: bool,
 }
 
-pub fn forward<B: burn::tensor::backend::Backend>(
+pub fn forward<B: AttentionBackend>(
     preset: &str,
     batch_size: usize,
     seq_len: usize,

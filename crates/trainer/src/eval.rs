@@ -3,13 +3,12 @@
 //! Only the supervised positions' logits are computed, a few rows at a time, so memory stays
 //! bounded by the loss chunk budget whatever the vocabulary.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use qwen_chat::{Example, Loader, LoaderConfig};
 use qwen_loss::{
     CrossEntropyOptions, IGNORE_INDEX, Reduction, masked_cross_entropy, next_token_targets,
 };
-use qwen_model::Qwen2ForCausalLM;
+use qwen_model::{AttentionBackend, Qwen2ForCausalLM};
 use serde::Serialize;
 
 use crate::config::TrainConfig;
@@ -39,7 +38,7 @@ pub struct ExampleScore {
 }
 
 /// Scores every example: summed loss, supervised targets and correct argmaxes, in input order.
-pub fn score_examples<B: Backend>(
+pub fn score_examples<B: AttentionBackend>(
     model: &Qwen2ForCausalLM<B>,
     examples: &[Example],
     batch_size: usize,
@@ -130,7 +129,7 @@ pub fn score_examples<B: Backend>(
 }
 
 /// Loss, perplexity and token accuracy over `examples`.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: AttentionBackend>(
     model: &Qwen2ForCausalLM<B>,
     examples: &[Example],
     config: &TrainConfig,

@@ -6,9 +6,8 @@
 
 use std::collections::HashSet;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use qwen_model::{KvCache, Qwen2Config, Qwen2ForCausalLM, Qwen2Input};
+use qwen_model::{AttentionBackend, KvCache, Qwen2Config, Qwen2ForCausalLM, Qwen2Input};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -72,7 +71,7 @@ impl GenerationConfig {
 /// `generation.max_new_tokens`. `on_token` sees each new id as it is chosen. Returns the new ids,
 /// the stop token excluded.
 #[allow(clippy::too_many_arguments)]
-pub fn generate<B: Backend>(
+pub fn generate<B: AttentionBackend>(
     model: &Qwen2ForCausalLM<B>,
     config: &Qwen2Config,
     prompt: &[u32],

@@ -16,7 +16,7 @@ use qwen_loss::{
     ChunkedCeBackend, CrossEntropyOptions, Reduction, chunked_lm_head_cross_entropy,
     next_token_targets,
 };
-use qwen_model::{Qwen2ForCausalLM, SaveOptions};
+use qwen_model::{AttentionBackend, Qwen2ForCausalLM, SaveOptions};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{Precision, TrainConfig};
@@ -74,8 +74,8 @@ pub fn train<B>(
     observer: &mut dyn Observer,
 ) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + ChunkedCeBackend,
-    B::InnerBackend: ChunkedCeBackend,
+    B: AutodiffBackend + ChunkedCeBackend + AttentionBackend,
+    B::InnerBackend: ChunkedCeBackend + AttentionBackend,
 {
     let out = &config.output_dir;
     create_dir(out)?;

@@ -1,0 +1,387 @@
+//! The reference bodies of the chunked attention, written with plain tensor ops.
+//!
+//! They run on whatever backend they are given; a backend with a fused kernel overrides
+//! [`AttentionBackend`](super::AttentionBackend)'s methods instead of changing these.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorPrimitive};
+
+use super::{
+    AttentionForward, AttentionGradRequest, AttentionGrads, AttentionInputs, AttentionParams,
+    AttentionPlan, forbidden_block,
+};
+
+/// The value of a forbidden score, as in the reference body: finite, so that a row with no
+/// allowed key gives no NaN, and far below any real score, so that `exp` of it is 0.
+const FORBIDDEN_SCORE: f32 = f32::MIN;
+
+fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
+    tensor.into_primitive().tensor()
+}
+
+/// Start and length of each chunk of `step` over `0..len`.
+fn chunks(len: usize, step: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(step.max(1))
+        .map(move |start| (start, step.min(len - start)))
+}
+
+/// The inputs as tensors, with their sizes checked once.
+struct Problem<B: Backend> {
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    query_segments: Tensor<B, 2, Int>,
+    key_segments: Tensor<B, 2, Int>,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    k_len: usize,
+    head_dim: usize,
+    dtype: DType,
+    scale: f32,
+    params: AttentionParams,
+}
+
+/// One query chunk and the keys it can see.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    q_start: usize,
+    rows: usize,
+    k_start: usize,
+    keys: usize,
+}
+
+impl<B: Backend> Problem<B> {
+    fn new(inputs: AttentionInputs<B>, params: &AttentionParams) -> Self {
+        let q = float::<B, 4>(inputs.q);
+        let k = float::<B, 4>(inputs.k);
+        let v = float::<B, 4>(inputs.v);
+        let query_segments = Tensor::<B, 2, Int>::from_primitive(inputs.query_segments);
+        let key_segments = Tensor::<B, 2, Int>::from_primitive(inputs.key_segments);
+        let [batch, heads, q_len, head_dim] = q.dims();
+        let [k_batch, kv_heads, k_len, k_dim] = k.dims();
+        assert!(
+            k_batch == batch && k_dim == head_dim,
+            "attention: q is {:?} but k is {:?}",
+            q.dims(),
+            k.dims()
+        );
+        assert_eq!(v.dims(), k.dims(), "attention: k and v differ in shape");
+        assert!(
+            kv_heads > 0 && heads % kv_heads == 0,
+            "attention: {heads} query heads are not a multiple of {kv_heads} kv heads"
+        );
+        assert_eq!(
+            query_segments.dims(),
+            [batch, q_len],
+            "attention: query segments do not match q"
+        );
+        assert_eq!(
+            key_segments.dims(),
+            [batch, k_len],
+            "attention: key segments do not match k"
+        );
+        let dtype = q.dtype();
+        assert!(
+            k.dtype() == dtype && v.dtype() == dtype,
+            "attention: q, k and v must share a dtype"
+        );
+        Self {
+            q,
+            k,
+            v,
+            query_segments,
+            key_segments,
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            k_len,
+            head_dim,
+            dtype,
+            // Computed in f64 and rounded once, as the reference's `mul_scalar` does.
+            scale: (head_dim as f64).powf(-0.5) as f32,
+            params: *params,
+        }
+    }
+
+    fn n_rep(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// The query chunks, each with the key range it can see: nothing after its last query
+    /// (causal), and with a window nothing before its first query's window.
+    fn blocks(&self) -> impl Iterator<Item = Block> + use<B> {
+        let plan = AttentionPlan::new(
+            self.batch,
+            self.heads,
+            self.q_len,
+            self.k_len,
+            self.params.chunk_memory_bytes,
+        );
+        let (offset, window, k_len) = (self.params.query_offset, self.params.window, self.k_len);
+        chunks(self.q_len, plan.query_rows).map(move |(q_start, rows)| {
+            let first = offset + q_start;
+            let k_end = (first + rows).min(k_len);
+            let k_start = window
+                .map_or(0, |w| (first + 1).saturating_sub(w))
+                .min(k_end);
+            Block {
+                q_start,
+                rows,
+                k_start,
+                keys: k_end - k_start,
+            }
+        })
+    }
+
+    /// Rows `block` of a `[batch, heads, q_len, head_dim]` tensor, grouped by kv head.
+    ///
+    /// # Shapes
+    /// - output: `[batch, kv_heads, n_rep * rows, head_dim]`
+    fn grouped(&self, x: &Tensor<B, 4>, block: Block) -> Tensor<B, 4> {
+        // [batch, heads, rows, d] -> [batch, kv_heads, n_rep * rows, d]
+        x.clone().narrow(2, block.q_start, block.rows).reshape([
+            self.batch,
+            self.kv_heads,
+            self.n_rep() * block.rows,
+            self.head_dim,
+        ])
+    }
+
+    /// The inverse of [`grouped`](Self::grouped).
+    fn ungrouped(&self, x: Tensor<B, 4>, block: Block) -> Tensor<B, 4> {
+        // [batch, kv_heads, n_rep * rows, d] -> [batch, heads, rows, d]
+        x.reshape([self.batch, self.heads, block.rows, self.head_dim])
+    }
+
+    /// The keys (or values) `block` sees.
+    ///
+    /// # Shapes
+    /// - output: `[batch, kv_heads, keys, head_dim]`
+    fn key_rows(&self, x: &Tensor<B, 4>, block: Block) -> Tensor<B, 4> {
+        x.clone().narrow(2, block.k_start, block.keys)
+    }
+
+    /// `[batch, heads, rows]`-shaped row statistics of a block as `[b, kv, n_rep, rows, 1]`.
+    fn row_stat_shape(&self, block: Block) -> [usize; 5] {
+        [self.batch, self.kv_heads, self.n_rep(), block.rows, 1]
+    }
+
+    /// The masked, scaled f32 scores of one block; the forward and backward passes both call
+    /// this, so the backward pass recomputes exactly the forward's scores.
+    ///
+    /// # Shapes
+    /// - q: `[batch, kv_heads, n_rep * rows, head_dim]`, k: `[batch, kv_heads, keys, head_dim]`
+    /// - output: `[batch, kv_heads, n_rep, rows, keys]`
+    fn scores(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, block: Block) -> Tensor<B, 5> {
+        let [batch, kv_heads, n_rep] = [self.batch, self.kv_heads, self.n_rep()];
+        let shape = [batch, kv_heads, n_rep, block.rows, block.keys];
+        // [batch, kv_heads, n_rep * rows, keys] -> [batch, kv_heads, n_rep, rows, keys]
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .cast(FloatDType::F32)
+            .mul_scalar(self.scale)
+            .reshape(shape);
+        let forbidden = forbidden_block(
+            self.query_segments
+                .clone()
+                .narrow(1, block.q_start, block.rows),
+            self.key_segments
+                .clone()
+                .narrow(1, block.k_start, block.keys),
+            self.params.query_offset + block.q_start,
+            block.k_start,
+            self.params.window,
+        );
+        // [batch, rows, keys] -> [batch, 1, 1, rows, keys], shared by every head
+        let forbidden = forbidden
+            .reshape([batch, 1, 1, block.rows, block.keys])
+            .expand(shape);
+        scores.mask_fill(forbidden, FORBIDDEN_SCORE)
+    }
+}
+
+/// Forward: the output and the per-row log-sum-exp, one query chunk at a time.
+///
+/// # Shapes
+/// - inputs: see [`AttentionInputs`]
+/// - output: `[batch, heads, q_len, head_dim]` in the inputs' dtype, and
+///   `lse`: `[batch, heads, q_len]` f32
+pub fn forward<B: Backend>(
+    inputs: AttentionInputs<B>,
+    params: &AttentionParams,
+) -> AttentionForward<B> {
+    let p = Problem::new(inputs, params);
+    let device = p.q.device();
+    let (batch, heads, d) = (p.batch, p.heads, p.head_dim);
+
+    let mut outputs = Vec::new();
+    let mut lses = Vec::new();
+    for block in p.blocks() {
+        if block.keys == 0 {
+            // Every row of the chunk sees no key.
+            outputs.push(Tensor::zeros(
+                [batch, heads, block.rows, d],
+                (&device, p.dtype),
+            ));
+            lses.push(Tensor::full(
+                [batch, heads, block.rows],
+                f32::INFINITY,
+                (&device, DType::F32),
+            ));
+            continue;
+        }
+        let q = p.grouped(&p.q, block); // [batch, kv_heads, n_rep * rows, d]
+        let k = p.key_rows(&p.k, block); // [batch, kv_heads, keys, d]
+        let v = p.key_rows(&p.v, block);
+        let scores = p.scores(q, k, block); // [batch, kv_heads, n_rep, rows, keys]
+        let max = scores.clone().max_dim(4); // [batch, kv_heads, n_rep, rows, 1]
+        // Only a row whose every key is forbidden has the fill value as its maximum.
+        let empty = max.clone().equal_elem(FORBIDDEN_SCORE);
+        let exp = (scores - max.clone()).exp();
+        let sum = exp.clone().sum_dim(4); // [batch, kv_heads, n_rep, rows, 1]
+        // [batch, kv_heads, n_rep, rows, keys] -> [batch, kv_heads, n_rep * rows, keys]
+        let probs = (exp / sum.clone()).cast(p.dtype).reshape([
+            batch,
+            p.kv_heads,
+            p.n_rep() * block.rows,
+            block.keys,
+        ]);
+        // [batch, kv_heads, n_rep * rows, d] -> [batch, kv_heads, n_rep, rows, d]
+        let out = probs
+            .matmul(v)
+            .reshape([batch, p.kv_heads, p.n_rep(), block.rows, d])
+            .mask_fill(
+                empty
+                    .clone()
+                    .expand([batch, p.kv_heads, p.n_rep(), block.rows, d]),
+                0.0,
+            );
+        // [batch, kv_heads, n_rep, rows, d] -> [batch, heads, rows, d]
+        outputs.push(out.reshape([batch, heads, block.rows, d]));
+        // [batch, kv_heads, n_rep, rows, 1] -> [batch, heads, rows]
+        let lse = (max + sum.log()).mask_fill(empty, f32::INFINITY);
+        lses.push(lse.reshape([batch, heads, block.rows]));
+    }
+    AttentionForward {
+        output: primitive(Tensor::cat(outputs, 2)),
+        lse: primitive(Tensor::cat(lses, 2)),
+    }
+}
+
+/// `acc[:, :, start..start + n] += part`.
+///
+/// # Shapes
+/// - acc: `[batch, kv_heads, k_len, d]`, part: `[batch, kv_heads, n, d]`
+fn add_key_rows<B: Backend>(acc: &mut Tensor<B, 4>, start: usize, part: Tensor<B, 4>) {
+    let [batch, kv_heads, n, d] = part.dims();
+    let ranges = [0..batch, 0..kv_heads, start..start + n, 0..d];
+    acc.inplace(|acc| {
+        let sum = acc.clone().slice(ranges.clone()) + part;
+        acc.slice_assign(ranges, sum)
+    });
+}
+
+/// Backward: recomputes each chunk's scores and accumulates the gradients (see the module
+/// docs for the formulas). `dK` and `dV` accumulate in f32 over the chunks.
+///
+/// # Shapes
+/// - inputs: see [`AttentionInputs`]; `forward`, `grad_output`: as [`forward`] returns
+/// - output: `[batch, heads, q_len, head_dim]` and twice `[batch, kv_heads, k_len, head_dim]`,
+///   where requested, in the inputs' dtype
+pub fn backward<B: Backend>(
+    inputs: AttentionInputs<B>,
+    forward: AttentionForward<B>,
+    grad_output: FloatTensor<B>,
+    params: &AttentionParams,
+    request: AttentionGradRequest,
+) -> AttentionGrads<B> {
+    let p = Problem::new(inputs, params);
+    let device = p.q.device();
+    let (batch, heads, kv_heads, n_rep, d) = (p.batch, p.heads, p.kv_heads, p.n_rep(), p.head_dim);
+    let output = float::<B, 4>(forward.output);
+    let lse = float::<B, 3>(forward.lse).cast(FloatDType::F32);
+    let grad_output = float::<B, 4>(grad_output).cast(p.dtype);
+    let key_grad = || Tensor::<B, 4>::zeros([batch, kv_heads, p.k_len, d], (&device, DType::F32));
+    let mut grad_k = request.k.then(key_grad);
+    let mut grad_v = request.v.then(key_grad);
+    let mut grad_q = Vec::new();
+
+    for block in p.blocks() {
+        if block.keys == 0 {
+            if request.q {
+                grad_q.push(Tensor::zeros(
+                    [batch, heads, block.rows, d],
+                    (&device, p.dtype),
+                ));
+            }
+            continue;
+        }
+        let flat = [batch, kv_heads, n_rep * block.rows, block.keys];
+        let q = p.grouped(&p.q, block); // [batch, kv_heads, n_rep * rows, d]
+        let k = p.key_rows(&p.k, block); // [batch, kv_heads, keys, d]
+        let v = p.key_rows(&p.v, block);
+        let grad_out = p.grouped(&grad_output, block); // [batch, kv_heads, n_rep * rows, d]
+        // [batch, heads, rows] -> [batch, kv_heads, n_rep, rows, 1]
+        let lse = lse
+            .clone()
+            .narrow(2, block.q_start, block.rows)
+            .reshape(p.row_stat_shape(block));
+        // 0 where forbidden, and on every key of a row that sees none (its lse is +inf).
+        let probs = (p.scores(q.clone(), k.clone(), block) - lse).exp(); // [b, kv, n_rep, rows, keys]
+
+        if let Some(grad_v) = grad_v.as_mut() {
+            // [batch, kv_heads, keys, n_rep * rows] @ [.., n_rep * rows, d]: sums the heads too.
+            let part = probs
+                .clone()
+                .cast(p.dtype)
+                .reshape(flat)
+                .swap_dims(2, 3)
+                .matmul(grad_out.clone())
+                .cast(FloatDType::F32); // [batch, kv_heads, keys, d]
+            add_key_rows(grad_v, block.k_start, part);
+        }
+        if !(request.q || request.k) {
+            continue;
+        }
+        // [batch, kv_heads, n_rep * rows, keys] -> [batch, kv_heads, n_rep, rows, keys]
+        let grad_probs = grad_out
+            .clone()
+            .matmul(v.swap_dims(2, 3))
+            .cast(FloatDType::F32)
+            .reshape([batch, kv_heads, n_rep, block.rows, block.keys]);
+        // D = rowsum(dO * O), [batch, kv_heads, n_rep * rows, 1] -> [b, kv, n_rep, rows, 1]
+        let delta = (grad_out.cast(FloatDType::F32)
+            * p.grouped(&output, block).cast(FloatDType::F32))
+        .sum_dim(3)
+        .reshape(p.row_stat_shape(block));
+        // The gradient of the unscaled `q k^T`: [b, kv, n_rep, rows, keys] -> `flat`
+        let grad_scores = (probs * (grad_probs - delta))
+            .mul_scalar(p.scale)
+            .cast(p.dtype)
+            .reshape(flat);
+        if request.q {
+            let part = grad_scores.clone().matmul(k); // [batch, kv_heads, n_rep * rows, d]
+            grad_q.push(p.ungrouped(part, block));
+        }
+        if let Some(grad_k) = grad_k.as_mut() {
+            // [batch, kv_heads, keys, n_rep * rows] @ [.., n_rep * rows, d]: sums the heads too.
+            let part = grad_scores.swap_dims(2, 3).matmul(q).cast(FloatDType::F32); // [batch, kv_heads, keys, d]
+            add_key_rows(grad_k, block.k_start, part);
+        }
+    }
+
+    AttentionGrads {
+        q: request.q.then(|| primitive(Tensor::cat(grad_q, 2))),
+        k: grad_k.map(|g| primitive(g.cast(p.dtype))),
+        v: grad_v.map(|g| primitive(g.cast(p.dtype))),
+    }
+}
