@@ -131,7 +131,7 @@ pub fn apply_rotary<B: Backend>(
 /// Causal grouped-query attention, `softmax(q k^T / sqrt(head_dim)) v`, with the softmax in f32
 /// as transformers does.
 ///
-/// The body is [`chunked_attention`](crate::attention::chunked_attention): query chunks under a
+/// The body is [`chunked_attention`]: query chunks under a
 /// memory budget, keys and values never repeated, and under autodiff one backward node that
 /// stores only `q`, `k`, `v`, the output and a `[batch, heads, q_len]` log-sum-exp per layer
 /// (see [`crate::attention`]). It equals [`attention_reference`] except on rows that see no key

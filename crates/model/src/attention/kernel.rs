@@ -74,6 +74,7 @@ impl<B: Backend> Problem<B> {
             k.dims()
         );
         assert_eq!(v.dims(), k.dims(), "attention: k and v differ in shape");
+        assert!(q_len > 0, "attention: no queries");
         assert!(
             kv_heads > 0 && heads % kv_heads == 0,
             "attention: {heads} query heads are not a multiple of {kv_heads} kv heads"

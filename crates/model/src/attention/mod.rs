@@ -62,8 +62,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Tensor, TensorPrimitive};
 
-/// How many `[batch, heads, rows, keys]` f32 buffers a chunk keeps alive at its peak: in the
-/// backward pass the scores/probabilities, `dP`, `dS`, and one for casts and temporaries.
+/// How many `[batch, heads, rows, keys]` f32 buffers a chunk is assumed to keep alive at its
+/// peak: in the backward pass the probabilities, `dP`, `dS`, and one for casts and temporaries.
+/// Without kernel fusion each elementwise op materialises its result, so the true peak may
+/// exceed the budget by a buffer or two; the budget is a target, not a hard limit.
 pub const LIVE_SCORE_BUFFERS: usize = 4;
 
 /// The default budget of one chunk's f32 score tiles: 512 MiB, about 146 query rows per chunk
