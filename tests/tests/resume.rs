@@ -1,5 +1,7 @@
 //! `--resume` continues so exactly that the loss curve after resuming equals the uninterrupted
 //! run's, with shuffling, packing, gradient accumulation, warmup and a cosine schedule all in play.
+// The tests change a few fields of a default config, one per line, for readability.
+#![allow(clippy::field_reassign_with_default)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! Properties of the training loop: gradient accumulation normalises by the whole step's
 //! supervised tokens, and a non-finite loss stops the run with the last good checkpoint kept.
+// The tests change a few fields of a default config, one per line, for readability.
+#![allow(clippy::field_reassign_with_default)]
 
 mod common;
 

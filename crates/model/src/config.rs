@@ -151,7 +151,7 @@ impl Qwen2Config {
             }
         }
         let kv_heads = self.num_key_value_heads();
-        if kv_heads == 0 || self.num_attention_heads % kv_heads != 0 {
+        if kv_heads == 0 || !self.num_attention_heads.is_multiple_of(kv_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -160,7 +160,7 @@ impl Qwen2Config {
                 ),
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(invalid(
                 "hidden_size",
                 format!(
@@ -169,7 +169,7 @@ impl Qwen2Config {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(invalid(
                 "head_dim",
                 format!("{} must be even for rotary embeddings", self.head_dim()),
@@ -181,10 +181,10 @@ impl Qwen2Config {
                 format!("`{}` is not supported; Qwen2 uses `silu`", self.hidden_act),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(invalid("rms_norm_eps", "must be positive".into()));
         }
-        if !(self.rope_theta() > 0.0) {
+        if self.rope_theta().is_nan() || self.rope_theta() <= 0.0 {
             return Err(invalid("rope_theta", "must be positive".into()));
         }
         if let Some(scaling) = &self.rope_scaling

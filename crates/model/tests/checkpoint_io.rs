@@ -565,7 +565,9 @@ fn f16_checkpoint_loads() {
         for (_, dtype, _, data) in tensors.iter_mut() {
             let halves: Vec<u8> = data
                 .chunks_exact(4)
-                .flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                .flat_map(|c| {
+                    half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()
+                })
                 .collect();
             *dtype = Dtype::F16;
             *data = halves;
@@ -576,7 +578,11 @@ fn f16_checkpoint_loads() {
         for (_, _, _, data) in tensors.iter_mut() {
             *data = data
                 .chunks_exact(4)
-                .flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_f32().to_le_bytes())
+                .flat_map(|c| {
+                    half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap()))
+                        .to_f32()
+                        .to_le_bytes()
+                })
                 .collect();
         }
     });

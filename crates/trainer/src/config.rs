@@ -140,7 +140,7 @@ impl Default for TrainConfig {
             train: TrainSection::default(),
             eval: EvalSection::default(),
             checkpoint: CheckpointSection::default(),
-            output_dir: PathBuf::from("runs/demo"),
+            output_dir: PathBuf::from("runs/sft"),
         }
     }
 }

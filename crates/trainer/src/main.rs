@@ -118,6 +118,9 @@ struct TrainArgs {
     /// No progress bar (metrics still go to metrics.jsonl).
     #[arg(long)]
     quiet: bool,
+    /// Print the resolved configuration as TOML and exit without training.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Args)]
@@ -369,15 +372,12 @@ impl Observer for Progress {
     }
 
     fn on_step(&mut self, m: &StepMetrics) {
-        match &self.bar {
-            Some(bar) => {
-                bar.set_position(m.step);
-                bar.set_message(format!(
-                    "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
-                    m.loss, m.lr, m.grad_norm, m.tokens_per_second
-                ));
-            }
-            None => {}
+        if let Some(bar) = &self.bar {
+            bar.set_position(m.step);
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+                m.loss, m.lr, m.grad_norm, m.tokens_per_second
+            ));
         }
     }
 
@@ -403,6 +403,10 @@ impl Observer for Progress {
 
 fn train(args: TrainArgs) -> Result<()> {
     let config = resolve_config(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml_string());
+        return Ok(());
+    }
     let bar = (!args.quiet).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
