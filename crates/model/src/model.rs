@@ -323,6 +323,8 @@ pub struct Qwen2ForCausalLM<B: Backend> {
     windows: Vec<Option<usize>>,
     /// Activations run in this dtype; parameters stay in theirs and are cast on use.
     compute_dtype: DType,
+    /// The memory budget of one query chunk of the attention (see [`AttentionMask`]).
+    attention_chunk_bytes: usize,
 }
 
 impl<B: Backend> Qwen2ForCausalLM<B> {
@@ -353,6 +355,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             rope_theta: config.rope_theta(),
             windows,
             compute_dtype,
+            attention_chunk_bytes: crate::attention::DEFAULT_CHUNK_MEMORY_BYTES,
         })
     }
 
@@ -374,6 +377,12 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
 
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
+    }
+
+    /// Bounds the scores that one query chunk of the attention holds at a time.
+    pub fn with_attention_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.attention_chunk_bytes = bytes;
+        self
     }
 
     /// The lm_head weight in `[vocab, hidden]` layout (the embedding when tied).
@@ -445,8 +454,11 @@ impl<B: AttentionBackend> Qwen2ForCausalLM<B> {
             self.rope_theta,
             self.compute_dtype,
         );
-        let full_mask = AttentionMask::new(segments.clone(), key_segments.clone(), past, None);
-        let mut sliding_masks: Vec<(usize, AttentionMask<B>)> = Vec::new();
+        // Masks are only segment ids and positions; each layer gets one for its window.
+        let mask_for = |window: Option<usize>| {
+            AttentionMask::new(segments.clone(), key_segments.clone(), past, window)
+                .with_chunk_memory_bytes(self.attention_chunk_bytes)
+        };
 
         let mut x = ops::embedding(
             self.model.embed_tokens.weight.val(),
@@ -454,27 +466,9 @@ impl<B: AttentionBackend> Qwen2ForCausalLM<B> {
         )
         .cast(self.compute_dtype);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let mask = match self.windows[i] {
-                None => &full_mask,
-                Some(window) => {
-                    if !sliding_masks.iter().any(|(w, _)| *w == window) {
-                        let mask = AttentionMask::new(
-                            segments.clone(),
-                            key_segments.clone(),
-                            past,
-                            Some(window),
-                        );
-                        sliding_masks.push((window, mask));
-                    }
-                    &sliding_masks
-                        .iter()
-                        .find(|(w, _)| *w == window)
-                        .expect("just inserted")
-                        .1
-                }
-            };
+            let mask = mask_for(self.windows[i]);
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, mask, layer_cache);
+            x = layer.forward(x, &rope, &mask, layer_cache);
         }
         self.model.norm.forward(x)
     }

@@ -31,6 +31,7 @@ pub struct BenchConfig {
     pub warmup_steps: u64,
     pub precision: Precision,
     pub loss_chunk_mib: usize,
+    pub attention_chunk_mib: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,6 +159,7 @@ where
     config.train.max_steps = Some(steps);
     config.train.precision = bench.precision;
     config.train.loss_chunk_mib = bench.loss_chunk_mib;
+    config.train.attention_chunk_mib = bench.attention_chunk_mib;
     config.checkpoint.keep_last = 1;
     config.output_dir = work_dir.join("run");
 

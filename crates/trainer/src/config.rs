@@ -106,6 +106,8 @@ pub struct TrainSection {
     pub log_every: u64,
     /// The memory budget of one chunk of the fused lm_head + loss.
     pub loss_chunk_mib: usize,
+    /// The memory budget of one query chunk of the attention's scores.
+    pub attention_chunk_mib: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +198,7 @@ impl Default for TrainSection {
             precision: Precision::F32,
             log_every: 1,
             loss_chunk_mib: 256,
+            attention_chunk_mib: 512,
         }
     }
 }
@@ -297,6 +300,7 @@ impl TrainConfig {
             ("data.max_len", self.data.max_len),
             ("eval.batch_size", self.eval.batch_size),
             ("train.loss_chunk_mib", self.train.loss_chunk_mib),
+            ("train.attention_chunk_mib", self.train.attention_chunk_mib),
         ];
         for (key, value) in positive {
             if value == 0 {

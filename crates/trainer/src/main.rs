@@ -241,6 +241,8 @@ struct BenchArgs {
     precision: Precision,
     #[arg(long, default_value_t = 1024)]
     loss_chunk_mib: usize,
+    #[arg(long, default_value_t = 512)]
+    attention_chunk_mib: usize,
     /// Scratch directory for the corpus and the run (a temporary one when absent).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -678,6 +680,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         warmup_steps: args.warmup_steps,
         precision: args.precision,
         loss_chunk_mib: args.loss_chunk_mib,
+        attention_chunk_mib: args.attention_chunk_mib,
     };
     let report =
         qwen_sft::bench::run::<Training>(&bench, &backend::device(), BACKEND_NAME, &work_dir)?;

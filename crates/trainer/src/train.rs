@@ -101,6 +101,7 @@ where
     if config.train.precision == Precision::Bf16 {
         model = model.with_compute_dtype(DType::BF16);
     }
+    model = model.with_attention_chunk_bytes(config.train.attention_chunk_mib << 20);
 
     // The data.
     let dataset_opts = DatasetOptions {
