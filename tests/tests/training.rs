@@ -6,16 +6,7 @@
 mod common;
 
 use common::{B, device, write_corpus};
-use qwen_sft::metrics::StepMetrics;
-use qwen_sft::{Observer, TrainConfig, TrainError, train};
-
-struct Steps(Vec<StepMetrics>);
-
-impl Observer for Steps {
-    fn on_step(&mut self, metrics: &StepMetrics) {
-        self.0.push(metrics.clone());
-    }
-}
+use qwen_sft::{StepRecorder, TrainConfig, TrainError, train};
 
 fn base(out: &std::path::Path, data: &std::path::Path) -> TrainConfig {
     let mut config = TrainConfig::default();
@@ -40,13 +31,13 @@ fn accumulated_step_equals_the_full_batch() {
 
     let mut full = base(&dir.path().join("full"), &data);
     full.train.batch_size = 4;
-    let mut whole = Steps(Vec::new());
+    let mut whole = StepRecorder::default();
     train::<B>(&full, &device(), "cpu", None, &mut whole).unwrap();
 
     let mut split = base(&dir.path().join("split"), &data);
     split.train.batch_size = 2;
     split.train.grad_accum = 2;
-    let mut accumulated = Steps(Vec::new());
+    let mut accumulated = StepRecorder::default();
     train::<B>(&split, &device(), "cpu", None, &mut accumulated).unwrap();
 
     let (a, b) = (&whole.0[0], &accumulated.0[0]);
@@ -82,7 +73,13 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     config.optim.max_grad_norm = 0.0;
     config.checkpoint.every = 1;
     config.checkpoint.keep_last = 3;
-    match train::<B>(&config, &device(), "cpu", None, &mut Steps(Vec::new())) {
+    match train::<B>(
+        &config,
+        &device(),
+        "cpu",
+        None,
+        &mut StepRecorder::default(),
+    ) {
         Err(TrainError::NonFinite {
             step,
             what,

@@ -27,4 +27,4 @@ pub mod train;
 
 pub use config::TrainConfig;
 pub use error::TrainError;
-pub use train::{Observer, RunInfo, Silent, TrainSummary, train};
+pub use train::{Observer, RunInfo, Silent, StepRecorder, TrainSummary, train};

@@ -40,6 +40,16 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
+/// An observer that keeps every step's metrics, for callers that inspect a run afterwards.
+#[derive(Debug, Default)]
+pub struct StepRecorder(pub Vec<StepMetrics>);
+
+impl Observer for StepRecorder {
+    fn on_step(&mut self, metrics: &StepMetrics) {
+        self.0.push(metrics.clone());
+    }
+}
+
 /// Facts about a run, known once its data is loaded.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunInfo {

@@ -7,16 +7,8 @@
 #![cfg(feature = "wgpu")]
 
 use burn::backend::{Autodiff, Flex, Wgpu};
-use qwen_sft::metrics::{StepMetrics, read_losses};
-use qwen_sft::{Observer, TrainConfig, train};
-
-struct Steps(Vec<StepMetrics>);
-
-impl Observer for Steps {
-    fn on_step(&mut self, metrics: &StepMetrics) {
-        self.0.push(metrics.clone());
-    }
-}
+use qwen_sft::metrics::read_losses;
+use qwen_sft::{StepRecorder, TrainConfig, train};
 
 fn config(out: &std::path::Path) -> TrainConfig {
     let mut config = TrainConfig::demo();
@@ -28,7 +20,7 @@ fn config(out: &std::path::Path) -> TrainConfig {
 #[test]
 fn one_training_step_on_wgpu_matches_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let mut gpu = Steps(Vec::new());
+    let mut gpu = StepRecorder::default();
     let summary = train::<Autodiff<Wgpu>>(
         &config(&dir.path().join("wgpu")),
         &Default::default(),
@@ -38,7 +30,7 @@ fn one_training_step_on_wgpu_matches_cpu() {
     )
     .unwrap();
     assert_eq!(summary.steps, 1);
-    let mut cpu = Steps(Vec::new());
+    let mut cpu = StepRecorder::default();
     train::<Autodiff<Flex>>(
         &config(&dir.path().join("cpu")),
         &Default::default(),
