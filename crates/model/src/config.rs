@@ -13,6 +13,10 @@ use crate::error::ConfigError;
 /// The Hugging Face `config.json` of a Qwen2 (or Qwen2.5) causal language model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Qwen2Config {
+    /// `"qwen2"` (Qwen2, Qwen2.5) or `"qwen3"` (Qwen3 dense: RMSNorm on each head's queries and
+    /// keys, `attention_bias`, a stated `head_dim`).
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -25,6 +29,9 @@ pub struct Qwen2Config {
     /// configs may state it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
+    /// Qwen3 only: biases on q/k/v/o. Qwen2 always has q/k/v biases and no o bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
     /// transformers 4.x writes `rope_theta` at the top level; 5.x writes `rope_parameters`.
@@ -77,6 +84,9 @@ pub struct RopeParameters {
     pub extra: Map<String, Value>,
 }
 
+fn default_model_type() -> String {
+    "qwen2".to_string()
+}
 fn default_max_position_embeddings() -> usize {
     32768
 }
@@ -98,6 +108,16 @@ fn default_rope_type() -> String {
 
 /// transformers' default when a config names no theta at all.
 const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+
+/// The architectures this crate implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Qwen2 and Qwen2.5: biases on q/k/v, none on o.
+    Qwen2,
+    /// Qwen3 dense: RMSNorm over `head_dim` on queries and keys before RoPE; `attention_bias`
+    /// (default false) on all four projections.
+    Qwen3,
+}
 
 /// How one decoder layer attends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +158,12 @@ impl Qwen2Config {
             field,
             reason,
         };
+        if !matches!(self.model_type.as_str(), "qwen2" | "qwen3") {
+            return Err(invalid(
+                "model_type",
+                format!("`{}` is not supported; use qwen2 or qwen3", self.model_type),
+            ));
+        }
         for (field, value) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -160,7 +186,10 @@ impl Qwen2Config {
                 ),
             ));
         }
-        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.head_dim.is_none()
+            && self.family() == Family::Qwen2
+            && !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(invalid(
                 "hidden_size",
                 format!(
@@ -240,9 +269,30 @@ impl Qwen2Config {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    pub fn family(&self) -> Family {
+        match self.model_type.as_str() {
+            "qwen3" => Family::Qwen3,
+            _ => Family::Qwen2,
+        }
+    }
+
+    /// Qwen2 derives it from the hidden size; Qwen3's default is 128, as in transformers.
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(match self.family() {
+            Family::Qwen2 => self.hidden_size / self.num_attention_heads,
+            Family::Qwen3 => 128,
+        })
+    }
+
+    /// Whether the (q, k, v, o) projections have biases.
+    pub fn projection_biases(&self) -> (bool, bool) {
+        match self.family() {
+            Family::Qwen2 => (true, false),
+            Family::Qwen3 => {
+                let bias = self.attention_bias.unwrap_or(false);
+                (bias, bias)
+            }
+        }
     }
 
     pub fn rope_theta(&self) -> f64 {
@@ -273,7 +323,17 @@ impl Qwen2Config {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let q = self.num_attention_heads * self.head_dim();
         let kv = self.num_key_value_heads() * self.head_dim();
-        let attention = h * q + q + 2 * (h * kv + kv) + q * h;
+        let (qkv_bias, o_bias) = self.projection_biases();
+        let mut attention = h * q + 2 * h * kv + q * h;
+        if qkv_bias {
+            attention += q + 2 * kv;
+        }
+        if o_bias {
+            attention += h;
+        }
+        if self.family() == Family::Qwen3 {
+            attention += 2 * self.head_dim();
+        }
         let mlp = 3 * h * i;
         let norms = 2 * h;
         let embeddings = v * h;
@@ -292,6 +352,8 @@ impl Qwen2Config {
             _ => return None,
         };
         Some(Self {
+            model_type: "qwen2".into(),
+            attention_bias: None,
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: inter,
@@ -320,7 +382,6 @@ impl Qwen2Config {
                     "architectures".to_string(),
                     Value::from(vec!["Qwen2ForCausalLM"]),
                 ),
-                ("model_type".to_string(), Value::from("qwen2")),
                 ("attention_dropout".to_string(), Value::from(0.0)),
                 ("use_cache".to_string(), Value::from(true)),
             ]),
@@ -339,6 +400,32 @@ mod tests {
     fn qwen25_05b_parameter_count() {
         let config = Qwen2Config::preset("0.5b").unwrap();
         assert_eq!(config.num_parameters(), 494_032_768);
+    }
+
+    /// Qwen3-0.6B's shapes: transformers counts 596,049,920 parameters.
+    #[test]
+    fn qwen3_parameter_count() {
+        let config = Qwen2Config::from_json_str(
+            r#"{"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+                "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": true}"#,
+        )
+        .unwrap();
+        assert_eq!(config.family(), Family::Qwen3);
+        assert_eq!(config.num_parameters(), 596_049_920);
+    }
+
+    #[test]
+    fn unknown_model_type_is_refused() {
+        let err = Qwen2Config::from_json_str(
+            r#"{"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+                "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("model_type") && err.to_string().contains("llama"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub use attention::AttentionBackend;
 pub use checkpoint::{
     CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
 };
-pub use config::{AttentionKind, Qwen2Config, RopeParameters};
+pub use config::{AttentionKind, Family, Qwen2Config, RopeParameters};
 pub use error::{ConfigError, LoadError, SaveError};
 pub use model::{
     Embedding, KvCache, LayerCache, Linear, Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM,

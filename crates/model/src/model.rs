@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
 use crate::attention::AttentionBackend;
-use crate::config::{AttentionKind, Qwen2Config};
+use crate::config::{AttentionKind, Family, Qwen2Config};
 use crate::error::LoadError;
 use crate::ops::{self, AttentionMask};
 use crate::weights::{Init, Weights};
@@ -94,13 +94,17 @@ impl<B: Backend> Qwen2Mlp<B> {
     }
 }
 
-/// Grouped-query self-attention: q/k/v with bias, o_proj without, RoPE on q and k.
+/// Grouped-query self-attention: q/k/v with bias, o_proj without, RoPE on q and k. Qwen3
+/// normalises each head's queries and keys (`q_norm`, `k_norm`) before RoPE, and its biases
+/// follow `attention_bias`.
 #[derive(Module, Debug)]
 pub struct Qwen2Attention<B: Backend> {
     pub q_proj: Linear<B>,
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -111,11 +115,18 @@ impl<B: Backend> Qwen2Attention<B> {
         let h = config.hidden_size;
         let d = config.head_dim();
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads());
+        let (qkv_bias, o_bias) = config.projection_biases();
+        let head_norm = |w: &mut Weights<B>, name: &str| match config.family() {
+            Family::Qwen3 => RmsNorm::new(&mut w.pp(name), d, config.rms_norm_eps).map(Some),
+            Family::Qwen2 => Ok(None),
+        };
         Ok(Self {
-            q_proj: Linear::new(&mut w.pp("q_proj"), h, heads * d, true)?,
-            k_proj: Linear::new(&mut w.pp("k_proj"), h, kv_heads * d, true)?,
-            v_proj: Linear::new(&mut w.pp("v_proj"), h, kv_heads * d, true)?,
-            o_proj: Linear::new(&mut w.pp("o_proj"), heads * d, h, false)?,
+            q_proj: Linear::new(&mut w.pp("q_proj"), h, heads * d, qkv_bias)?,
+            k_proj: Linear::new(&mut w.pp("k_proj"), h, kv_heads * d, qkv_bias)?,
+            v_proj: Linear::new(&mut w.pp("v_proj"), h, kv_heads * d, qkv_bias)?,
+            o_proj: Linear::new(&mut w.pp("o_proj"), heads * d, h, o_bias)?,
+            q_norm: head_norm(w, "q_norm")?,
+            k_norm: head_norm(w, "k_norm")?,
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim: d,
@@ -136,12 +147,27 @@ impl<B: AttentionBackend> Qwen2Attention<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let d = self.head_dim;
-        // [batch, seq, heads * d] -> [batch, heads, seq, d]
-        let split =
-            |t: Tensor<B, 3>, heads: usize| t.reshape([batch, seq, heads, d]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = split(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = split(self.v_proj.forward(x), self.num_kv_heads);
+        // [batch, seq, heads * d] -> [batch, seq, heads, d], per-head norm (Qwen3), then
+        // [batch, heads, seq, d]
+        let split = |t: Tensor<B, 3>, heads: usize, norm: Option<&RmsNorm<B>>| {
+            let t = t.reshape([batch, seq, heads, d]);
+            let t = match norm {
+                Some(norm) => norm.forward(t),
+                None => t,
+            };
+            t.swap_dims(1, 2)
+        };
+        let q = split(
+            self.q_proj.forward(x.clone()),
+            self.num_heads,
+            self.q_norm.as_ref(),
+        );
+        let k = split(
+            self.k_proj.forward(x.clone()),
+            self.num_kv_heads,
+            self.k_norm.as_ref(),
+        );
+        let v = split(self.v_proj.forward(x), self.num_kv_heads, None);
         let (cos, sin) = rope.clone();
         let q = ops::apply_rotary(q, cos.clone(), sin.clone());
         let k = ops::apply_rotary(k, cos, sin);

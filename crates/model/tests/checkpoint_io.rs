@@ -95,7 +95,11 @@ fn parameters(model: &Qwen2ForCausalLM<B>) -> Vec<(String, Vec<usize>, Vec<f32>)
 
 #[test]
 fn round_trip_f32_is_bit_exact() {
-    for (variant, max_shard_bytes) in [("tied_f32", u64::MAX), ("untied_bf16", 1_000_000)] {
+    for (variant, max_shard_bytes) in [
+        ("tied_f32", u64::MAX),
+        ("untied_bf16", 1_000_000),
+        ("qwen3_tied_f32", u64::MAX),
+    ] {
         let (config, model) =
             load_pretrained::<B>(fixture_dir(variant), &device(), DType::F32).unwrap();
         let out = tempfile::tempdir().unwrap();
@@ -498,9 +502,10 @@ fn real_qwen25_config_parses_and_round_trips() {
 /// QWEN_SFT_EXPORT_TO=/tmp/qwen-export cargo test -p qwen-model --test checkpoint_io exported_directory
 /// python3 tests/fixtures/model/generate.py verify /tmp/qwen-export/tied_f32
 /// python3 tests/fixtures/model/generate.py verify /tmp/qwen-export/untied_bf16
+/// python3 tests/fixtures/model/generate.py verify /tmp/qwen-export/qwen3_tied_f32
 /// ```
 ///
-/// Last run (transformers 5.24.0): max |diff| 2.4e-6 (untied) and 1.4e-6 (tied) over
+/// Last run (transformers 5.24.0): max |diff| 2.1e-6 (untied), 1.2e-6 (tied) and 1.5e-6 (Qwen3) over
 /// `[1, 6, 151936]` logits.
 #[test]
 fn exported_directory_for_transformers() {
@@ -514,7 +519,7 @@ fn exported_directory_for_transformers() {
             &device(),
         ))
     };
-    for variant in ["tied_f32", "untied_bf16"] {
+    for variant in ["tied_f32", "untied_bf16", "qwen3_tied_f32"] {
         let (config, model) =
             load_pretrained::<B>(fixture_dir(variant), &device(), DType::F32).unwrap();
         let dir = root.join(variant);

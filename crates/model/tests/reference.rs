@@ -123,3 +123,13 @@ fn sharded_padded_batch() {
 fn sharded_packed_row() {
     check_packed_row("tied_bf16_sharded");
 }
+
+#[test]
+fn qwen3_padded_batch() {
+    check_padded_batch("qwen3_tied_f32");
+}
+
+#[test]
+fn qwen3_packed_row() {
+    check_packed_row("qwen3_tied_f32");
+}
