@@ -284,6 +284,12 @@ impl<B: Backend> Qwen2Input<B> {
         self.segment_ids = Some(segment_ids);
         self
     }
+
+    /// A Hugging Face padding mask (`1` real token, `0` padding) is the segment ids of rows that
+    /// hold one sequence each.
+    pub fn with_attention_mask(self, attention_mask: Tensor<B, 2, Int>) -> Self {
+        self.with_segments(attention_mask)
+    }
 }
 
 /// The cached keys and values of one layer, after RoPE and before the GQA repeat.

@@ -73,7 +73,7 @@ fn check_padded_batch(variant: &str) {
         .iter()
         .map(|&m| m == 1)
         .collect();
-    let logits = model.forward(&Qwen2Input::new(ids).with_segments(mask));
+    let logits = model.forward(&Qwen2Input::new(ids).with_attention_mask(mask));
     let diff = compare(&reference, "padded", logits, &keep);
     println!("{variant}: padded batch max |diff| = {diff:e}");
     assert!(
