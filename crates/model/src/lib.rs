@@ -21,7 +21,7 @@ mod model;
 pub mod ops;
 mod weights;
 
-pub use attention::AttentionBackend;
+pub use attention::{AttentionBackend, AttentionImpl};
 pub use checkpoint::{
     CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
 };

@@ -8,7 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
-use crate::attention::AttentionBackend;
+use crate::attention::{AttentionBackend, AttentionImpl};
 use crate::config::{AttentionKind, Family, Qwen2Config};
 use crate::error::LoadError;
 use crate::ops::{self, AttentionMask};
@@ -357,6 +357,8 @@ pub struct Qwen2ForCausalLM<B: Backend> {
     compute_dtype: DType,
     /// The memory budget of one query chunk of the attention (see [`AttentionMask`]).
     attention_chunk_bytes: usize,
+    /// Which attention body runs.
+    attention_impl: AttentionImpl,
 }
 
 impl<B: Backend> Qwen2ForCausalLM<B> {
@@ -388,6 +390,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             windows,
             compute_dtype,
             attention_chunk_bytes: crate::attention::DEFAULT_CHUNK_MEMORY_BYTES,
+            attention_impl: AttentionImpl::Chunked,
         })
     }
 
@@ -414,6 +417,12 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     /// Bounds the scores that one query chunk of the attention holds at a time.
     pub fn with_attention_chunk_bytes(mut self, bytes: usize) -> Self {
         self.attention_chunk_bytes = bytes;
+        self
+    }
+
+    /// Runs the chunked attention (the default) or the reference body, to compare them.
+    pub fn with_attention_impl(mut self, implementation: AttentionImpl) -> Self {
+        self.attention_impl = implementation;
         self
     }
 
@@ -490,6 +499,7 @@ impl<B: AttentionBackend> Qwen2ForCausalLM<B> {
         let mask_for = |window: Option<usize>| {
             AttentionMask::new(segments.clone(), key_segments.clone(), past, window)
                 .with_chunk_memory_bytes(self.attention_chunk_bytes)
+                .with_implementation(self.attention_impl)
         };
 
         let mut x = ops::embedding(

@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Int, Tensor};
 
 pub use crate::attention::AttentionMask;
-use crate::attention::{AttentionBackend, chunked_attention};
+use crate::attention::{AttentionBackend, AttentionImpl, chunked_attention};
 
 /// `x @ weight^T + bias`, with `weight` in Hugging Face layout `[out, in]`.
 ///
@@ -131,7 +131,8 @@ pub fn apply_rotary<B: Backend>(
 /// Causal grouped-query attention, `softmax(q k^T / sqrt(head_dim)) v`, with the softmax in f32
 /// as transformers does.
 ///
-/// The body is [`chunked_attention`]: query chunks under a
+/// The body is [`chunked_attention`] unless the mask asks for the reference
+/// ([`AttentionImpl`](crate::attention::AttentionImpl)): query chunks under a
 /// memory budget, keys and values never repeated, and under autodiff one backward node that
 /// stores only `q`, `k`, `v`, the output and a `[batch, heads, q_len]` log-sum-exp per layer
 /// (see [`crate::attention`]). It equals [`attention_reference`] except on rows that see no key
@@ -147,7 +148,10 @@ pub fn attention<B: AttentionBackend>(
     v: Tensor<B, 4>,
     mask: &AttentionMask<B>,
 ) -> Tensor<B, 4> {
-    chunked_attention(q, k, v, mask)
+    match mask.implementation {
+        AttentionImpl::Chunked => chunked_attention(q, k, v, mask),
+        AttentionImpl::Reference => attention_reference(q, k, v, mask),
+    }
 }
 
 /// The reference body of [`attention`]: plain tensor ops, with keys and values repeated to

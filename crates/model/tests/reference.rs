@@ -133,3 +133,25 @@ fn qwen3_padded_batch() {
 fn qwen3_packed_row() {
     check_packed_row("qwen3_tied_f32");
 }
+
+/// The reference attention body, selectable at run time, gives the same logits.
+#[test]
+fn reference_attention_body_agrees() {
+    let reference = Reference::open("tied_f32");
+    let input = Qwen2Input::new(reference.int_tensor("packed.input_ids"))
+        .with_positions(reference.int_tensor("packed.position_ids"))
+        .with_segments(reference.int_tensor("packed.segment_ids"));
+    let chunked = load("tied_f32")
+        .forward(&input)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let plain = load("tied_f32")
+        .with_attention_impl(qwen_model::AttentionImpl::Reference)
+        .forward(&input)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let diff = max_abs_diff(&chunked, &plain);
+    assert!(diff < 1e-5, "{diff}");
+}

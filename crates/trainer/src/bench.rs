@@ -32,6 +32,7 @@ pub struct BenchConfig {
     pub precision: Precision,
     pub loss_chunk_mib: usize,
     pub attention_chunk_mib: usize,
+    pub attention: qwen_model::AttentionImpl,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +43,7 @@ pub struct BenchReport {
     pub seq_len: usize,
     pub batch_size: usize,
     pub precision: Precision,
+    pub attention: qwen_model::AttentionImpl,
     pub steps_timed: usize,
     /// Non-padding tokens per second over the timed steps.
     pub tokens_per_second: f64,
@@ -160,6 +162,7 @@ where
     config.train.precision = bench.precision;
     config.train.loss_chunk_mib = bench.loss_chunk_mib;
     config.train.attention_chunk_mib = bench.attention_chunk_mib;
+    config.train.attention = bench.attention;
     config.checkpoint.keep_last = 1;
     config.output_dir = work_dir.join("run");
 
@@ -187,6 +190,7 @@ where
         seq_len: bench.seq_len,
         batch_size: bench.batch_size,
         precision: bench.precision,
+        attention: bench.attention,
         steps_timed: seconds.len(),
         tokens_per_second: tokens as f64 / total,
         supervised_tokens_per_second: supervised as f64 / total,

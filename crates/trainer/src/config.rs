@@ -108,6 +108,8 @@ pub struct TrainSection {
     pub loss_chunk_mib: usize,
     /// The memory budget of one query chunk of the attention's scores.
     pub attention_chunk_mib: usize,
+    /// `chunked` (default) or `reference`, the plain body, to compare against.
+    pub attention: qwen_model::AttentionImpl,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,6 +201,7 @@ impl Default for TrainSection {
             log_every: 1,
             loss_chunk_mib: 256,
             attention_chunk_mib: 512,
+            attention: qwen_model::AttentionImpl::Chunked,
         }
     }
 }

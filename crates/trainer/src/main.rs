@@ -243,6 +243,9 @@ struct BenchArgs {
     loss_chunk_mib: usize,
     #[arg(long, default_value_t = 512)]
     attention_chunk_mib: usize,
+    /// chunked | reference
+    #[arg(long, default_value = "chunked")]
+    attention: qwen_model::AttentionImpl,
     /// Scratch directory for the corpus and the run (a temporary one when absent).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -681,6 +684,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         precision: args.precision,
         loss_chunk_mib: args.loss_chunk_mib,
         attention_chunk_mib: args.attention_chunk_mib,
+        attention: args.attention,
     };
     let report =
         qwen_sft::bench::run::<Training>(&bench, &backend::device(), BACKEND_NAME, &work_dir)?;

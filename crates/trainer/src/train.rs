@@ -111,7 +111,9 @@ where
     if config.train.precision == Precision::Bf16 {
         model = model.with_compute_dtype(DType::BF16);
     }
-    model = model.with_attention_chunk_bytes(config.train.attention_chunk_mib << 20);
+    model = model
+        .with_attention_chunk_bytes(config.train.attention_chunk_mib << 20)
+        .with_attention_impl(config.train.attention);
 
     // The data.
     let dataset_opts = DatasetOptions {

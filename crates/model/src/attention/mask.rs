@@ -3,7 +3,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
-use super::{AttentionParams, DEFAULT_CHUNK_MEMORY_BYTES};
+use super::{AttentionImpl, AttentionParams, DEFAULT_CHUNK_MEMORY_BYTES};
 
 /// Who may attend to whom.
 ///
@@ -27,6 +27,8 @@ pub struct AttentionMask<B: Backend> {
     /// Bytes the chunked attention's f32 score tiles may take, see
     /// [`AttentionPlan`](super::AttentionPlan).
     pub chunk_memory_bytes: usize,
+    /// Which attention body runs with this mask.
+    pub implementation: AttentionImpl,
 }
 
 impl<B: Backend> AttentionMask<B> {
@@ -42,7 +44,14 @@ impl<B: Backend> AttentionMask<B> {
             query_offset,
             window,
             chunk_memory_bytes: DEFAULT_CHUNK_MEMORY_BYTES,
+            implementation: AttentionImpl::Chunked,
         }
+    }
+
+    /// Returns the mask with the attention body set.
+    pub fn with_implementation(mut self, implementation: AttentionImpl) -> Self {
+        self.implementation = implementation;
+        self
     }
 
     /// Returns the mask with `chunk_memory_bytes` set.

@@ -72,6 +72,32 @@ pub const LIVE_SCORE_BUFFERS: usize = 4;
 /// for the 0.5b preset at batch 8 and 2048 keys (15 chunks per layer).
 pub const DEFAULT_CHUNK_MEMORY_BYTES: usize = 512 << 20;
 
+/// Which body [`ops::attention`](crate::ops::attention) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionImpl {
+    /// [`chunked_attention`]: O(seq) stored per layer.
+    #[default]
+    Chunked,
+    /// [`attention_reference`](crate::ops::attention_reference): the plain tensor-op body, kept
+    /// to compare the fast path against.
+    Reference,
+}
+
+impl std::str::FromStr for AttentionImpl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "chunked" => Ok(Self::Chunked),
+            "reference" => Ok(Self::Reference),
+            other => Err(format!(
+                "unknown attention `{other}`; use chunked or reference"
+            )),
+        }
+    }
+}
+
 /// The scalar settings of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionParams {
