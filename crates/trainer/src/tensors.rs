@@ -30,20 +30,6 @@ fn ints<B: Backend>(
     )
 }
 
-/// The number of targets that the shifted labels of `batch` supervise.
-pub fn supervised_targets(batch: &Batch) -> usize {
-    batch
-        .labels
-        .chunks(batch.len)
-        .map(|row| {
-            row[1..]
-                .iter()
-                .filter(|&&l| l != qwen_loss::IGNORE_INDEX)
-                .count()
-        })
-        .sum()
-}
-
 pub fn to_device<B: Backend>(batch: &Batch, device: &B::Device) -> DeviceBatch<B> {
     let (rows, len) = (batch.rows, batch.len);
     let ids = batch.input_ids.iter().map(|&id| i64::from(id)).collect();
@@ -54,7 +40,9 @@ pub fn to_device<B: Backend>(batch: &Batch, device: &B::Device) -> DeviceBatch<B
     DeviceBatch {
         input,
         labels: ints(batch.labels.clone(), rows, len, device),
-        supervised: supervised_targets(batch),
+        // Batches set the first label of every sequence to -100, so no supervised label sits
+        // where the shift would drop it: the supervised labels are the supervised targets.
+        supervised: batch.supervised_tokens(),
         tokens: batch.real_tokens(),
     }
 }

@@ -266,9 +266,14 @@ where
             && state.step % config.eval.every == 0
             && state.step < total_steps
         {
-            let metrics = evaluate(&model.valid(), examples, config, state.step)?;
-            metrics_log.eval(&metrics)?;
-            observer.on_eval(&metrics);
+            evaluate_and_log(
+                &model.valid(),
+                examples,
+                config,
+                state.step,
+                &mut metrics_log,
+                observer,
+            )?;
         }
         if config.checkpoint.every > 0
             && state.step % config.checkpoint.every == 0
@@ -288,12 +293,14 @@ where
     }
 
     let final_eval = match &eval_set {
-        Some((examples, _)) => {
-            let metrics = evaluate(&model.valid(), examples, config, state.step)?;
-            metrics_log.eval(&metrics)?;
-            observer.on_eval(&metrics);
-            Some(metrics)
-        }
+        Some((examples, _)) => Some(evaluate_and_log(
+            &model.valid(),
+            examples,
+            config,
+            state.step,
+            &mut metrics_log,
+            observer,
+        )?),
         None => None,
     };
     let exported = out.join("final");
@@ -326,6 +333,21 @@ where
         final_eval,
         exported,
     })
+}
+
+/// Evaluates, then writes the metrics to the log and hands them to the observer.
+fn evaluate_and_log<B: AttentionBackend>(
+    model: &Qwen2ForCausalLM<B>,
+    examples: &[Example],
+    config: &TrainConfig,
+    step: u64,
+    log: &mut MetricsLog,
+    observer: &mut dyn Observer,
+) -> Result<EvalMetrics, TrainError> {
+    let metrics = evaluate(model, examples, config, step)?;
+    log.eval(&metrics)?;
+    observer.on_eval(&metrics);
+    Ok(metrics)
 }
 
 /// Reads and tokenizes the JSONL files, or the embedded classic example when there are none.
