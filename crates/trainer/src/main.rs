@@ -51,6 +51,30 @@ enum Command {
     Bench(BenchArgs),
     /// Time the forward pass of a preset on random tokens, as JSON.
     BenchForward(BenchForwardArgs),
+    /// The fast path (chunked attention, fused loss) against the reference on one packed batch:
+    /// logits, loss and gradients as JSON; fails beyond the tolerance.
+    CheckFastPath(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Hugging Face model directory; without a tokenizer.json the bundled Qwen2.5 one is used.
+    #[arg(long)]
+    model: PathBuf,
+    /// Chats JSONL; a few built-in chats when absent.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// f32 | bf16
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 64)]
+    max_len: usize,
+    /// Relative; 1e-4 for f32, 3e-2 for bf16 when absent (f32 on CUDA runs TF32 matmuls, which
+    /// may need a looser one).
+    #[arg(long)]
+    tolerance: Option<f64>,
 }
 
 #[derive(Args)]
@@ -275,6 +299,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
+        Command::CheckFastPath(args) => check_fast_path(args),
     }
 }
 
@@ -692,5 +717,42 @@ fn bench(args: BenchArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn check_fast_path(args: CheckArgs) -> Result<()> {
+    let files = if args.model.join("tokenizer.json").exists() {
+        source::TokenizerFiles::from_dir(&args.model)?
+    } else {
+        source::TokenizerFiles::bundled()
+    };
+    let batch = qwen_sft::check::first_batch(
+        &files.tokenizer()?,
+        args.data.as_deref(),
+        args.batch_size,
+        args.max_len,
+    )?;
+    let (config, model) = qwen_model::load_pretrained::<Training>(
+        &args.model,
+        &backend::device(),
+        burn::tensor::DType::F32,
+    )
+    .with_context(|| format!("loading the model {}", args.model.display()))?;
+    let tolerance = args
+        .tolerance
+        .unwrap_or_else(|| qwen_sft::check::default_tolerance(args.precision));
+    let report = qwen_sft::check::check_fast_path(
+        model,
+        &config,
+        &batch,
+        args.precision,
+        tolerance,
+        BACKEND_NAME,
+    )?;
+    println!("{}", serde_json::to_string(&report)?);
+    anyhow::ensure!(
+        report.pass,
+        "the fast path differs from the reference by more than {tolerance} (relative)"
+    );
     Ok(())
 }

@@ -10,10 +10,10 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, ElementConversion, Tensor};
+use burn::tensor::{DType, ElementConversion, Int, Tensor};
 use qwen_chat::{DataReport, DatasetOptions, Example, Loader, LoaderConfig};
 use qwen_loss::{
-    ChunkedCeBackend, CrossEntropyOptions, Reduction, chunked_lm_head_cross_entropy,
+    ChunkedCeBackend, CrossEntropyOptions, LossOutput, Reduction, chunked_lm_head_cross_entropy,
     next_token_targets,
 };
 use qwen_model::{AttentionBackend, Qwen2ForCausalLM, SaveOptions};
@@ -197,17 +197,8 @@ where
         for batch in batches {
             // [rows, len, hidden]
             let hidden = model.hidden_states(&batch.input, None);
-            let [rows, len, width] = hidden.dims();
-            // [rows, len] -> [rows * len]
-            let targets = next_token_targets(batch.labels).reshape([rows * len]);
-            let weight = model.lm_head_weight().cast(hidden.dtype());
-            let loss = chunked_lm_head_cross_entropy(
-                hidden.reshape([rows * len, width]),
-                weight,
-                targets,
-                &loss_opts,
-            )?;
-            let loss = loss.normalized_by(step_supervised);
+            let loss = lm_head_loss(&model, hidden, batch.labels, &loss_opts)?
+                .normalized_by(step_supervised);
             step_loss = Some(match step_loss.take() {
                 Some(total) => total + loss.clone().inner(),
                 None => loss.clone().inner(),
@@ -333,6 +324,30 @@ where
         final_eval,
         exported,
     })
+}
+
+/// The loss of a batch from its final hidden states: the fused lm_head + cross-entropy against
+/// the shifted labels, reduced as `opts` says (training sums, then normalises per step).
+///
+/// # Shapes
+/// - hidden: `[rows, len, hidden]`
+/// - labels: `[rows, len]`, unshifted
+pub fn lm_head_loss<B: ChunkedCeBackend>(
+    model: &Qwen2ForCausalLM<B>,
+    hidden: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+    opts: &CrossEntropyOptions,
+) -> Result<LossOutput<B>, TrainError> {
+    let [rows, len, width] = hidden.dims();
+    // [rows, len] -> [rows * len]
+    let targets = next_token_targets(labels).reshape([rows * len]);
+    let weight = model.lm_head_weight().cast(hidden.dtype());
+    Ok(chunked_lm_head_cross_entropy(
+        hidden.reshape([rows * len, width]),
+        weight,
+        targets,
+        opts,
+    )?)
 }
 
 /// Evaluates, then writes the metrics to the log and hands them to the observer.

@@ -185,6 +185,46 @@ fn inspect_marks_supervised_spans() {
 }
 
 #[test]
+fn check_fast_path_agrees_on_the_fixture() {
+    let model = fixtures().join("model/tied_f32");
+    let check = [
+        "check-fast-path",
+        "--model",
+        s(&model),
+        "--precision",
+        "f32",
+    ];
+    let out = ok(&qwen_sft(&check));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["pass"], true, "{report}");
+    assert_eq!(report["precision"], "f32");
+    assert_eq!(report["tolerance"], 1e-4);
+    assert_eq!(report["rows"], 2);
+    assert!(report["tokens"].as_u64().unwrap() > 0, "{report}");
+    for key in ["logits_rel", "loss_rel", "grad_rel_max"] {
+        let rel = report[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {key}: {report}"));
+        assert!((0.0..1e-4).contains(&rel), "{key}: {report}");
+    }
+    // The two attention bodies round differently, so some gradient differs a little; exactly 0
+    // would mean nothing was compared.
+    assert!(report["grad_rel_max"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["grad_rel_worst_param"]
+            .as_str()
+            .unwrap()
+            .starts_with("model.")
+    );
+
+    // Past the tolerance: the same line, then a failure.
+    let output = qwen_sft(&[&check[..], &["--tolerance", "0"]].concat());
+    let e = err(&output);
+    assert!(e.contains("tolerance") || e.contains("differs"), "{e}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("\"pass\":false"));
+}
+
+#[test]
 fn bad_inputs_say_what_and_where() {
     let dir = tempfile::tempdir().unwrap();
 

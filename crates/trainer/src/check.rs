@@ -1,0 +1,373 @@
+//! `qwen-sft check-fast-path`: the fast path that training runs against the reference path, on
+//! one batch, forward and backward.
+//!
+//! ```text
+//! batch -> fast:      chunked attention -> hidden -> fused lm_head + loss (as train) -> backward
+//!       -> reference: plain attention   -> hidden -> full logits -> plain cross-entropy -> backward
+//!       -> max |fast - reference| / max |reference| of the logits, the loss, each gradient
+//! ```
+//!
+//! The logits are compared at real tokens only: the two attention bodies give padding rows
+//! different (unused) outputs, see [`qwen_model::attention`].
+
+use std::path::Path;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, ElementConversion, Tensor};
+use qwen_chat::{
+    Batch, Chat, ChatTokenizer, DataReport, DatasetOptions, Loader, LoaderConfig, Message,
+};
+use qwen_loss::{
+    ChunkedCeBackend, CrossEntropyOptions, LIVE_TILE_BUFFERS, Reduction, masked_cross_entropy,
+    next_token_targets,
+};
+use qwen_model::attention::AttentionPlan;
+use qwen_model::{
+    AttentionBackend, AttentionImpl, Qwen2Config, Qwen2ForCausalLM, named_parameters,
+};
+use serde::Serialize;
+
+use crate::config::Precision;
+use crate::error::TrainError;
+use crate::tensors::{DeviceBatch, to_device};
+use crate::train::{lm_head_loss, load_examples};
+
+/// The relative tolerance when none is given: f32 paths agree to about 1e-5 on the CPU, bf16
+/// ones to a few units of bf16's 2^-8. On CUDA burn's f32 matmuls round to TF32, where the loss
+/// crate measured the two loss paths' gradients about 5e-4 apart, so f32 there needs a looser
+/// tolerance than this default.
+pub fn default_tolerance(precision: Precision) -> f64 {
+    match precision {
+        Precision::F32 => 1e-4,
+        Precision::Bf16 => 3e-2,
+    }
+}
+
+/// The one JSON line that `qwen-sft check-fast-path` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub backend: String,
+    pub precision: Precision,
+    pub rows: usize,
+    /// Non-padding tokens of the batch.
+    pub tokens: usize,
+    #[serde(flatten)]
+    pub differences: Differences,
+    pub tolerance: f64,
+    pub pass: bool,
+}
+
+/// How far the fast path is from the reference, each as `max |fast - ref| / max |ref|`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Differences {
+    pub logits_rel: f64,
+    pub loss_rel: f64,
+    /// The largest over the parameters; a gradient that one path has and the other lacks is
+    /// infinitely far.
+    pub grad_rel_max: f64,
+    pub grad_rel_worst_param: String,
+}
+
+impl Differences {
+    /// Whether every figure is within `tolerance` (NaN is not).
+    pub fn within(&self, tolerance: f64) -> bool {
+        [self.logits_rel, self.loss_rel, self.grad_rel_max]
+            .iter()
+            .all(|&rel| rel <= tolerance)
+    }
+}
+
+/// The chats used when no data file is given. With the defaults (2 rows of 64, packed) they give
+/// one row with the long chat and one with the two short ones packed, both padded.
+fn builtin_chats() -> Vec<Chat> {
+    vec![
+        Chat::new(vec![
+            Message::system("You are a helpful assistant."),
+            Message::user("Why is the sky blue? One sentence."),
+            Message::assistant(
+                "Air scatters blue sunlight more than red, so blue reaches us from every \
+                 direction.",
+            ),
+        ]),
+        Chat::new(vec![
+            Message::system("Be brief."),
+            Message::user("Capital of France?"),
+            Message::assistant("Paris."),
+        ]),
+        Chat::new(vec![
+            Message::system("Be brief."),
+            Message::user("1+1?"),
+            Message::assistant("2"),
+        ]),
+    ]
+}
+
+/// The first batch that training would build from `data` (the built-in chats when `None`):
+/// packed rows of `max_len`, in file order.
+pub fn first_batch(
+    tokenizer: &ChatTokenizer,
+    data: Option<&Path>,
+    batch_size: usize,
+    max_len: usize,
+) -> Result<Batch, TrainError> {
+    let opts = DatasetOptions {
+        max_len,
+        ..DatasetOptions::default()
+    };
+    let examples = match data {
+        Some(file) => load_examples(tokenizer, &[file.to_path_buf()], &opts)?.0,
+        None => tokenizer.tokenize_chats(&builtin_chats(), &opts, &mut DataReport::default())?,
+    };
+    let config = LoaderConfig {
+        batch_rows: batch_size,
+        max_len,
+        packing: true,
+        shuffle: false,
+        pad_id: tokenizer.pad_id(),
+        ..LoaderConfig::default()
+    };
+    Loader::new(examples, config)?
+        .next_batch()
+        .ok_or_else(|| TrainError::NoData("the data yields no batch".into()))
+}
+
+/// Budgets that cut this batch's attention into [`SEAMS`] query chunks and its loss into
+/// [`SEAMS`] row tiles, so the chunk boundaries are checked too, whatever the model's size;
+/// never above training's defaults.
+fn seam_budgets(config: &Qwen2Config, batch: &Batch) -> (usize, usize) {
+    let train = crate::config::TrainConfig::default().train;
+    let attention =
+        AttentionPlan::bytes_per_query_row(batch.rows, config.num_attention_heads, batch.len)
+            * batch.len.div_ceil(SEAMS);
+    let loss =
+        4 * LIVE_TILE_BUFFERS * config.vocab_size * batch.supervised_tokens().div_ceil(SEAMS);
+    (
+        attention.min(train.attention_chunk_mib << 20),
+        loss.min(train.loss_chunk_mib << 20),
+    )
+}
+
+/// How many chunks [`seam_budgets`] aims for.
+const SEAMS: usize = 4;
+
+/// Runs both paths of `model` on `batch` in `precision` and compares them.
+pub fn check_fast_path<B>(
+    model: Qwen2ForCausalLM<B>,
+    config: &Qwen2Config,
+    batch: &Batch,
+    precision: Precision,
+    tolerance: f64,
+    backend_name: &str,
+) -> Result<CheckReport, TrainError>
+where
+    B: AutodiffBackend + ChunkedCeBackend + AttentionBackend,
+{
+    let device_batch = to_device::<B>(batch, &model.lm_head_weight().device());
+    let model = match precision {
+        Precision::F32 => model,
+        Precision::Bf16 => model.with_compute_dtype(DType::BF16),
+    };
+    let (attention_bytes, loss_bytes) = seam_budgets(config, batch);
+    let model = model.with_attention_chunk_bytes(attention_bytes);
+    let loss_opts = CrossEntropyOptions::default()
+        .with_reduction(Reduction::Sum)
+        .with_chunk_memory_bytes(loss_bytes);
+    let fast = run_path(&model, PathKind::Fast, &device_batch, &loss_opts)?;
+    let reference = run_path(&model, PathKind::Reference, &device_batch, &loss_opts)?;
+    let differences = compare(&fast, &reference);
+    Ok(CheckReport {
+        backend: backend_name.to_string(),
+        precision,
+        rows: batch.rows,
+        tokens: device_batch.tokens,
+        pass: differences.within(tolerance),
+        differences,
+        tolerance,
+    })
+}
+
+/// Which path [`run_path`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// What training runs: chunked attention, the fused lm_head + loss.
+    Fast,
+    /// Plain attention, full logits, plain cross-entropy.
+    Reference,
+}
+
+/// What one path gives on a batch.
+pub struct PathOutput<B: AutodiffBackend> {
+    /// `[rows, len, vocab]`, 0 at padding.
+    pub logits: Tensor<B::InnerBackend, 3>,
+    /// The summed loss over the batch's supervised tokens, divided by their count.
+    pub loss: f64,
+    /// Every parameter's name and gradient, flattened, in f32.
+    pub grads: Vec<(String, Option<Tensor<B::InnerBackend, 1>>)>,
+}
+
+/// One forward and backward pass of `model` down `kind`'s path; `opts` should sum.
+pub fn run_path<B>(
+    model: &Qwen2ForCausalLM<B>,
+    kind: PathKind,
+    batch: &DeviceBatch<B>,
+    opts: &CrossEntropyOptions,
+) -> Result<PathOutput<B>, TrainError>
+where
+    B: AutodiffBackend + ChunkedCeBackend + AttentionBackend,
+{
+    let attention = match kind {
+        PathKind::Fast => AttentionImpl::Chunked,
+        PathKind::Reference => AttentionImpl::Reference,
+    };
+    let model = model.clone().with_attention_impl(attention);
+    // [rows, len, hidden]
+    let hidden = model.hidden_states(&batch.input, None);
+    // [rows, len, vocab]
+    let logits = model.logits(hidden.clone());
+    let [rows, len, vocab] = logits.dims();
+    let loss = match kind {
+        PathKind::Fast => lm_head_loss(&model, hidden, batch.labels.clone(), opts)?,
+        PathKind::Reference => {
+            // [rows, len] -> [rows * len]
+            let targets = next_token_targets(batch.labels.clone()).reshape([rows * len]);
+            masked_cross_entropy(logits.clone().reshape([rows * len, vocab]), targets, opts)?
+        }
+    }
+    .normalized_by(batch.supervised);
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    // [rows, len] -> [rows, len, vocab]
+    let padding = batch
+        .input
+        .segment_ids
+        .clone()
+        .expect("to_device sets the segment ids")
+        .equal_elem(0)
+        .inner()
+        .unsqueeze_dim::<3>(2)
+        .expand([rows, len, vocab]);
+    Ok(PathOutput {
+        logits: logits.inner().mask_fill(padding, 0.0),
+        loss: loss.into_scalar().elem(),
+        grads: named_grads(&model, &grads),
+    })
+}
+
+/// Each parameter's name and gradient, flattened, in f32.
+fn named_grads<B: AutodiffBackend>(
+    model: &Qwen2ForCausalLM<B>,
+    grads: &GradientsParams,
+) -> Vec<(String, Option<Tensor<B::InnerBackend, 1>>)> {
+    struct Collect<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        out: Vec<Option<Tensor<B::InnerBackend, 1>>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let grad = self.grads.get::<B::InnerBackend, D>(param.id);
+            self.out
+                .push(grad.map(|g| g.flatten::<1>(0, D - 1).cast(DType::F32)));
+        }
+    }
+    let mut collect = Collect::<B> {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut collect);
+    // `named_parameters` visits the parameters in the same order.
+    let names = named_parameters(model).into_iter().map(|(name, _, _)| name);
+    names.zip(collect.out).collect()
+}
+
+/// How far `fast` is from `reference`.
+pub fn compare<B: AutodiffBackend>(fast: &PathOutput<B>, reference: &PathOutput<B>) -> Differences {
+    let worst = fast
+        .grads
+        .iter()
+        .zip(&reference.grads)
+        .map(|((name, a), (_, b))| {
+            let rel = match (a, b) {
+                (Some(a), Some(b)) => relative(a.clone(), b.clone()),
+                (None, None) => 0.0,
+                _ => f64::INFINITY,
+            };
+            (rel, name.clone())
+        })
+        // NaN counts as the worst.
+        .max_by(|x, y| nan_last(x.0).total_cmp(&nan_last(y.0)));
+    let (grad_rel_max, grad_rel_worst_param) = worst.unwrap_or_default();
+    Differences {
+        logits_rel: relative(fast.logits.clone(), reference.logits.clone()),
+        loss_rel: ratio((fast.loss - reference.loss).abs(), reference.loss.abs()),
+        grad_rel_max,
+        grad_rel_worst_param,
+    }
+}
+
+fn nan_last(x: f64) -> f64 {
+    if x.is_nan() { f64::INFINITY } else { x }
+}
+
+/// `max |a - b| / max |b|`, in f32.
+fn relative<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+    let b = b.cast(DType::F32);
+    let max_abs = |t: Tensor<B, D>| t.abs().max().into_scalar().elem::<f64>();
+    ratio(max_abs(a.cast(DType::F32) - b.clone()), max_abs(b))
+}
+
+/// `diff / scale`, where no difference is 0 whatever the scale.
+fn ratio(diff: f64, scale: f64) -> f64 {
+    if diff == 0.0 { 0.0 } else { diff / scale }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+
+    use super::*;
+
+    type AB = Autodiff<Flex>;
+
+    fn fixture_batch() -> Batch {
+        first_batch(&ChatTokenizer::bundled().unwrap(), None, 2, 64).unwrap()
+    }
+
+    #[test]
+    fn the_builtin_batch_is_packed_and_padded() {
+        let batch = fixture_batch();
+        assert_eq!(batch.rows, 2);
+        assert!(batch.segment_ids.contains(&2), "no row holds two chats");
+        let rows: Vec<&[i32]> = batch.segment_ids.chunks(batch.len).collect();
+        assert!(
+            rows.iter().all(|row| row.contains(&0)),
+            "a row without padding"
+        );
+        assert!(batch.supervised_tokens() > 0);
+    }
+
+    /// The same fast path on the fixture model and on a copy whose final norm is scaled by 1.5:
+    /// the comparison must see logits 50% apart and gradients far apart, so it cannot pass
+    /// vacuously.
+    #[test]
+    fn a_perturbed_weight_is_caught() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/model/tied_f32");
+        let device = Default::default();
+        let (_, model) = qwen_model::load_pretrained::<AB>(&dir, &device, DType::F32).unwrap();
+        let mut perturbed = model.clone();
+        perturbed.model.norm.weight = perturbed
+            .model
+            .norm
+            .weight
+            .map(|w| w.mul_scalar(1.5).detach().require_grad());
+        let batch = to_device::<AB>(&fixture_batch(), &device);
+        let opts = CrossEntropyOptions::default().with_reduction(Reduction::Sum);
+        let a = run_path(&perturbed, PathKind::Fast, &batch, &opts).unwrap();
+        let b = run_path(&model, PathKind::Fast, &batch, &opts).unwrap();
+        let d = compare(&a, &b);
+        assert!((d.logits_rel - 0.5).abs() < 1e-3, "{d:?}");
+        assert!(d.loss_rel > 0.0, "{d:?}");
+        assert!(d.grad_rel_max > 0.1, "{d:?}");
+        assert!(!d.within(default_tolerance(Precision::Bf16)));
+    }
+}
