@@ -12,7 +12,8 @@ OUT=${OUT:-/tmp/qwen-sft-gpu}
 mkdir -p "$OUT"
 # The binary travels xz-compressed: the working tree sent to the device is capped at 64 MiB.
 BIN=/tmp/qwen-sft
-python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/qwen-sft.xz').read())" && chmod +x "$BIN"
+# BINARY=qwen-sft-unfused picks the build without burn's kernel fusion.
+python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
@@ -25,14 +26,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
 CACHE=$PWD/.cubecl-cache
 mkdir -p "$CACHE"
-[ -f .device/cubecl-cache.tar ] && tar -xf .device/cubecl-cache.tar -C "$CACHE"
+[ -f .device/cubecl-cache.tar.xz ] && tar -xJf .device/cubecl-cache.tar.xz -C "$CACHE"
+# CUBECL_LOGS=1 also logs every kernel compilation and autotune result to stderr (stamped into
+# each measurement's .log); CUBECL_PROFILE=basic times every kernel (slow: one sync per kernel).
+if [ "${CUBECL_LOGS:-0}" = 1 ]; then
+  COMPILE_LOG='logger = { level = "basic", stderr = true }'
+  TUNE_LOG='logger = { level = "minimal", stderr = true }'
+fi
 cat > cubecl.toml <<TOML
 [compilation]
 cache = { file = "$CACHE/compilation" }
+${COMPILE_LOG:-}
 [autotune]
 cache = { file = "$CACHE/autotune" }
+${TUNE_LOG:-}
+[profiling]
+logger = { level = "${CUBECL_PROFILE:-disabled}", stderr = true }
 TOML
-save_cache() { tar -cf "$OUT/cubecl-cache.tar" -C "$CACHE" . 2>/dev/null; }
+# Files come back from the device only up to 16 MiB each: compressed, it usually fits.
+save_cache() { tar -cJf "$OUT/cubecl-cache.tar.xz" -C "$CACHE" . 2>/dev/null; du -sh "$CACHE" "$OUT/cubecl-cache.tar.xz"; }
 trap save_cache EXIT
 M="python3 xtask/peer/measure.py"
 STEPS=${STEPS:-20}
@@ -43,14 +55,26 @@ step() { # name timeout command...
   $M "$name" "$OUT" "$limit" -- "$@" || echo "$name: exit $?"
 }
 
-# In order of importance, so that a call cut short still brings back the main figures.
-# The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].
-step forward_f32 90 $BIN bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision f32
-# Training: ours and the peer, 0.5b, seq 2048, AdamW, half of every row supervised.
-step ours_b4_bf16 200 $BIN bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16
-step peer_amp_b8 120 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "$STEPS" --mode amp
-step peer_amp_b4 100 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp
-step ours_b8_bf16 150 $BIN bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16
-step forward_bf16 60 $BIN bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16
+# Each measurement by name; the arguments pick which run, in that order (default: all, in order
+# of importance, so that a call cut short still brings back the main figures).
+ALL="forward_bf16 ours_b4_bf16 peer_amp_b4 peer_amp_b8 ours_b8_bf16 forward_f32"
+B=$BIN
+for name in ${@:-$ALL}; do
+  case $name in
+    # The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].
+    forward_bf16) step $name 150 $B bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16 ;;
+    forward_f32)  step $name 120 $B bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision f32 ;;
+    # Training: ours and the peer, 0.5b, seq 2048, AdamW, half of every row supervised.
+    ours_b4_bf16) step $name 300 $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 ;;
+    ours_b8_bf16) step $name 240 $B bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 ;;
+    ours_b8_ref)  step $name 240 $B bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention reference ;;
+    peer_amp_b4)  step $name 100 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp ;;
+    peer_amp_b8)  step $name 120 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "$STEPS" --mode amp ;;
+    # Issue 6's rule: the fast path against the reference path, logits and gradients.
+    check_bf16)   step $name 120 $B check-fast-path --model tests/fixtures/model/tied_f32 --precision bf16 ;;
+    check_f32)    step $name 120 $B check-fast-path --model tests/fixtures/model/tied_f32 --precision f32 --tolerance 1e-3 ;;
+    *) echo "unknown measurement: $name" ;;
+  esac
+done
 echo "== summary"
 cat "$OUT"/*.json

@@ -5,7 +5,8 @@
 
 Writes OUT_DIR/NAME.json: the command's last JSON line merged with
 {"peak_used_gib", "baseline_used_gib", "peak_delta_gib", "wall_seconds", "exit_code",
-"timed_out"}, and OUT_DIR/NAME.log with its output, streamed as it comes. A command still
+"timed_out"}, and OUT_DIR/NAME.log with its stderr, streamed as it comes, each line stamped with the seconds since
+the start. A command still
 running at LIMIT_SECONDS is killed with its whole process group, so nothing it started lingers
 on the GPU into the next measurement. The same sampler measures ours and the peer, so the figures
 compare: device memory in use by the process, allocator pools included.
@@ -42,13 +43,24 @@ def main() -> None:
     start = time.time()
     timed_out = False
     with open(f"{out_dir}/{name}.log", "w") as log, open(f"{out_dir}/{name}.stdout", "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.PIPE, start_new_session=True, text=True
+        )
+
+        def stamp() -> None:  # each line of stderr, with the seconds since the start
+            for line in proc.stderr:
+                log.write(f"{time.time() - start:8.2f} {line}")
+                log.flush()
+
+        stamper = threading.Thread(target=stamp, daemon=True)
+        stamper.start()
         try:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        stamper.join(timeout=5)
     stdout = open(f"{out_dir}/{name}.stdout").read()
     done.set()
     thread.join()

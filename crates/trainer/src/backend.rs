@@ -9,19 +9,25 @@ mod selected {
     pub const NAME: &str = "cuda";
 }
 
-#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+#[cfg(all(feature = "cuda-unfused", not(feature = "cuda")))]
+mod selected {
+    pub type Inner = burn::backend::Cuda;
+    pub const NAME: &str = "cuda (unfused)";
+}
+
+#[cfg(all(feature = "wgpu", not(feature = "cuda-unfused")))]
 mod selected {
     pub type Inner = burn::backend::Wgpu;
     pub const NAME: &str = "wgpu";
 }
 
-#[cfg(all(feature = "cpu", not(any(feature = "wgpu", feature = "cuda"))))]
+#[cfg(all(feature = "cpu", not(any(feature = "wgpu", feature = "cuda-unfused"))))]
 mod selected {
     pub type Inner = burn::backend::Flex;
     pub const NAME: &str = "cpu (flex)";
 }
 
-#[cfg(not(any(feature = "cpu", feature = "wgpu", feature = "cuda")))]
+#[cfg(not(any(feature = "cpu", feature = "wgpu", feature = "cuda-unfused")))]
 compile_error!("enable one of the features `cpu`, `wgpu` or `cuda`");
 
 /// The inference backend.

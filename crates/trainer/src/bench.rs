@@ -164,6 +164,8 @@ where
     config.train.attention_chunk_mib = bench.attention_chunk_mib;
     config.train.attention = bench.attention;
     config.checkpoint.keep_last = 1;
+    // The timed loop is the whole of a real run's step; the final export is not a step.
+    config.checkpoint.save_final = false;
     config.output_dir = work_dir.join("run");
 
     let mut timer = Timer {
