@@ -20,9 +20,10 @@ for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.csv"
 
-# CubeCL compiles every kernel with NVRTC on first use and autotunes matmuls; on a fresh machine
-# that took minutes in the first call (docs/BENCHMARKS.md). Keep both caches in one folder, start
-# from the one an earlier call brought back (carry `.device`), and send the new one back.
+# CubeCL compiles every kernel with NVRTC on first use (and, in a build with the `autotune`
+# feature, times about ten candidates per matmul shape: minutes per step, docs/BENCHMARKS.md).
+# Keep its caches in one folder, start from the one an earlier call brought back (copy it into
+# .device/ and carry `.device`), and send the new one back.
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
 CACHE=$PWD/.cubecl-cache
 mkdir -p "$CACHE"
@@ -44,7 +45,9 @@ ${TUNE_LOG:-}
 logger = { level = "${CUBECL_PROFILE:-disabled}", stderr = true }
 TOML
 # Files come back from the device only up to 16 MiB each: compressed, it usually fits.
-save_cache() { tar -cJf "$OUT/cubecl-cache.tar.xz" -C "$CACHE" . 2>/dev/null; du -sh "$CACHE" "$OUT/cubecl-cache.tar.xz"; }
+# The driver's own cache of PTX compiled to machine code, kept beside CubeCL's.
+export CUDA_CACHE_PATH=$CACHE/nv CUDA_CACHE_MAXSIZE=4294967296
+save_cache() { tar -cf - -C "$CACHE" . 2>/dev/null | xz -T0 -3 > "$OUT/cubecl-cache.tar.xz"; du -sh "$CACHE" "$OUT/cubecl-cache.tar.xz"; }
 trap save_cache EXIT
 M="python3 xtask/peer/measure.py"
 STEPS=${STEPS:-20}
@@ -62,16 +65,20 @@ B=$BIN
 for name in ${@:-$ALL}; do
   case $name in
     # The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].
-    forward_bf16) step $name 150 $B bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16 ;;
+    forward_bf16) step $name ${FORWARD_LIMIT:-150} $B bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16 ;;
     forward_f32)  step $name 120 $B bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision f32 ;;
     # Training: ours and the peer, 0.5b, seq 2048, AdamW, half of every row supervised.
-    ours_b4_bf16) step $name 300 $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 ;;
-    ours_b8_bf16) step $name 240 $B bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 ;;
+    ours_b4_bf16) step $name ${TRAIN_LIMIT:-300} $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
+    ours_b8_bf16) step $name 240 $B bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
+    # Issue 6's rule: the fast path's loss curve against the reference path's, same data, same
+    # seed, batch 4 (the reference attention stores every layer's scores: batch 8 does not fit).
+    curve_fast_b4) step $name ${CURVE_LIMIT:-150} $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
+    curve_ref_b4)  step $name ${CURVE_LIMIT:-150} $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention reference ;;
     ours_b8_ref)  step $name 240 $B bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention reference ;;
-    peer_amp_b4)  step $name 100 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp ;;
+    peer_amp_b4)  step $name ${PEER_LIMIT:-100} python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp ;;
     peer_amp_b8)  step $name 120 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "$STEPS" --mode amp ;;
     # Issue 6's rule: the fast path against the reference path, logits and gradients.
-    check_bf16)   step $name 120 $B check-fast-path --model tests/fixtures/model/tied_f32 --precision bf16 ;;
+    check_bf16)   step $name ${CHECK_LIMIT:-120} $B check-fast-path --model tests/fixtures/model/tied_f32 --precision bf16 ;;
     check_f32)    step $name 120 $B check-fast-path --model tests/fixtures/model/tied_f32 --precision f32 --tolerance 1e-3 ;;
     *) echo "unknown measurement: $name" ;;
   esac

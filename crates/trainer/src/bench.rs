@@ -53,6 +53,8 @@ pub struct BenchReport {
     pub step_seconds_mean: f64,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// Every step's loss, warm-up included: the curve that compares two runs.
+    pub losses: Vec<f64>,
     /// Wall time from the start of the run to the first timed step (load, init, warm-up).
     pub setup_seconds: f64,
     /// The process's peak resident memory (`VmHWM`), which on the CPU backend is the training
@@ -201,6 +203,7 @@ where
         step_seconds_mean: total / seconds.len().max(1) as f64,
         first_loss: timer.losses.first().copied().unwrap_or(f64::NAN),
         last_loss: timer.losses.last().copied().unwrap_or(f64::NAN),
+        losses: timer.losses,
         setup_seconds: timer.setup_seconds.unwrap_or(0.0),
         peak_host_memory_bytes: peak_resident_bytes(),
     })
