@@ -91,11 +91,13 @@ pub(crate) fn row_losses_with_lse<B: Backend>(
     label_smoothing: f32,
     z_loss_weight: f32,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let vocab = x.dims()[1];
     let target_logit = x.clone().gather(1, targets.unsqueeze_dim(1)); // [rows, 1]
-    let mean_logit = (label_smoothing > 0.0).then(|| x.clone().mean_dim(1)); // [rows, 1]
+    let mean_logit = (label_smoothing > 0.0)
+        .then(|| row_reduce(x.clone(), Tensor::sum_dim).div_scalar(vocab as f32)); // [rows, 1]
     // The maximum only shifts the exponent; d lse / d max is exactly 0, so it needs no gradient.
-    let max = x.clone().max_dim(1).detach(); // [rows, 1]
-    let lse = (x - max.clone()).exp().sum_dim(1).log() + max; // [rows, 1]
+    let max = row_reduce(x.clone(), Tensor::max_dim).detach(); // [rows, 1]
+    let lse = row_reduce((x - max.clone()).exp(), Tensor::sum_dim).log() + max; // [rows, 1]
 
     let mut loss = lse.clone() - target_logit.mul_scalar(1.0 - label_smoothing);
     if let Some(mean_logit) = mean_logit {
@@ -105,6 +107,40 @@ pub(crate) fn row_losses_with_lse<B: Backend>(
         loss = loss + lse.clone().powi_scalar(2).mul_scalar(z_loss_weight);
     }
     (loss, lse)
+}
+
+/// Rows at least this long are reduced in two stages by [`row_reduce`].
+const SPLIT_MIN_LEN: usize = 4096;
+
+/// How many parts [`row_reduce`] splits a row of `len` into: the largest power of two up to
+/// 256 that divides `len`, or `None` (one stage) for short rows or fewer than 16 parts.
+fn row_parts(len: usize) -> Option<usize> {
+    if len < SPLIT_MIN_LEN {
+        return None;
+    }
+    let parts = (1usize << len.trailing_zeros()).min(256);
+    (parts >= 16).then_some(parts)
+}
+
+/// Reduces `[rows, len]` to `[rows, 1]` with `reduce` (`Tensor::sum_dim`, `Tensor::max_dim`),
+/// in two stages when the row is long.
+///
+/// Without autotuning, CubeCL's reduction gives each output one thread: a loss tile of a few
+/// hundred rows by 151,936 columns was reduced by a few hundred threads, 22 ms a tile on the
+/// H200 (docs/BENCHMARKS.md). Viewed as `[rows, len / parts, parts]`, the first stage reduces
+/// the middle axis with `rows * parts` threads reading adjacent addresses, and the second
+/// reduces `parts` values per row. A max is the same either way; a sum differs only by the
+/// order of its additions.
+fn row_reduce<B: Backend>(
+    x: Tensor<B, 2>,
+    reduce: impl Fn(Tensor<B, 3>, usize) -> Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let [rows, len] = x.dims();
+    let last_stage = match row_parts(len) {
+        Some(parts) => reduce(x.reshape([rows, len / parts, parts]), 1), // [rows, 1, parts]
+        None => x.reshape([rows, 1, len]),
+    };
+    reduce(last_stage, 2).reshape([rows, 1])
 }
 
 /// An output of exact zeros with no graph behind it, for inputs with no rows at all.
@@ -122,5 +158,48 @@ pub(crate) fn constant_zero_output<B: Backend>(
         loss,
         sum,
         n_tokens: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, Tolerance};
+
+    use super::*;
+
+    type B = Flex;
+
+    #[test]
+    fn row_parts_splits_long_rows_only() {
+        assert_eq!(row_parts(151_936), Some(128)); // 2^7 * 1187: Qwen's padded vocabulary
+        assert_eq!(row_parts(1 << 20), Some(256));
+        assert_eq!(row_parts(4095), None);
+        assert_eq!(row_parts(4096 * 3), Some(256));
+        assert_eq!(row_parts(8 * 1187), None); // too few parts to be worth a second stage
+    }
+
+    #[test]
+    fn two_stage_reduction_equals_one_stage() {
+        let device = Default::default();
+        for len in [151_936 / 8, 8 * 1187, 300] {
+            let x = Tensor::<B, 2>::random([5, len], Distribution::Normal(0.0, 3.0), &device);
+            let max = row_reduce(x.clone(), Tensor::max_dim);
+            max.into_data()
+                .assert_eq(&x.clone().max_dim(1).into_data(), true);
+            // Positive terms, so that a relative tolerance means something; against the exact
+            // sum in f64 (an f32 sum of 10k terms in one stage is itself off by a few 1e-6).
+            let x = x.exp();
+            let values = x.to_data().to_vec::<f32>().unwrap();
+            let exact: Vec<f32> = values
+                .chunks(len)
+                .map(|row| row.iter().map(|&v| f64::from(v)).sum::<f64>() as f32)
+                .collect();
+            let sum = row_reduce(x, Tensor::sum_dim);
+            sum.into_data().assert_approx_eq::<f32>(
+                &burn::tensor::TensorData::new(exact, [5, 1]),
+                Tolerance::relative(1e-5),
+            );
+        }
     }
 }

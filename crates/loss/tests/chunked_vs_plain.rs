@@ -131,6 +131,20 @@ fn chunked_equals_plain_for_every_tiling_and_option() {
 }
 
 #[test]
+fn chunked_equals_plain_when_rows_reduce_in_two_stages() {
+    // 4160 = 65 * 64 columns: long enough for the two-stage row reduction (the plain path's
+    // autodiff runs through it, the fused path's forward uses it for the log-sum-exp).
+    let p = problem(12, 8, 4160, 11);
+    let opts = CrossEntropyOptions::default()
+        .with_label_smoothing(0.1)
+        .with_z_loss_weight(1e-3);
+    for budget in [1 << 30, 64 << 10] {
+        let opts = opts.clone().with_chunk_memory_bytes(budget);
+        compare(&format!("vocab 4160, budget {budget}"), &p, &opts);
+    }
+}
+
+#[test]
 fn chunk_plan_respects_the_budget_and_its_floors() {
     // The size: 8192 supervised rows, vocabulary 151936, the default 256 MiB budget.
     let plan = ChunkPlan::new(8192, 151_936, 256 << 20);
