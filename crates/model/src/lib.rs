@@ -10,6 +10,9 @@
 //! - [`ops`] holds the hot operations, one function each.
 //! - [`attention`] is the memory-efficient causal attention behind [`ops::attention`], a backend
 //!   trait ([`AttentionBackend`]) with a custom autodiff backward.
+//! - [`linear`] is the linear layers' matrix product behind a backend trait
+//!   ([`LinearBackend`], which `AttentionBackend` extends), on cuBLASLt for CUDA with the
+//!   `cublaslt` feature.
 //! - [`load_pretrained`] and [`save_pretrained`] read and write model directories that
 //!   transformers and vLLM load as they are.
 
@@ -17,11 +20,13 @@ pub mod attention;
 mod checkpoint;
 mod config;
 mod error;
+pub mod linear;
 mod model;
 pub mod ops;
 mod weights;
 
 pub use attention::{AttentionBackend, AttentionImpl};
+pub use linear::LinearBackend;
 pub use checkpoint::{
     CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
 };

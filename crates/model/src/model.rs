@@ -11,6 +11,7 @@ use burn::tensor::{DType, Int, Tensor};
 use crate::attention::{AttentionBackend, AttentionImpl};
 use crate::config::{AttentionKind, Family, Qwen2Config};
 use crate::error::LoadError;
+use crate::linear::LinearBackend;
 use crate::ops::{self, AttentionMask};
 use crate::weights::{Init, Weights};
 
@@ -37,7 +38,9 @@ impl<B: Backend> Linear<B> {
             },
         })
     }
+}
 
+impl<B: LinearBackend> Linear<B> {
     /// # Shapes
     /// `[..., in]` -> `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
@@ -87,7 +90,9 @@ impl<B: Backend> Qwen2Mlp<B> {
             down_proj: Linear::new(&mut w.pp("down_proj"), i, h, false)?,
         })
     }
+}
 
+impl<B: LinearBackend> Qwen2Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gated = ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
         self.down_proj.forward(gated)
@@ -433,7 +438,9 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             None => self.model.embed_tokens.weight.val(),
         }
     }
+}
 
+impl<B: LinearBackend> Qwen2ForCausalLM<B> {
     /// Logits from final hidden states.
     ///
     /// # Shapes

@@ -7,10 +7,11 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, Int, Tensor};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorPrimitive};
 
 pub use crate::attention::AttentionMask;
 use crate::attention::{AttentionBackend, AttentionImpl, chunked_attention};
+use crate::linear::LinearBackend;
 
 /// `x @ weight^T + bias`, with `weight` in Hugging Face layout `[out, in]`.
 ///
@@ -20,7 +21,7 @@ use crate::attention::{AttentionBackend, AttentionImpl, chunked_attention};
 /// - x: `[..., in]`
 /// - weight: `[out, in]`, bias: `[out]`
 /// - output: `[..., out]`
-pub fn linear<B: Backend, const D: usize>(
+pub fn linear<B: LinearBackend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
@@ -29,10 +30,10 @@ pub fn linear<B: Backend, const D: usize>(
     let dims = x.dims();
     let [out_features, in_features] = weight.dims();
     let rows = dims[..D - 1].iter().product();
-    // [rows, in] @ [in, out] -> [rows, out]
-    let y = x
-        .reshape([rows, in_features])
-        .matmul(weight.cast(dtype).transpose());
+    // [rows, in] @ [out, in]^T -> [rows, out], on the backend's own kernel where it has one.
+    let x = x.reshape([rows, in_features]).into_primitive().tensor();
+    let w = weight.cast(dtype).into_primitive().tensor();
+    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::dense(x, w)));
     let y = match bias {
         Some(bias) => y + bias.cast(dtype).unsqueeze::<2>(),
         None => y,

@@ -44,6 +44,8 @@ pub struct BenchReport {
     pub batch_size: usize,
     pub precision: Precision,
     pub attention: qwen_model::AttentionImpl,
+    /// The body of the linear layers' products: `burn` or `cublaslt`.
+    pub linear: &'static str,
     pub steps_timed: usize,
     /// Non-padding tokens per second over the timed steps.
     pub tokens_per_second: f64,
@@ -195,6 +197,7 @@ where
         batch_size: bench.batch_size,
         precision: bench.precision,
         attention: bench.attention,
+        linear: B::gemm_name(),
         steps_timed: seconds.len(),
         tokens_per_second: tokens as f64 / total,
         supervised_tokens_per_second: supervised as f64 / total,
@@ -219,6 +222,8 @@ pub struct ForwardReport {
     pub batch_size: usize,
     pub seq_len: usize,
     pub precision: Precision,
+    /// The body of the linear layers' products: `burn` or `cublaslt`.
+    pub linear: &'static str,
     pub init_seconds: f64,
     /// The first forward (kernel compilation and autotuning included).
     pub first_forward_seconds: f64,
@@ -280,6 +285,7 @@ pub fn forward<B: AttentionBackend>(
         batch_size,
         seq_len,
         precision,
+        linear: B::gemm_name(),
         init_seconds,
         first_forward_seconds: first,
         forward_seconds_median: times[times.len() / 2],

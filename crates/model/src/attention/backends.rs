@@ -16,7 +16,7 @@ where
     F: burn_cubecl::FloatElement,
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
-    Self: burn::tensor::backend::Backend,
+    Self: burn::tensor::backend::Backend<FloatTensorPrimitive = burn_cubecl::tensor::CubeTensor<R>>,
 {
 }
 

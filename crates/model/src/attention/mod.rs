@@ -206,7 +206,10 @@ pub struct AttentionGrads<B: Backend> {
 /// WGPU) and the fusion decorator (`fusion`). Another backend needs a one-line empty impl in
 /// `attention/backends.rs` (Rust's coherence rules forbid a blanket impl beside the one for
 /// `Autodiff`).
-pub trait AttentionBackend: Backend {
+///
+/// It extends [`LinearBackend`](crate::LinearBackend), so that one bound gives the model every
+/// replaceable kernel.
+pub trait AttentionBackend: crate::LinearBackend {
     /// Output and log-sum-exp. Not differentiable, even on `Autodiff<B>`; use
     /// [`causal_attention`](Self::causal_attention) for that.
     fn causal_attention_forward(

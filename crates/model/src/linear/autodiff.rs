@@ -1,0 +1,59 @@
+//! `LinearBackend` for `Autodiff<B, C>`: one backward node whose two products run on `B::gemm`.
+
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::tensor::ops::FloatTensor;
+
+use super::LinearBackend;
+
+/// The backward step of `x @ w^T`; its parents are `[x, w]`.
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
+    /// The inner backend's `x` and `w` (references, not copies).
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // [rows, out]
+        let (x, w) = ops.state;
+        if let Some(node) = node_w {
+            // [out, rows] @ [rows, in]
+            grads.register::<B>(node.id, B::gemm(grad.clone(), x, true, false));
+        }
+        if let Some(node) = node_x {
+            // [rows, out] @ [out, in]
+            grads.register::<B>(node.id, B::gemm(grad, w, false, false));
+        }
+    }
+}
+
+impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
+    fn dense(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prepared = LinearBackward
+            .prepare::<C>([x.node.clone(), w.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let y = B::dense(x.primitive.clone(), w.primitive.clone());
+                prep.finish((x.primitive, w.primitive), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::dense(x.primitive, w.primitive)),
+        }
+    }
+
+    fn gemm_name() -> &'static str {
+        B::gemm_name()
+    }
+}
