@@ -12,7 +12,8 @@ OUT=${OUT:-/tmp/qwen-sft-gpu}
 mkdir -p "$OUT"
 # The binary travels xz-compressed: the working tree sent to the device is capped at 64 MiB.
 BIN=/tmp/qwen-sft
-# BINARY=qwen-sft-unfused picks the build without burn's kernel fusion.
+# BINARY picks a variant from `cargo xtask device-bundle --features F`: qwen-sft-cuda-unfused
+# (no kernel fusion), qwen-sft-cuda-cublaslt (linear layers on cuBLASLt), qwen-sft-cuda-autotune.
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do

@@ -41,11 +41,11 @@ fn main() -> Result<()> {
             "--example",
             "cpu_backends",
         ])),
-        "device-bundle" => device_bundle(),
+        "device-bundle" => device_bundle(rest),
         "fixtures" => fixtures(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  train [--backend cpu|wgpu|cuda] [-- <qwen-sft train args>]\n  bench [--backend cpu|wgpu|cuda] [-- <qwen-sft bench args>]\n  bench-tokenize [--chats N]\n  bench-loss [-- args]\n  bench-cpu\n  device-bundle\n  fixtures"
+                "usage: cargo xtask <task>\n\n  train [--backend cpu|wgpu|cuda] [-- <qwen-sft train args>]\n  bench [--backend cpu|wgpu|cuda] [-- <qwen-sft bench args>]\n  bench-tokenize [--chats N]\n  bench-loss [-- args]\n  bench-cpu\n  device-bundle [--features F]\n  fixtures"
             );
             if task == "help" || task == "--help" {
                 Ok(())
@@ -99,7 +99,13 @@ fn split_backend(args: &[String]) -> Result<(String, Vec<String>)> {
 
 /// Builds `qwen-sft` in release mode with the backend's feature and returns the binary.
 fn build_qwen_sft(backend: &str) -> Result<PathBuf> {
-    let target = root().join("target").join(backend);
+    build_qwen_sft_in(backend, backend)
+}
+
+/// Builds with `features` in `target/<target_dir>`, so that feature variants of one backend
+/// share their compiled dependencies.
+fn build_qwen_sft_in(features: &str, target_dir: &str) -> Result<PathBuf> {
+    let target = root().join("target").join(target_dir);
     run(cargo()
         .args([
             "build",
@@ -108,7 +114,7 @@ fn build_qwen_sft(backend: &str) -> Result<PathBuf> {
             "qwen-sft",
             "--no-default-features",
             "--features",
-            backend,
+            features,
         ])
         .env("CARGO_TARGET_DIR", &target))?;
     Ok(target.join("release").join("qwen-sft"))
@@ -213,16 +219,28 @@ fn bench_loss(args: &[String]) -> Result<()> {
 /// The CUDA build of `qwen-sft` for the lent GPU machine (which has no Rust toolchain):
 /// stripped and xz-compressed into `.device/qwen-sft.xz`, since the working tree sent there is
 /// capped at 64 MiB. `.git/info/exclude` keeps `.device/` out of git;
-/// `xtask/device/gpu_bench.sh` unpacks it there.
-fn device_bundle() -> Result<()> {
+/// `xtask/device/gpu_bench.sh` unpacks it there (`BINARY=qwen-sft-<features>` picks a variant).
+///
+/// `--features F` builds another CUDA variant (`cuda-unfused`, `cuda-cublaslt`, `cuda,autotune`)
+/// into `.device/qwen-sft-<F>.xz`, in the same target folder as the plain build.
+fn device_bundle(args: &[String]) -> Result<()> {
+    let features = match args {
+        [] => "cuda".to_string(),
+        [flag, features] if flag == "--features" => features.clone(),
+        _ => bail!("usage: cargo xtask device-bundle [--features F]"),
+    };
+    let name = match features.as_str() {
+        "cuda" => "qwen-sft".to_string(),
+        other => format!("qwen-sft-{}", other.replace(',', "-")),
+    };
     let out = root().join(".device");
     std::fs::create_dir_all(&out)?;
-    let bin = build_qwen_sft("cuda")?;
-    let stripped = out.join("qwen-sft");
+    let bin = build_qwen_sft_in(&features, "cuda")?;
+    let stripped = out.join(&name);
     std::fs::copy(&bin, &stripped)?;
     run(Command::new("strip").arg(&stripped))?;
     run(Command::new("xz").args(["-T2", "-6", "-f"]).arg(&stripped))?;
-    println!("{}", out.join("qwen-sft.xz").display());
+    println!("{}", out.join(format!("{name}.xz")).display());
     Ok(())
 }
 
