@@ -87,12 +87,14 @@ fn create(index: usize) -> Result<Blas, Box<dyn std::error::Error>> {
     Ok(Blas { stream, blas })
 }
 
-/// A 2-D tensor whose rows are unit-stride (a transposed view is copied first).
+/// A 2-D tensor whose rows are unit-stride and do not overlap, as cuBLASLt's leading dimension
+/// needs (a transposed or broadcast view is copied first).
 fn rows_unit_stride(t: &Tensor) -> Option<Tensor> {
     if t.meta.num_dims() != 2 {
         return None;
     }
-    Some(if t.meta.strides()[1] == 1 {
+    let (strides, cols) = (t.meta.strides(), t.meta.shape()[1]);
+    Some(if strides[1] == 1 && strides[0] >= cols {
         t.clone()
     } else {
         into_contiguous(t.clone())
