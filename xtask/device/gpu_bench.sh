@@ -75,6 +75,9 @@ for name in ${@:-$ALL}; do
     # seed, batch 4 (the reference attention stores every layer's scores: batch 8 does not fit).
     curve_fast_b4) step $name ${CURVE_LIMIT:-150} $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
     curve_ref_b4)  step $name ${CURVE_LIMIT:-150} $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention reference ;;
+    # The linear layers' GEMMs of a 0.5b step at batch 4 (8192 tokens): the backend's body
+    # (cuBLASLt in BINARY=qwen-sft-cuda-cublaslt) against burn's matmul, time and difference.
+    gemm_bf16)    step $name ${GEMM_LIMIT:-120} $B bench-linear --preset 0.5b --rows 8192 --precision bf16 --iterations 10 ;;
     ours_b8_ref)  step $name 240 $B bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention reference ;;
     peer_amp_b4)  step $name ${PEER_LIMIT:-100} python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp ;;
     peer_amp_b8)  step $name 120 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "$STEPS" --mode amp ;;

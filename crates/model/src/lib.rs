@@ -26,12 +26,12 @@ pub mod ops;
 mod weights;
 
 pub use attention::{AttentionBackend, AttentionImpl};
-pub use linear::LinearBackend;
 pub use checkpoint::{
     CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
 };
 pub use config::{AttentionKind, Family, Qwen2Config, RopeParameters};
 pub use error::{ConfigError, LoadError, SaveError};
+pub use linear::LinearBackend;
 pub use model::{
     Embedding, KvCache, LayerCache, Linear, Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM,
     Qwen2Input, Qwen2Mlp, Qwen2Model, RmsNorm,

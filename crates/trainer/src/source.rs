@@ -121,18 +121,23 @@ pub fn load_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<LoadedMode
 }
 
 /// Initialises `preset` at random.
-pub fn init_preset<B: Backend>(
-    preset: &str,
-    seed: u64,
-    device: &B::Device,
-) -> Result<LoadedModel<B>, TrainError> {
-    let config = Qwen2Config::preset(preset).ok_or_else(|| TrainError::Config {
+/// The config of a size preset, or an error that lists the presets.
+pub fn preset_config(preset: &str) -> Result<Qwen2Config, TrainError> {
+    Qwen2Config::preset(preset).ok_or_else(|| TrainError::Config {
         path: PathBuf::from("model.preset"),
         reason: format!(
             "unknown preset `{preset}`; use one of {:?}",
             Qwen2Config::PRESETS
         ),
-    })?;
+    })
+}
+
+pub fn init_preset<B: Backend>(
+    preset: &str,
+    seed: u64,
+    device: &B::Device,
+) -> Result<LoadedModel<B>, TrainError> {
+    let config = preset_config(preset)?;
     let model = Qwen2ForCausalLM::init(&config, device, seed);
     Ok(LoadedModel {
         config,

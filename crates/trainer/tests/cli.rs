@@ -225,6 +225,37 @@ fn check_fast_path_agrees_on_the_fixture() {
 }
 
 #[test]
+fn bench_linear_times_every_gemm_of_a_step() {
+    let out = ok(&qwen_sft(&[
+        "bench-linear",
+        "--preset",
+        "tiny",
+        "--rows",
+        "48",
+        "--iterations",
+        "1",
+        "--precision",
+        "f32",
+    ]));
+    let reports: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    // Six layer shapes, each forward, grad input and grad weight.
+    assert_eq!(reports.len(), 18, "{out}");
+    let grad_weight = &reports[2];
+    assert_eq!(grad_weight["name"], "self_attn.q_proj grad weight");
+    assert_eq!(grad_weight["transpose_a"], true);
+    assert_eq!(grad_weight["k"], 48, "the token axis is summed over: {grad_weight}");
+    for report in &reports {
+        // The CPU has only burn's body, so both timings run the same code.
+        assert_eq!(report["body"], "burn", "{report}");
+        assert_eq!(report["max_relative_diff"], 0.0, "{report}");
+        assert!(report["tflops"].as_f64().unwrap() > 0.0, "{report}");
+    }
+}
+
+#[test]
 fn bad_inputs_say_what_and_where() {
     let dir = tempfile::tempdir().unwrap();
 

@@ -120,11 +120,24 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
     let (a, b) = (rows_unit_stride(a)?, rows_unit_stride(b)?);
     let (a_rows, a_cols, lda) = layout(&a);
     let (b_rows, b_cols, ldb) = layout(&b);
-    let (m, k) = if transpose_a { (a_cols, a_rows) } else { (a_rows, a_cols) };
-    let (k_b, n) = if transpose_b { (b_cols, b_rows) } else { (b_rows, b_cols) };
+    let (m, k) = if transpose_a {
+        (a_cols, a_rows)
+    } else {
+        (a_rows, a_cols)
+    };
+    let (k_b, n) = if transpose_b {
+        (b_cols, b_rows)
+    } else {
+        (b_rows, b_cols)
+    };
     assert_eq!(k, k_b, "gemm: inner dimensions differ ({k} and {k_b})");
 
-    let c = empty_device_dtype(a.client.clone(), a.device.clone(), Shape::new([m, n]), a.dtype);
+    let c = empty_device_dtype(
+        a.client.clone(),
+        a.device.clone(),
+        Shape::new([m, n]),
+        a.dtype,
+    );
     let ldc = c.meta.strides()[0];
     let (pa, _keep_a) = address(&a)?;
     let (pb, _keep_b) = address(&b)?;
@@ -158,7 +171,10 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
         _ => run::<f32>(blas, config, pb, pa, pc, lengths),
     })?;
     if let Err(err) = done {
-        panic!("cuBLASLt matmul [{m}, {k}] x [{k}, {n}] ({:?}) failed: {err}", a.dtype);
+        panic!(
+            "cuBLASLt matmul [{m}, {k}] x [{k}, {n}] ({:?}) failed: {err}",
+            a.dtype
+        );
     }
     Some(c)
 }
@@ -182,7 +198,9 @@ where
         let first = blas.stream.upgrade_device_ptr::<T>(first, lengths[1]);
         let second = blas.stream.upgrade_device_ptr::<T>(second, lengths[0]);
         let mut out = blas.stream.upgrade_device_ptr::<T>(out, lengths[2]);
-        let result = blas.blas.matmul(config, &first, &second, &mut out, None, None);
+        let result = blas
+            .blas
+            .matmul(config, &first, &second, &mut out, None, None);
         first.leak();
         second.leak();
         out.leak();
