@@ -341,11 +341,14 @@ impl Qwen2Config {
         embeddings + self.num_hidden_layers * (attention + mlp + norms) + h + lm_head
     }
 
-    /// A size preset: `tiny` (a few million parameters with the real vocabulary), or the
-    /// shapes of Qwen2.5 `0.5b`, `1.5b` and `7b`.
+    /// A size preset: `tiny` (a few million parameters with the real vocabulary),
+    /// `tiny-deep` (16 narrow layers with 0.5b's MLP ratio, so that on the CPU a step's stored
+    /// activations outweigh the parameters and optimizer state, for memory measurements), or
+    /// the shapes of Qwen2.5 `0.5b`, `1.5b` and `7b`.
     pub fn preset(name: &str) -> Option<Self> {
         let (vocab, hidden, inter, layers, heads, kv, tied) = match name {
             "tiny" => (151_936, 64, 176, 2, 4, 2, true),
+            "tiny-deep" => (151_936, 128, 704, 16, 2, 1, true),
             "0.5b" => (151_936, 896, 4864, 24, 14, 2, true),
             "1.5b" => (151_936, 1536, 8960, 28, 12, 2, true),
             "7b" => (152_064, 3584, 18944, 28, 28, 4, false),
@@ -389,7 +392,7 @@ impl Qwen2Config {
     }
 
     /// The names accepted by [`Qwen2Config::preset`].
-    pub const PRESETS: [&'static str; 4] = ["tiny", "0.5b", "1.5b", "7b"];
+    pub const PRESETS: [&'static str; 5] = ["tiny", "tiny-deep", "0.5b", "1.5b", "7b"];
 }
 
 #[cfg(test)]

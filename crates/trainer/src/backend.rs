@@ -32,8 +32,14 @@ compile_error!("enable one of the features `cpu`, `wgpu` or `cuda`");
 
 /// The inference backend.
 pub type Inference = selected::Inner;
-/// The training backend.
+/// The training backend: every op keeps what its backward needs.
 pub type Training = burn::backend::Autodiff<Inference>;
+/// The training backend under burn's balanced activation checkpointing
+/// (`train.checkpointing = "balanced"`): memory-bound ops are recomputed in the backward.
+pub type TrainingCheckpointed = burn::backend::Autodiff<
+    Inference,
+    burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
+>;
 /// A human-readable name of the compiled-in backend.
 pub const BACKEND_NAME: &str = selected::NAME;
 

@@ -33,6 +33,8 @@ pub struct BenchConfig {
     pub loss_chunk_mib: usize,
     pub attention_chunk_mib: usize,
     pub attention: qwen_model::AttentionImpl,
+    /// Recorded in the run's config and the report; the caller picks the matching backend.
+    pub checkpointing: crate::config::Checkpointing,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,6 +46,7 @@ pub struct BenchReport {
     pub batch_size: usize,
     pub precision: Precision,
     pub attention: qwen_model::AttentionImpl,
+    pub checkpointing: crate::config::Checkpointing,
     /// The body of the linear layers' products: `burn` or `cublaslt`.
     pub linear: &'static str,
     pub steps_timed: usize,
@@ -167,6 +170,7 @@ where
     config.train.loss_chunk_mib = bench.loss_chunk_mib;
     config.train.attention_chunk_mib = bench.attention_chunk_mib;
     config.train.attention = bench.attention;
+    config.train.checkpointing = bench.checkpointing;
     config.checkpoint.keep_last = 1;
     // The timed loop is the whole of a real run's step; the final export is not a step.
     config.checkpoint.save_final = false;
@@ -197,6 +201,7 @@ where
         batch_size: bench.batch_size,
         precision: bench.precision,
         attention: bench.attention,
+        checkpointing: bench.checkpointing,
         linear: B::gemm_name(),
         steps_timed: seconds.len(),
         tokens_per_second: tokens as f64 / total,

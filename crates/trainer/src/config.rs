@@ -91,6 +91,35 @@ impl std::str::FromStr for Precision {
     }
 }
 
+/// What autodiff keeps for the backward pass, burn's checkpointing strategy. The `qwen-sft`
+/// binary picks the training backend's type from it (`backend::Training` or
+/// `backend::TrainingCheckpointed`); library callers pick the type themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Every op keeps the tensors its backward needs (`NoCheckpointing`).
+    #[default]
+    None,
+    /// burn's `BalancedCheckpointing`: ops marked memory-bound (element-wise ops, casts,
+    /// reshapes) keep how to recompute their output instead of the output, and the backward
+    /// recomputes it from the nearest stored compute-bound result (a matmul, the attention).
+    Balanced,
+}
+
+impl std::str::FromStr for Checkpointing {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Self::None),
+            "balanced" => Ok(Self::Balanced),
+            other => Err(format!(
+                "unknown checkpointing `{other}`; use none or balanced"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSection {
@@ -110,6 +139,8 @@ pub struct TrainSection {
     pub attention_chunk_mib: usize,
     /// `chunked` (default) or `reference`, the plain body, to compare against.
     pub attention: qwen_model::AttentionImpl,
+    /// `none` or `balanced`: what autodiff stores for the backward, see [`Checkpointing`].
+    pub checkpointing: Checkpointing,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,6 +233,7 @@ impl Default for TrainSection {
             loss_chunk_mib: 256,
             attention_chunk_mib: 512,
             attention: qwen_model::AttentionImpl::Chunked,
+            checkpointing: Checkpointing::None,
         }
     }
 }

@@ -10,8 +10,8 @@ use qwen_chat::{
     Chat, ChatTokenizer, DatasetOptions, InspectOptions, MaskMode, Message, SkipPolicy,
 };
 use qwen_model::{SaveDtype, SaveOptions};
-use qwen_sft::backend::{self, BACKEND_NAME, Inference, Training};
-use qwen_sft::config::{Precision, TrainConfig};
+use qwen_sft::backend::{self, BACKEND_NAME, Inference, Training, TrainingCheckpointed};
+use qwen_sft::config::{Checkpointing, Precision, TrainConfig};
 use qwen_sft::eval::{evaluate, score_examples};
 use qwen_sft::generate::{GenerationConfig, generate};
 use qwen_sft::metrics::StepMetrics;
@@ -270,6 +270,9 @@ struct BenchArgs {
     /// chunked | reference
     #[arg(long, default_value = "chunked")]
     attention: qwen_model::AttentionImpl,
+    /// none | balanced: what autodiff stores for the backward (`train.checkpointing`).
+    #[arg(long, default_value = "none")]
+    checkpointing: Checkpointing,
     /// Scratch directory for the corpus and the run (a temporary one when absent).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -448,13 +451,20 @@ fn train(args: TrainArgs) -> Result<()> {
         bar
     });
     let mut progress = Progress { bar };
-    let summary = qwen_sft::train::<Training>(
-        &config,
-        &backend::device(),
-        BACKEND_NAME,
-        args.resume.as_deref(),
-        &mut progress,
-    )
+    let (device, resume) = (backend::device(), args.resume.as_deref());
+    // The checkpointing strategy is part of the backend's type.
+    let summary = match config.train.checkpointing {
+        Checkpointing::None => {
+            qwen_sft::train::<Training>(&config, &device, BACKEND_NAME, resume, &mut progress)
+        }
+        Checkpointing::Balanced => qwen_sft::train::<TrainingCheckpointed>(
+            &config,
+            &device,
+            BACKEND_NAME,
+            resume,
+            &mut progress,
+        ),
+    }
     .with_context(|| format!("training into {}", config.output_dir.display()))?;
     if let Some(bar) = &progress.bar {
         bar.finish();
@@ -710,9 +720,17 @@ fn bench(args: BenchArgs) -> Result<()> {
         loss_chunk_mib: args.loss_chunk_mib,
         attention_chunk_mib: args.attention_chunk_mib,
         attention: args.attention,
+        checkpointing: args.checkpointing,
     };
-    let report =
-        qwen_sft::bench::run::<Training>(&bench, &backend::device(), BACKEND_NAME, &work_dir)?;
+    let device = backend::device();
+    let report = match args.checkpointing {
+        Checkpointing::None => {
+            qwen_sft::bench::run::<Training>(&bench, &device, BACKEND_NAME, &work_dir)?
+        }
+        Checkpointing::Balanced => {
+            qwen_sft::bench::run::<TrainingCheckpointed>(&bench, &device, BACKEND_NAME, &work_dir)?
+        }
+    };
     if args.work_dir.is_none() {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
