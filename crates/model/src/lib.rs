@@ -13,6 +13,8 @@
 //! - [`linear`] is the linear layers' matrix product behind a backend trait
 //!   ([`LinearBackend`], which `AttentionBackend` extends), on cuBLASLt for CUDA with the
 //!   `cublaslt` feature.
+//! - [`rowwise`] is RMSNorm and SwiGLU behind a backend trait ([`RowwiseBackend`], which
+//!   `AttentionBackend` also extends), each one autodiff node that keeps only its inputs.
 //! - [`load_pretrained`] and [`save_pretrained`] read and write model directories that
 //!   transformers and vLLM load as they are.
 
@@ -23,6 +25,7 @@ mod error;
 pub mod linear;
 mod model;
 pub mod ops;
+pub mod rowwise;
 mod weights;
 
 pub use attention::{AttentionBackend, AttentionImpl};
@@ -36,4 +39,5 @@ pub use model::{
     Embedding, KvCache, LayerCache, Linear, Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM,
     Qwen2Input, Qwen2Mlp, Qwen2Model, RmsNorm,
 };
+pub use rowwise::RowwiseBackend;
 pub use weights::{Init, RandomInit, WeightSource, Weights};

@@ -13,6 +13,7 @@ use crate::config::{AttentionKind, Family, Qwen2Config};
 use crate::error::LoadError;
 use crate::linear::LinearBackend;
 use crate::ops::{self, AttentionMask};
+use crate::rowwise::RowwiseBackend;
 use crate::weights::{Init, Weights};
 
 /// A linear layer in Hugging Face layout: `weight` is `[out, in]`.
@@ -67,7 +68,9 @@ impl<B: Backend> RmsNorm<B> {
             eps,
         })
     }
+}
 
+impl<B: RowwiseBackend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         ops::rms_norm(x, self.weight.val(), self.eps)
     }
@@ -92,7 +95,7 @@ impl<B: Backend> Qwen2Mlp<B> {
     }
 }
 
-impl<B: LinearBackend> Qwen2Mlp<B> {
+impl<B: LinearBackend + RowwiseBackend> Qwen2Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gated = ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
         self.down_proj.forward(gated)

@@ -12,6 +12,7 @@ use burn::tensor::{DType, FloatDType, Int, Tensor, TensorPrimitive};
 pub use crate::attention::AttentionMask;
 use crate::attention::{AttentionBackend, AttentionImpl, chunked_attention};
 use crate::linear::LinearBackend;
+use crate::rowwise::RowwiseBackend;
 
 /// `x @ weight^T + bias`, with `weight` in Hugging Face layout `[out, in]`.
 ///
@@ -55,9 +56,33 @@ pub fn embedding<B: Backend>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Te
 /// RMSNorm as in transformers' `Qwen2RMSNorm`: normalised in f32, cast back to the input's
 /// dtype, then scaled by `weight`.
 ///
+/// The body is [`RowwiseBackend::rms_norm`]: the values of [`rms_norm_reference`], and under
+/// autodiff one node that keeps `x`, the weight and a `[rows, 1]` f32 `rstd` (see
+/// [`crate::rowwise`]).
+///
 /// # Shapes
 /// - x: `[..., hidden]`, weight: `[hidden]`
-pub fn rms_norm<B: Backend, const D: usize>(
+pub fn rms_norm<B: RowwiseBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
+    // [..., hidden] -> [rows, hidden]
+    let x = x.reshape([rows, dims[D - 1]]).into_primitive().tensor();
+    let weight = weight.cast(dtype).into_primitive().tensor();
+    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::rms_norm(x, weight, eps)));
+    y.reshape(dims)
+}
+
+/// The reference body of [`rms_norm`] in plain tensor ops, whose autodiff keeps `x` in f32 and
+/// the normalised rows. Kept for tests.
+///
+/// # Shapes
+/// - x: `[..., hidden]`, weight: `[hidden]`
+pub fn rms_norm_reference<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 1>,
     eps: f64,
@@ -71,7 +96,30 @@ pub fn rms_norm<B: Backend, const D: usize>(
 }
 
 /// `silu(gate) * up`, the SwiGLU gate of the MLP.
-pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+///
+/// The body is [`RowwiseBackend::swiglu`]: under autodiff one node that keeps only `gate` and
+/// `up` (see [`crate::rowwise`]).
+///
+/// # Shapes
+/// - gate, up: `[..., intermediate]`
+pub fn swiglu<B: RowwiseBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dims = gate.dims();
+    let rows = dims[..D - 1].iter().product();
+    // [..., intermediate] -> [rows, intermediate]
+    let flat = |t: Tensor<B, D>| t.reshape([rows, dims[D - 1]]).into_primitive().tensor();
+    let y = B::swiglu(flat(gate), flat(up));
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(dims)
+}
+
+/// The reference body of [`swiglu`] in plain tensor ops, whose autodiff keeps `gate`,
+/// `sigmoid(gate)`, `silu(gate)` and `up`. Kept for tests.
+pub fn swiglu_reference<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
     silu(gate) * up
 }
 

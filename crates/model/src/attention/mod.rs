@@ -207,9 +207,10 @@ pub struct AttentionGrads<B: Backend> {
 /// `attention/backends.rs` (Rust's coherence rules forbid a blanket impl beside the one for
 /// `Autodiff`).
 ///
-/// It extends [`LinearBackend`](crate::LinearBackend), so that one bound gives the model every
+/// It extends [`LinearBackend`](crate::LinearBackend) and
+/// [`RowwiseBackend`](crate::RowwiseBackend), so that one bound gives the model every
 /// replaceable kernel.
-pub trait AttentionBackend: crate::LinearBackend {
+pub trait AttentionBackend: crate::LinearBackend + crate::RowwiseBackend {
     /// Output and log-sum-exp. Not differentiable, even on `Autodiff<B>`; use
     /// [`causal_attention`](Self::causal_attention) for that.
     fn causal_attention_forward(

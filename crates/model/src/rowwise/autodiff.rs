@@ -1,0 +1,101 @@
+//! `RowwiseBackend` for `Autodiff<B, C>`: one backward node per RMSNorm and per SwiGLU.
+
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::tensor::ops::FloatTensor;
+
+use super::RowwiseBackend;
+
+/// The backward step of RMSNorm; its parents are `[x, weight]`.
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: RowwiseBackend> Backward<B, 2> for RmsNormBackward {
+    /// The inner backend's `x` and `weight` (references, not copies) and the `[rows, 1]` f32
+    /// `rstd`.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // [rows, hidden]
+        let (x, rstd, weight) = ops.state;
+        let request = [node_x.is_some(), node_weight.is_some()];
+        let [dx, dw] = B::rms_norm_backward(x, rstd, weight, grad, request);
+        for (node, grad) in [(node_x, dx), (node_weight, dw)] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// The backward step of SwiGLU; its parents are `[gate, up]`.
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: RowwiseBackend> Backward<B, 2> for SwigluBackward {
+    /// The inner backend's `gate` and `up` (references, not copies).
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_gate, node_up] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // [rows, intermediate]
+        let (gate, up) = ops.state;
+        let request = [node_gate.is_some(), node_up.is_some()];
+        let [dg, du] = B::swiglu_backward(gate, up, grad, request);
+        for (node, grad) in [(node_gate, dg), (node_up, du)] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+// Both nodes are marked compute-bound, as the attention's is: under a checkpointing strategy
+// their small state is kept rather than the forward re-run.
+impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C> {
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let prepared = RmsNormBackward
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let (y, rstd) =
+                    B::rms_norm_forward(x.primitive.clone(), weight.primitive.clone(), eps);
+                prep.finish((x.primitive, rstd, weight.primitive), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::rms_norm_forward(x.primitive, weight.primitive, eps).0)
+            }
+        }
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prepared = SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let y = B::swiglu(gate.primitive.clone(), up.primitive.clone());
+                prep.finish((gate.primitive, up.primitive), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.primitive, up.primitive)),
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! RMSNorm and SwiGLU behind a backend trait, each one autodiff node that keeps only its inputs.
+//!
+//! ```text
+//! rms_norm: x [rows, h], w [h] -> y = (x_f32 * rstd) as dtype * w,  rstd = 1 / sqrt(mean(x_f32^2) + eps)
+//!           backward: n = x_f32 * rstd, g = (dy * w) as f32
+//!                     dx = rstd * (g - n * mean(g * n)),  dw = sum_rows(dy * n as dtype)
+//! swiglu:   gate, up [rows, i] -> y = silu(gate) * up,  s = sigmoid(gate)
+//!           backward: du = dy * gate * s,  dgate = dy * up * s * (1 + gate * (1 - s))
+//! ```
+//!
+//! # What autodiff stores
+//!
+//! Written in plain tensor ops, burn's autodiff keeps every intermediate a backward step reads:
+//! RMSNorm keeps `x` cast to f32 (twice the size of a bf16 `x`) and the normalised rows in the
+//! activations' dtype; SwiGLU keeps `gate`, `sigmoid(gate)`, `silu(gate)` and `up`, four
+//! `[rows, intermediate]` tensors. Under `Autodiff<B>` [`RowwiseBackend`] registers one node
+//! per call instead, which keeps
+//!
+//! - RMSNorm: `x` in its own dtype, the `[rows, 1]` f32 `rstd` and the weight;
+//! - SwiGLU: `gate` and `up`;
+//!
+//! and recomputes the rest (element-wise work) in the backward pass. The forward values are
+//! the plain ops' exactly; the gradients equal theirs up to float rounding (the tests below).
+
+mod autodiff;
+mod backends;
+
+use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
+
+/// A backend whose RMSNorm and SwiGLU are one autodiff node each.
+///
+/// Implemented for `Autodiff<B, C>` whenever `B` implements it (the lean node), and, behind
+/// this crate's features, for the same backend families as
+/// [`AttentionBackend`](crate::AttentionBackend), which extends this trait. The default bodies
+/// are plain tensor ops; a fused kernel for one backend overrides the `_forward` and
+/// `_backward` methods there.
+pub trait RowwiseBackend: Backend {
+    /// RMSNorm of each row in f32, cast back to `x`'s dtype, scaled by `weight`; also returns
+    /// `rstd = 1 / sqrt(mean(x^2) + eps)` for the backward. Not differentiable on
+    /// `Autodiff<B>`; use [`rms_norm`](Self::rms_norm) for that.
+    ///
+    /// # Shapes
+    /// - x: `[rows, hidden]`, weight: `[hidden]` in `x`'s dtype
+    /// - output: `[rows, hidden]` in `x`'s dtype, and rstd `[rows, 1]` in f32
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, rstd) = rms_norm_forward::<Self>(float(x), float(weight), eps);
+        (y.into_primitive().tensor(), rstd.into_primitive().tensor())
+    }
+
+    /// The gradients of [`rms_norm_forward`](Self::rms_norm_forward) with respect to `x` and
+    /// `weight`, each computed only when asked for.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        request: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        let (dx, dw) =
+            rms_norm_backward::<Self>(float(x), float(rstd), float(weight), float(grad), request);
+        [
+            dx.map(|t| t.into_primitive().tensor()),
+            dw.map(|t| t.into_primitive().tensor()),
+        ]
+    }
+
+    /// The differentiable RMSNorm: on `Autodiff<B>` one node keeping `x`, `rstd` and `weight`.
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        Self::rms_norm_forward(x, weight, eps).0
+    }
+
+    /// The gradients of `silu(gate) * up` with respect to `gate` and `up`, each computed only
+    /// when asked for.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        request: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        let [dg, du] = swiglu_backward::<Self>(float(gate), float(up), float(grad), request);
+        [
+            dg.map(|t| t.into_primitive().tensor()),
+            du.map(|t| t.into_primitive().tensor()),
+        ]
+    }
+
+    /// The differentiable `silu(gate) * up`: on `Autodiff<B>` one node keeping `gate` and `up`.
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        swiglu_forward::<Self, 2>(float(gate), float(up))
+            .into_primitive()
+            .tensor()
+    }
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// The body of [`RowwiseBackend::rms_norm_forward`], the same ops as
+/// [`ops::rms_norm_reference`](crate::ops::rms_norm_reference).
+pub fn rms_norm_forward<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
+    // [rows, 1]
+    let rstd = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+    let normed = (x * rstd.clone()).cast(dtype);
+    (normed * weight.unsqueeze::<2>(), rstd)
+}
+
+/// The body of [`RowwiseBackend::rms_norm_backward`].
+pub fn rms_norm_backward<B: Backend>(
+    x: Tensor<B, 2>,
+    rstd: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    grad: Tensor<B, 2>,
+    [want_x, want_weight]: [bool; 2],
+) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 1>>) {
+    let dtype = x.dtype();
+    let [_, hidden] = x.dims();
+    // [rows, hidden] in f32, recomputed
+    let normed = x.cast(FloatDType::F32) * rstd.clone();
+    let dw = want_weight.then(|| {
+        // [1, hidden], summed in the activations' dtype as autodiff of the plain ops does
+        (grad.clone() * normed.clone().cast(dtype)).sum_dim(0)
+    });
+    let dx = want_x.then(|| {
+        let g = (grad * weight.unsqueeze::<2>()).cast(FloatDType::F32);
+        // [rows, 1]
+        let dot = (g.clone() * normed.clone()).mean_dim(1);
+        ((g - normed * dot) * rstd).cast(dtype)
+    });
+    (dx, dw.map(|dw| dw.reshape([hidden])))
+}
+
+/// The body of [`RowwiseBackend::swiglu`], the same ops as
+/// [`ops::swiglu_reference`](crate::ops::swiglu_reference).
+pub fn swiglu_forward<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    silu(gate) * up
+}
+
+/// The body of [`RowwiseBackend::swiglu_backward`].
+pub fn swiglu_backward<B: Backend>(
+    gate: Tensor<B, 2>,
+    up: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+    [want_gate, want_up]: [bool; 2],
+) -> [Option<Tensor<B, 2>>; 2] {
+    let s = sigmoid(gate.clone());
+    let du = want_up.then(|| grad.clone() * gate.clone() * s.clone());
+    let dg = want_gate.then(|| {
+        // d silu / d gate = s + gate * s * (1 - s)
+        let d_silu = grad * up;
+        let one_minus = s.clone().neg().add_scalar(1.0);
+        d_silu * s * (gate * one_minus).add_scalar(1.0)
+    });
+    [dg, du]
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{DType, Distribution, Tolerance};
+
+    use super::*;
+    use crate::ops;
+
+    type Ad = Autodiff<Flex>;
+
+    fn max_rel(a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) -> f32 {
+        let (a, b) = (a.cast(DType::F32), b.cast(DType::F32));
+        let scale: f32 = b.clone().abs().max().into_scalar();
+        let diff: f32 = (a - b).abs().max().into_scalar();
+        diff / scale
+    }
+
+    /// `[rows, hidden]` with rows of different scales, so that `rstd` varies by row.
+    fn input(rows: usize, hidden: usize, dtype: DType) -> Tensor<Ad, 2> {
+        let device = Default::default();
+        let x = Tensor::<Ad, 2>::random([rows, hidden], Distribution::Normal(0.0, 1.0), &device);
+        let scale = Tensor::<Ad, 1, burn::tensor::Int>::arange(1..rows as i64 + 1, &device)
+            .float()
+            .reshape([rows, 1]);
+        (x * scale).cast(dtype).detach().require_grad()
+    }
+
+    /// The lean RMSNorm node against autodiff of the plain ops: the same output, and the same
+    /// gradients for `x` and the weight, in f32 and in bf16 (f32 master weight cast on use).
+    #[test]
+    fn rms_norm_node_equals_plain_ops() {
+        let device = Default::default();
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let x = input(12, 48, dtype);
+            let weight = Tensor::<Ad, 1>::random([48], Distribution::Uniform(0.5, 1.5), &device)
+                .require_grad();
+            let upstream = Tensor::<Ad, 2>::random([12, 48], Distribution::Default, &device)
+                .cast(dtype)
+                .detach();
+            let run = |lean: bool| {
+                let (x, weight) = (x.clone(), weight.clone());
+                let y = if lean {
+                    ops::rms_norm(x.clone(), weight.clone(), 1e-6)
+                } else {
+                    ops::rms_norm_reference(x.clone(), weight.clone(), 1e-6)
+                };
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                let dx = x.grad(&grads).unwrap();
+                let dw = weight.grad(&grads).unwrap().unsqueeze::<2>();
+                (y.inner(), dx, dw)
+            };
+            let (y, dx, dw) = run(true);
+            let (y_ref, dx_ref, dw_ref) = run(false);
+            y.into_data()
+                .assert_approx_eq::<f32>(&y_ref.into_data(), Tolerance::absolute(0.0));
+            let (ex, ew) = (max_rel(dx, dx_ref), max_rel(dw, dw_ref));
+            println!("{dtype:?}: dx {ex:e}, dw {ew:e}");
+            assert!(
+                ex < tolerance && ew < tolerance,
+                "{dtype:?}: dx {ex}, dw {ew}"
+            );
+        }
+    }
+
+    /// The lean SwiGLU node against autodiff of `silu(gate) * up`.
+    #[test]
+    fn swiglu_node_equals_plain_ops() {
+        let device = Default::default();
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let gate = input(10, 40, dtype);
+            let up = input(10, 40, dtype);
+            let upstream = Tensor::<Ad, 2>::random([10, 40], Distribution::Default, &device)
+                .cast(dtype)
+                .detach();
+            let run = |lean: bool| {
+                let (gate, up) = (gate.clone(), up.clone());
+                let y = if lean {
+                    ops::swiglu(gate.clone(), up.clone())
+                } else {
+                    ops::swiglu_reference(gate.clone(), up.clone())
+                };
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                (
+                    y.inner(),
+                    gate.grad(&grads).unwrap(),
+                    up.grad(&grads).unwrap(),
+                )
+            };
+            let (y, dg, du) = run(true);
+            let (y_ref, dg_ref, du_ref) = run(false);
+            y.into_data()
+                .assert_approx_eq::<f32>(&y_ref.into_data(), Tolerance::absolute(0.0));
+            let (eg, eu) = (max_rel(dg, dg_ref), max_rel(du, du_ref));
+            println!("{dtype:?}: dgate {eg:e}, dup {eu:e}");
+            assert!(
+                eg < tolerance && eu < tolerance,
+                "{dtype:?}: dgate {eg}, dup {eu}"
+            );
+        }
+    }
+
+    /// Only the asked-for gradient flows: a frozen weight, or an `up` that needs none.
+    #[test]
+    fn nodes_skip_gradients_not_asked_for() {
+        let device = Default::default();
+        let x = input(4, 8, DType::F32);
+        let weight = Tensor::<Ad, 1>::ones([8], &device);
+        let grads = ops::rms_norm(x.clone(), weight.clone(), 1e-6)
+            .sum()
+            .backward();
+        assert!(x.grad(&grads).is_some());
+        assert!(weight.grad(&grads).is_none());
+
+        let gate = input(4, 8, DType::F32);
+        let up = input(4, 8, DType::F32).set_require_grad(false);
+        let grads = ops::swiglu(gate.clone(), up.clone()).sum().backward();
+        assert!(gate.grad(&grads).is_some());
+        assert!(up.grad(&grads).is_none());
+    }
+}
