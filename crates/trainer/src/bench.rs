@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
 use qwen_loss::ChunkedCeBackend;
 use qwen_model::AttentionBackend;
@@ -296,4 +297,142 @@ pub fn forward<B: AttentionBackend>(
         forward_seconds_median: times[times.len() / 2],
         logits_finite: finite,
     })
+}
+
+/// One GEMM of a linear layer, timed on the backend's [`LinearBackend::gemm`] body and on
+/// burn's matmul, with the two results compared: `qwen-sft bench-linear`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmReport {
+    /// The layer and pass, e.g. `mlp.up_proj forward`.
+    pub name: String,
+    /// `op(a) [m, k] @ op(b) [k, n]`.
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+    pub precision: Precision,
+    /// The body under test: `burn` or `cublaslt`.
+    pub body: &'static str,
+    /// `max |ours - burn| / max |burn|`.
+    pub max_relative_diff: f64,
+    pub seconds: f64,
+    pub seconds_burn: f64,
+    pub tflops: f64,
+    pub tflops_burn: f64,
+}
+
+/// The GEMMs of one step of a preset's linear layers on `rows` tokens: for each layer shape
+/// (`[out, in]` weights, Hugging Face layout) the forward `x w^T`, and the backward `dy w`
+/// and `dy^T x`, as [`qwen_model::linear`] runs them.
+pub fn linear_gemms(
+    config: &qwen_model::Qwen2Config,
+    rows: usize,
+) -> Vec<(String, [usize; 3], [bool; 2])> {
+    let (h, i, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let kv = config.num_key_value_heads() * config.head_dim();
+    let q = config.num_attention_heads * config.head_dim();
+    let layers = [
+        ("self_attn.q_proj", q, h),
+        ("self_attn.k_proj", kv, h),
+        ("self_attn.o_proj", h, q),
+        ("mlp.up_proj", i, h),
+        ("mlp.down_proj", h, i),
+        ("lm_head", v, h),
+    ];
+    let mut gemms = Vec::new();
+    for (layer, out, inp) in layers {
+        gemms.push((format!("{layer} forward"), [rows, inp, out], [false, true]));
+        gemms.push((
+            format!("{layer} grad input"),
+            [rows, out, inp],
+            [false, false],
+        ));
+        gemms.push((
+            format!("{layer} grad weight"),
+            [out, rows, inp],
+            [true, false],
+        ));
+    }
+    gemms
+}
+
+pub fn linear<B: qwen_model::LinearBackend>(
+    preset: &str,
+    rows: usize,
+    precision: Precision,
+    iterations: usize,
+    device: &B::Device,
+) -> Result<Vec<GemmReport>, TrainError> {
+    use burn::tensor::{Distribution, Tensor, TensorPrimitive};
+
+    let config = crate::source::preset_config(preset)?;
+    let dtype = match precision {
+        Precision::F32 => burn::tensor::DType::F32,
+        Precision::Bf16 => burn::tensor::DType::BF16,
+    };
+    let float = |t: burn::tensor::ops::FloatTensor<B>| {
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t))
+    };
+    let mut reports = Vec::new();
+    for (name, [m, k, n], [ta, tb]) in linear_gemms(&config, rows) {
+        let a_shape = if ta { [k, m] } else { [m, k] };
+        let b_shape = if tb { [n, k] } else { [k, n] };
+        let a = Tensor::<B, 2>::random(a_shape, Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let b = Tensor::<B, 2>::random(b_shape, Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let prims = || {
+            (
+                a.clone().into_primitive().tensor(),
+                b.clone().into_primitive().tensor(),
+            )
+        };
+        let time = |f: &dyn Fn() -> Tensor<B, 2>| -> (Tensor<B, 2>, f64) {
+            let mut out = f(); // the first call compiles
+            B::sync(device).expect("the device failed");
+            let started = Instant::now();
+            for _ in 0..iterations.max(1) {
+                out = f();
+            }
+            B::sync(device).expect("the device failed");
+            (
+                out,
+                started.elapsed().as_secs_f64() / iterations.max(1) as f64,
+            )
+        };
+        let (ours, seconds) = time(&|| {
+            let (a, b) = prims();
+            float(B::gemm(a, b, ta, tb))
+        });
+        let (burn, seconds_burn) = time(&|| {
+            let (a, b) = prims();
+            float(qwen_model::linear::gemm_reference::<B>(a, b, ta, tb))
+        });
+        let (ours, burn) = (
+            ours.cast(burn::tensor::DType::F32),
+            burn.cast(burn::tensor::DType::F32),
+        );
+        let scale: f64 = burn.clone().abs().max().into_scalar().elem::<f64>();
+        let diff: f64 = (ours - burn).abs().max().into_scalar().elem::<f64>();
+        let flops = 2.0 * (m * k * n) as f64;
+        reports.push(GemmReport {
+            name,
+            m,
+            k,
+            n,
+            transpose_a: ta,
+            transpose_b: tb,
+            precision,
+            body: B::gemm_name(),
+            max_relative_diff: diff / scale.max(f64::MIN_POSITIVE),
+            seconds,
+            seconds_burn,
+            tflops: flops / seconds / 1e12,
+            tflops_burn: flops / seconds_burn / 1e12,
+        });
+    }
+    Ok(reports)
 }

@@ -51,6 +51,9 @@ enum Command {
     Bench(BenchArgs),
     /// Time the forward pass of a preset on random tokens, as JSON.
     BenchForward(BenchForwardArgs),
+    /// The linear layers' GEMMs of a preset on the backend's body and on burn's matmul: one JSON
+    /// line each with both times and their largest difference.
+    BenchLinear(BenchLinearArgs),
     /// The fast path (chunked attention, fused loss) against the reference on one packed batch:
     /// logits, loss and gradients as JSON; fails beyond the tolerance.
     CheckFastPath(CheckArgs),
@@ -88,6 +91,19 @@ struct BenchForwardArgs {
     #[arg(long, default_value = "f32")]
     precision: Precision,
     #[arg(long, default_value_t = 5)]
+    iterations: usize,
+}
+
+#[derive(Args)]
+struct BenchLinearArgs {
+    #[arg(long, default_value = "0.5b")]
+    preset: String,
+    /// Tokens in the batch (batch x sequence length).
+    #[arg(long, default_value_t = 8192)]
+    rows: usize,
+    #[arg(long, default_value = "bf16")]
+    precision: Precision,
+    #[arg(long, default_value_t = 10)]
     iterations: usize,
 }
 
@@ -300,6 +316,19 @@ fn main() -> Result<()> {
                 BACKEND_NAME,
             )?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::BenchLinear(args) => {
+            let reports = qwen_sft::bench::linear::<Inference>(
+                &args.preset,
+                args.rows,
+                args.precision,
+                args.iterations,
+                &backend::device(),
+            )?;
+            for report in reports {
+                println!("{}", serde_json::to_string(&report)?);
+            }
             Ok(())
         }
         Command::CheckFastPath(args) => check_fast_path(args),

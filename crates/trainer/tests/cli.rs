@@ -246,7 +246,10 @@ fn bench_linear_times_every_gemm_of_a_step() {
     let grad_weight = &reports[2];
     assert_eq!(grad_weight["name"], "self_attn.q_proj grad weight");
     assert_eq!(grad_weight["transpose_a"], true);
-    assert_eq!(grad_weight["k"], 48, "the token axis is summed over: {grad_weight}");
+    assert_eq!(
+        grad_weight["k"], 48,
+        "the token axis is summed over: {grad_weight}"
+    );
     for report in &reports {
         // The CPU has only burn's body, so both timings run the same code.
         assert_eq!(report["body"], "burn", "{report}");
