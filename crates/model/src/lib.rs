@@ -22,6 +22,7 @@ pub mod attention;
 mod checkpoint;
 mod config;
 mod error;
+mod grads;
 pub mod linear;
 mod model;
 pub mod ops;

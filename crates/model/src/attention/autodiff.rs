@@ -39,11 +39,14 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
             v: node_v.is_some(),
         };
         let out = B::causal_attention_backward(inputs, forward, grad_output, &params, request);
-        for (node, grad) in [(node_q, out.q), (node_k, out.k), (node_v, out.v)] {
-            if let (Some(node), Some(grad)) = (node, grad) {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+        crate::grads::register::<B, 3>(
+            grads,
+            [
+                (node_q.map(|n| n.id), out.q),
+                (node_k.map(|n| n.id), out.k),
+                (node_v.map(|n| n.id), out.v),
+            ],
+        );
     }
 }
 

@@ -30,11 +30,10 @@ impl<B: RowwiseBackend> Backward<B, 2> for RmsNormBackward {
         let (x, rstd, weight) = ops.state;
         let request = [node_x.is_some(), node_weight.is_some()];
         let [dx, dw] = B::rms_norm_backward(x, rstd, weight, grad, request);
-        for (node, grad) in [(node_x, dx), (node_weight, dw)] {
-            if let (Some(node), Some(grad)) = (node, grad) {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+        crate::grads::register::<B, 2>(
+            grads,
+            [(node_x.map(|n| n.id), dx), (node_weight.map(|n| n.id), dw)],
+        );
     }
 }
 
@@ -57,11 +56,10 @@ impl<B: RowwiseBackend> Backward<B, 2> for SwigluBackward {
         let (gate, up) = ops.state;
         let request = [node_gate.is_some(), node_up.is_some()];
         let [dg, du] = B::swiglu_backward(gate, up, grad, request);
-        for (node, grad) in [(node_gate, dg), (node_up, du)] {
-            if let (Some(node), Some(grad)) = (node, grad) {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+        crate::grads::register::<B, 2>(
+            grads,
+            [(node_gate.map(|n| n.id), dg), (node_up.map(|n| n.id), du)],
+        );
     }
 }
 
