@@ -13,7 +13,9 @@ mkdir -p "$OUT"
 # The binary travels xz-compressed: the working tree sent to the device is capped at 64 MiB.
 BIN=/tmp/qwen-sft
 # BINARY picks a variant from `cargo xtask device-bundle --features F`: qwen-sft-cuda-unfused
-# (no kernel fusion), qwen-sft-cuda-cublaslt (linear layers on cuBLASLt), qwen-sft-cuda-autotune.
+# (no kernel fusion), qwen-sft-cuda-autotune. GEMM picks the linear layers' body of our runs
+# (`--gemm`: cublaslt, the default; burn; cublaslt-host-sync); a measurement whose name says
+# its body runs that one whatever GEMM is.
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -48,7 +50,7 @@ TOML
 # Files come back from the device only up to 16 MiB each: compressed, it usually fits.
 # The driver's own cache of PTX compiled to machine code, kept beside CubeCL's.
 export CUDA_CACHE_PATH=$CACHE/nv CUDA_CACHE_MAXSIZE=4294967296
-save_cache() { tar -cf - -C "$CACHE" . 2>/dev/null | xz -T0 -3 > "$OUT/cubecl-cache.tar.xz"; du -sh "$CACHE" "$OUT/cubecl-cache.tar.xz"; }
+save_cache() { tar -cf - -C "$CACHE" . 2>/dev/null | xz -T0 -6 > "$OUT/cubecl-cache.tar.xz"; du -sh "$CACHE" "$OUT/cubecl-cache.tar.xz"; }
 trap save_cache EXIT
 M="python3 xtask/peer/measure.py"
 STEPS=${STEPS:-20}
@@ -63,27 +65,35 @@ step() { # name timeout command...
 # of importance, so that a call cut short still brings back the main figures).
 ALL="forward_bf16 ours_b4_bf16 peer_amp_b4 peer_amp_b8 ours_b8_bf16 forward_f32"
 B=$BIN
+G="--gemm ${GEMM:-cublaslt}"
 for name in ${@:-$ALL}; do
   case $name in
     # The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].
-    forward_bf16) step $name ${FORWARD_LIMIT:-150} $B bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16 ;;
-    forward_f32)  step $name 120 $B bench-forward --preset 0.5b --seq-len 2048 --batch-size 1 --precision f32 ;;
+    forward_bf16) step $name ${FORWARD_LIMIT:-150} $B bench-forward $G --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16 ;;
+    forward_f32)  step $name 120 $B bench-forward $G --preset 0.5b --seq-len 2048 --batch-size 1 --precision f32 ;;
     # Training: ours and the peer, 0.5b, seq 2048, AdamW, half of every row supervised.
-    ours_b4_bf16) step $name ${TRAIN_LIMIT:-300} $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
-    ours_b8_bf16) step $name 240 $B bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
-    # Issue 6's rule: the fast path's loss curve against the reference path's, same data, same
-    # seed, batch 4 (the reference attention stores every layer's scores: batch 8 does not fit).
-    curve_fast_b4) step $name ${CURVE_LIMIT:-150} $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
-    curve_ref_b4)  step $name ${CURVE_LIMIT:-150} $B bench --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention reference ;;
-    # The linear layers' GEMMs of a 0.5b step at batch 4 (8192 tokens): the backend's body
-    # (cuBLASLt in BINARY=qwen-sft-cuda-cublaslt) against burn's matmul, time and difference.
-    gemm_bf16)    step $name ${GEMM_LIMIT:-120} $B bench-linear --preset 0.5b --rows 8192 --precision bf16 --iterations 10 ;;
-    ours_b8_ref)  step $name 240 $B bench --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention reference ;;
+    ours_b4_bf16) step $name ${TRAIN_LIMIT:-300} $B bench $G --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
+    ours_b8_bf16) step $name 240 $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
+    ours_b8_burn) step $name 240 $B bench --gemm burn --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
+    # Issue 6's second model: 1.5b at batch 4.
+    ours_1p5b_b4) step $name 300 $B bench $G --preset 1.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
+    peer_amp_1p5b_b4) step $name 150 python3 xtask/peer/torch_peer.py --preset 1.5b --batch-size 4 --steps "$STEPS" --mode amp ;;
+    # Issue 6's rule: the fast path's loss curve against the reference path's (plain attention,
+    # burn's matmul), same data, same seed, batch 4 (the reference attention stores every
+    # layer's scores: batch 8 does not fit).
+    curve_fast_b4) step $name ${CURVE_LIMIT:-150} $B bench $G --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
+    curve_ref_b4)  step $name ${CURVE_LIMIT:-150} $B bench --gemm burn --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention reference ;;
+    # The linear layers' GEMMs of a 0.5b step at batch 4 (8192 tokens): the chosen body against
+    # burn's matmul, time and difference; and cuBLASLt with host syncs, to see what they cost.
+    gemm_bf16)    step $name ${GEMM_LIMIT:-120} $B bench-linear $G --preset 0.5b --rows 8192 --precision bf16 --iterations 10 ;;
+    gemm_bf16_host_sync) step $name ${GEMM_LIMIT:-120} $B bench-linear --gemm cublaslt-host-sync --preset 0.5b --rows 8192 --precision bf16 --iterations 10 ;;
+    ours_b8_ref)  step $name 240 $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention reference ;;
     peer_amp_b4)  step $name ${PEER_LIMIT:-100} python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp ;;
     peer_amp_b8)  step $name 120 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "$STEPS" --mode amp ;;
-    # Issue 6's rule: the fast path against the reference path, logits and gradients.
-    check_bf16)   step $name ${CHECK_LIMIT:-120} $B check-fast-path --model tests/fixtures/model/tied_f32 --precision bf16 ;;
-    check_f32)    step $name 120 $B check-fast-path --model tests/fixtures/model/tied_f32 --precision f32 --tolerance 1e-3 ;;
+    # Issue 6's rule: the fast path (chunked attention, the chosen linear body) against the
+    # reference path (plain attention, burn's matmul), logits and gradients.
+    check_bf16)   step $name ${CHECK_LIMIT:-120} $B check-fast-path $G --model tests/fixtures/model/tied_f32 --precision bf16 ;;
+    check_f32)    step $name 120 $B check-fast-path $G --model tests/fixtures/model/tied_f32 --precision f32 --tolerance 1e-3 ;;
     *) echo "unknown measurement: $name" ;;
   esac
 done

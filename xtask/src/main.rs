@@ -221,7 +221,7 @@ fn bench_loss(args: &[String]) -> Result<()> {
 /// capped at 64 MiB. `.git/info/exclude` keeps `.device/` out of git;
 /// `xtask/device/gpu_bench.sh` unpacks it there (`BINARY=qwen-sft-<features>` picks a variant).
 ///
-/// `--features F` builds another CUDA variant (`cuda-unfused`, `cuda-cublaslt`, `cuda,autotune`)
+/// `--features F` builds another CUDA variant (`cuda-unfused`, `cuda,autotune`)
 /// into `.device/qwen-sft-<F>.xz`, in the same target folder as the plain build.
 fn device_bundle(args: &[String]) -> Result<()> {
     let features = match args {

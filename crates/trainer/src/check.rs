@@ -4,6 +4,7 @@
 //! ```text
 //! batch -> fast:      chunked attention -> hidden -> fused lm_head + loss (as train) -> backward
 //!       -> reference: plain attention   -> hidden -> full logits -> plain cross-entropy -> backward
+//!                     (and burn's matmul in the linear layers, whatever `--gemm` picked)
 //!       -> max |fast - reference| / max |reference| of the logits, the loss, each gradient
 //! ```
 //!
@@ -16,6 +17,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor};
+use qwen_model::linear::{GemmBody, gemm_body, set_gemm_body};
 use qwen_chat::{
     Batch, Chat, ChatTokenizer, DataReport, DatasetOptions, Loader, LoaderConfig, Message,
 };
@@ -53,6 +55,8 @@ pub struct CheckReport {
     pub rows: usize,
     /// Non-padding tokens of the batch.
     pub tokens: usize,
+    /// The linear layers' body on the fast path; the reference path runs `burn`.
+    pub gemm: &'static str,
     #[serde(flatten)]
     pub differences: Differences,
     pub tolerance: f64,
@@ -174,14 +178,25 @@ where
     let loss_opts = CrossEntropyOptions::default()
         .with_reduction(Reduction::Sum)
         .with_chunk_memory_bytes(loss_bytes);
+    let device = model.lm_head_weight().device();
+    let fast_body = gemm_body();
     let fast = run_path(&model, PathKind::Fast, &device_batch, &loss_opts)?;
-    let reference = run_path(&model, PathKind::Reference, &device_batch, &loss_opts)?;
+    // A lazy backend (fusion) runs the queued products when they are needed: run them now,
+    // while the fast body is still the one set.
+    B::sync(&device).expect("the device failed");
+    let gemm = B::gemm_name();
+    set_gemm_body(GemmBody::Burn);
+    let reference = run_path(&model, PathKind::Reference, &device_batch, &loss_opts);
+    B::sync(&device).expect("the device failed");
+    set_gemm_body(fast_body);
+    let reference = reference?;
     let differences = compare(&fast, &reference);
     Ok(CheckReport {
         backend: backend_name.to_string(),
         precision,
         rows: batch.rows,
         tokens: device_batch.tokens,
+        gemm,
         pass: differences.within(tolerance),
         differences,
         tolerance,

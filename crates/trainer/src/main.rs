@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qwen_chat::{
     Chat, ChatTokenizer, DatasetOptions, InspectOptions, MaskMode, Message, SkipPolicy,
 };
+use qwen_model::linear::GemmBody;
 use qwen_model::{SaveDtype, SaveOptions};
 use qwen_sft::backend::{self, BACKEND_NAME, Inference, Training, TrainingCheckpointed};
 use qwen_sft::config::{Checkpointing, Precision, TrainConfig};
@@ -27,6 +28,11 @@ use qwen_sft::train::{Observer, RunInfo, load_examples};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The linear layers' matrix products: cublaslt (cuBLASLt, ordered on the GPU), burn
+    /// (burn's matmul) or cublaslt-host-sync (cuBLASLt with host waits). Only a CUDA build
+    /// has a choice; every other backend runs burn's matmul.
+    #[arg(long, global = true, default_value = "cublaslt")]
+    gemm: GemmBody,
 }
 
 #[derive(Subcommand)]
@@ -295,7 +301,9 @@ struct BenchArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    qwen_model::linear::set_gemm_body(cli.gemm);
+    match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Score(args) => score(args),

@@ -197,6 +197,7 @@ fn check_fast_path_agrees_on_the_fixture() {
     let out = ok(&qwen_sft(&check));
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["pass"], true, "{report}");
+    assert_eq!(report["gemm"], "burn", "{report}");
     assert_eq!(report["precision"], "f32");
     assert_eq!(report["tolerance"], 1e-4);
     assert_eq!(report["rows"], 2);
@@ -250,8 +251,21 @@ fn bench_linear_times_every_gemm_of_a_step() {
         grad_weight["k"], 48,
         "the token axis is summed over: {grad_weight}"
     );
+    // The CPU has only burn's body, whatever `--gemm` asks for: both timings run the same code.
+    let host_sync = ok(&qwen_sft(&[
+        "bench-linear",
+        "--gemm",
+        "cublaslt-host-sync",
+        "--preset",
+        "tiny",
+        "--rows",
+        "8",
+        "--iterations",
+        "1",
+    ]));
+    assert_eq!(host_sync.lines().count(), 18, "{host_sync}");
+    assert!(host_sync.contains("\"body\":\"burn\""), "{host_sync}");
     for report in &reports {
-        // The CPU has only burn's body, so both timings run the same code.
         assert_eq!(report["body"], "burn", "{report}");
         assert_eq!(report["max_relative_diff"], 0.0, "{report}");
         assert!(report["tflops"].as_f64().unwrap() > 0.0, "{report}");
@@ -266,6 +280,12 @@ fn bad_inputs_say_what_and_where() {
     std::fs::write(&config, "[optim]\nlearning_rate = 1e-4\n").unwrap();
     let e = err(&qwen_sft(&["train", "--config", s(&config), "--quiet"]));
     assert!(e.contains("run.toml") && e.contains("learning_rate"), "{e}");
+
+    let e = err(&qwen_sft(&["bench-linear", "--gemm", "cublas"]));
+    assert!(
+        e.contains("cublas") && e.contains("burn, cublaslt, cublaslt-host-sync"),
+        "{e}"
+    );
 
     let e = err(&qwen_sft(&["train", "--preset", "huge", "--quiet"]));
     assert!(e.contains("huge") && e.contains("0.5b"), "{e}");

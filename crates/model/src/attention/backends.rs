@@ -21,4 +21,7 @@ where
 }
 
 #[cfg(feature = "fusion")]
-impl<B: burn_fusion::FusionBackend> super::AttentionBackend for burn_fusion::Fusion<B> {}
+impl<B: burn_fusion::FusionBackend + crate::LinearBackend> super::AttentionBackend
+    for burn_fusion::Fusion<B>
+{
+}

@@ -12,14 +12,17 @@
 //! it registers one backward node that calls `B::gemm` twice, so the fast kernel serves the
 //! backward pass too. Autodiff keeps `x` and `w`, as burn's own matmul node does.
 //!
-//! With this crate's `cublaslt` feature, `CubeBackend<CudaRuntime, ..>` (CUDA without burn's
-//! fusion) runs `gemm` on cuBLASLt, see `cublaslt.rs`. Under fusion the default body runs;
-//! [`LinearBackend::gemm_name`] says which body a backend uses, so that a benchmark can report it.
+//! With this crate's `cublaslt` feature, CUDA (`CubeBackend<CudaRuntime, ..>`, and `Fusion` of
+//! it through a custom operation) can run `gemm` on cuBLASLt, see `cublaslt/`. Which body runs
+//! is chosen at run time with [`set_gemm_body`], for the whole process;
+//! [`LinearBackend::gemm_name`] says which one a backend uses, so that a benchmark can report it.
 
 mod autodiff;
 mod backends;
 #[cfg(feature = "cublaslt")]
 mod cublaslt;
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
@@ -56,9 +59,67 @@ pub trait LinearBackend: Backend {
         Self::gemm(x, w, false, true)
     }
 
-    /// The body that runs [`gemm`](Self::gemm) here: `"burn"` or `"cublaslt"`.
+    /// The body that runs [`gemm`](Self::gemm) here: a [`GemmBody::name`].
     fn gemm_name() -> &'static str {
         "burn"
+    }
+}
+
+/// Which kernel runs [`LinearBackend::gemm`] on a backend that offers more than burn's matmul
+/// (CUDA with the `cublaslt` feature). Every other backend runs burn's matmul whatever is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GemmBody {
+    /// burn's matmul.
+    Burn,
+    /// cuBLASLt on its own stream, ordered with burn's on the GPU (no host waits).
+    #[default]
+    Cublaslt,
+    /// cuBLASLt ordered by waiting on the host before and after each product: slower, kept to
+    /// compare against.
+    CublasltHostSync,
+}
+
+impl GemmBody {
+    pub const ALL: [GemmBody; 3] = [Self::Burn, Self::Cublaslt, Self::CublasltHostSync];
+
+    /// The name used on the command line and in benchmark reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Burn => "burn",
+            Self::Cublaslt => "cublaslt",
+            Self::CublasltHostSync => "cublaslt-host-sync",
+        }
+    }
+}
+
+impl std::str::FromStr for GemmBody {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|body| body.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|body| body.name()).collect();
+                format!("unknown gemm body `{name}` (expected one of {})", names.join(", "))
+            })
+    }
+}
+
+static GEMM_BODY: AtomicU8 = AtomicU8::new(GemmBody::Cublaslt as u8);
+
+/// Picks the body of [`LinearBackend::gemm`] for the rest of the process (default
+/// [`GemmBody::Cublaslt`]).
+pub fn set_gemm_body(body: GemmBody) {
+    GEMM_BODY.store(body as u8, Ordering::Relaxed);
+}
+
+/// The body picked by [`set_gemm_body`].
+pub fn gemm_body() -> GemmBody {
+    match GEMM_BODY.load(Ordering::Relaxed) {
+        0 => GemmBody::Burn,
+        1 => GemmBody::Cublaslt,
+        _ => GemmBody::CublasltHostSync,
     }
 }
 
@@ -91,6 +152,15 @@ mod tests {
             x.into_primitive().tensor(),
             w.into_primitive().tensor(),
         )))
+    }
+
+    #[test]
+    fn gemm_bodies_parse_from_their_names() {
+        for body in GemmBody::ALL {
+            assert_eq!(body.name().parse::<GemmBody>(), Ok(body));
+        }
+        let err = "cublas".parse::<GemmBody>().unwrap_err();
+        assert!(err.contains("`cublas`") && err.contains("cublaslt-host-sync"), "{err}");
     }
 
     #[test]
