@@ -14,8 +14,8 @@ mkdir -p "$OUT"
 BIN=/tmp/qwen-sft
 # BINARY picks a variant from `cargo xtask device-bundle --features F`: qwen-sft-cuda-unfused
 # (no kernel fusion), qwen-sft-cuda-autotune. GEMM picks the linear layers' body of our runs
-# (`--gemm`: cublaslt, the default; burn; cublaslt-host-sync); a measurement whose name says
-# its body runs that one whatever GEMM is.
+# (`--gemm`: cublaslt, the default, or burn); a measurement whose name says its body runs that
+# one whatever GEMM is.
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -84,9 +84,8 @@ for name in ${@:-$ALL}; do
     curve_fast_b4) step $name ${CURVE_LIMIT:-150} $B bench $G --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-512}" ;;
     curve_ref_b4)  step $name ${CURVE_LIMIT:-150} $B bench --gemm burn --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention reference ;;
     # The linear layers' GEMMs of a 0.5b step at batch 4 (8192 tokens): the chosen body against
-    # burn's matmul, time and difference; and cuBLASLt with host syncs, to see what they cost.
+    # burn's matmul, time and difference.
     gemm_bf16)    step $name ${GEMM_LIMIT:-120} $B bench-linear $G --preset 0.5b --rows 8192 --precision bf16 --iterations 10 ;;
-    gemm_bf16_host_sync) step $name ${GEMM_LIMIT:-120} $B bench-linear --gemm cublaslt-host-sync --preset 0.5b --rows 8192 --precision bf16 --iterations 10 ;;
     ours_b8_ref)  step $name 240 $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention reference ;;
     peer_amp_b4)  step $name ${PEER_LIMIT:-100} python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 4 --steps "$STEPS" --mode amp ;;
     peer_amp_b8)  step $name 120 python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "$STEPS" --mode amp ;;

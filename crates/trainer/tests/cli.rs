@@ -255,7 +255,7 @@ fn bench_linear_times_every_gemm_of_a_step() {
     let host_sync = ok(&qwen_sft(&[
         "bench-linear",
         "--gemm",
-        "cublaslt-host-sync",
+        "cublaslt",
         "--preset",
         "tiny",
         "--rows",
@@ -283,7 +283,7 @@ fn bad_inputs_say_what_and_where() {
 
     let e = err(&qwen_sft(&["bench-linear", "--gemm", "cublas"]));
     assert!(
-        e.contains("cublas") && e.contains("burn, cublaslt, cublaslt-host-sync"),
+        e.contains("cublas") && e.contains("burn, cublaslt"),
         "{e}"
     );
 

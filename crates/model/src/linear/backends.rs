@@ -24,15 +24,11 @@ where
         transpose_a: bool,
         transpose_b: bool,
     ) -> burn_cubecl::tensor::CubeTensor<R> {
-        use super::{GemmBody, cublaslt};
-        let ordering = match super::gemm_body() {
-            GemmBody::Burn => None,
-            GemmBody::Cublaslt => Some(cublaslt::Ordering::Flags),
-            GemmBody::CublasltHostSync => Some(cublaslt::Ordering::HostSync),
+        let product = match super::gemm_body() {
+            super::GemmBody::Burn => None,
+            super::GemmBody::Cublaslt => super::cublaslt::gemm(&a, &b, transpose_a, transpose_b),
         };
-        ordering
-            .and_then(|ordering| cublaslt::gemm(&a, &b, transpose_a, transpose_b, ordering))
-            .unwrap_or_else(|| super::gemm_reference::<Self>(a, b, transpose_a, transpose_b))
+        product.unwrap_or_else(|| super::gemm_reference::<Self>(a, b, transpose_a, transpose_b))
     }
 
     #[cfg(feature = "cublaslt")]

@@ -71,23 +71,20 @@ pub trait LinearBackend: Backend {
 pub enum GemmBody {
     /// burn's matmul.
     Burn,
-    /// cuBLASLt on its own stream, ordered with burn's on the GPU (no host waits).
+    /// cuBLASLt on its own stream, ordered with burn's by waiting on the host before and after
+    /// each product.
     #[default]
     Cublaslt,
-    /// cuBLASLt ordered by waiting on the host before and after each product: slower, kept to
-    /// compare against.
-    CublasltHostSync,
 }
 
 impl GemmBody {
-    pub const ALL: [GemmBody; 3] = [Self::Burn, Self::Cublaslt, Self::CublasltHostSync];
+    pub const ALL: [GemmBody; 2] = [Self::Burn, Self::Cublaslt];
 
     /// The name used on the command line and in benchmark reports.
     pub fn name(self) -> &'static str {
         match self {
             Self::Burn => "burn",
             Self::Cublaslt => "cublaslt",
-            Self::CublasltHostSync => "cublaslt-host-sync",
         }
     }
 }
@@ -118,8 +115,7 @@ pub fn set_gemm_body(body: GemmBody) {
 pub fn gemm_body() -> GemmBody {
     match GEMM_BODY.load(Ordering::Relaxed) {
         0 => GemmBody::Burn,
-        1 => GemmBody::Cublaslt,
-        _ => GemmBody::CublasltHostSync,
+        _ => GemmBody::Cublaslt,
     }
 }
 
@@ -160,7 +156,7 @@ mod tests {
             assert_eq!(body.name().parse::<GemmBody>(), Ok(body));
         }
         let err = "cublas".parse::<GemmBody>().unwrap_err();
-        assert!(err.contains("`cublas`") && err.contains("cublaslt-host-sync"), "{err}");
+        assert!(err.contains("`cublas`") && err.contains("burn, cublaslt"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! - burn-cuda may pitch rows: a row's stride can exceed its length, so each leading
 //!   dimension is read from the tensor's strides, never from its shape;
 //! - cubecl-cuda runs its kernels on a non-blocking CUDA stream that it does not expose, so a
-//!   product on our stream has to be ordered with it some other way: [`Ordering`] (in
-//!   `order.rs`) is either host syncs or counters in device memory that the GPU waits on;
+//!   product on our stream is ordered by host syncs: wait for cubecl's stream (which also
+//!   makes the output's allocation real), run, wait for ours. That costs tens of microseconds
+//!   a call; docs/ARCHITECTURE.md ("GPU speed") says what was tried to remove it;
 //! - row-major `C = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`, so the operands go to
 //!   cuBLASLt swapped, each with its own transpose flag.
 //!
@@ -16,14 +17,9 @@
 //! Anything else, or a machine where cuBLASLt does not load, takes burn's matmul, and the
 //! latter is said once on stderr.
 
-// Raw device pointers handed to cuBLASLt and the stream-ordering calls through cudarc: the one
-// place in the workspace that needs `unsafe` (this module and `order`), each block with its
-// SAFETY note.
+// Raw device pointers handed to cuBLASLt through cudarc: the one place in the workspace that
+// needs `unsafe`, each block with its SAFETY note.
 #![allow(unsafe_code)]
-
-mod order;
-
-pub(crate) use order::Ordering;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -37,8 +33,6 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr};
-
-use order::Flags;
 
 type Tensor = CubeTensor<CudaRuntime>;
 
@@ -54,26 +48,23 @@ pub(super) fn gemm<R: CubeRuntime>(
     b: &CubeTensor<R>,
     transpose_a: bool,
     transpose_b: bool,
-    ordering: Ordering,
 ) -> Option<CubeTensor<R>> {
     let a = (a as &dyn Any).downcast_ref::<Tensor>()?;
     let b = (b as &dyn Any).downcast_ref::<Tensor>()?;
-    let c = gemm_cuda(a, b, transpose_a, transpose_b, ordering)?;
+    let c = gemm_cuda(a, b, transpose_a, transpose_b)?;
     let c: Box<dyn Any> = Box::new(c);
     c.downcast::<CubeTensor<R>>().ok().map(|c| *c)
 }
 
-/// One cuBLASLt handle and stream per device, and the counters that order them with cubecl's
-/// (made on first use).
+/// One cuBLASLt handle and stream per device.
 struct Blas {
     stream: Arc<CudaStream>,
     blas: CudaBlasLT,
-    flags: Option<Flags>,
 }
 
 /// The handle of device `index`, created on first use; `None` if cuBLASLt does not load there.
 /// The lock is held for the whole call, so the products are queued one at a time.
-fn with_blas<T>(index: usize, f: impl FnOnce(&mut Blas) -> T) -> Option<T> {
+fn with_blas<T>(index: usize, f: impl FnOnce(&Blas) -> T) -> Option<T> {
     static HANDLES: OnceLock<Mutex<HashMap<usize, Option<Blas>>>> = OnceLock::new();
     let mut handles = HANDLES.get_or_init(Default::default).lock().ok()?;
     let blas = handles.entry(index).or_insert_with(|| match create(index) {
@@ -83,22 +74,18 @@ fn with_blas<T>(index: usize, f: impl FnOnce(&mut Blas) -> T) -> Option<T> {
             None
         }
     });
-    blas.as_mut().map(f)
+    blas.as_ref().map(f)
 }
 
 fn create(index: usize) -> Result<Blas, Box<dyn std::error::Error>> {
     // The primary context, the one cubecl-cuda uses: its device pointers are valid here.
     let ctx = CudaContext::new(index)?;
-    // Ordering is ours (module docs), so cudarc's per-buffer events would only cost.
+    // Ordering is by host syncs (module docs), so cudarc's per-buffer events would only cost.
     // SAFETY: the context is new and ours; nothing has recorded events on it yet.
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream()?;
     let blas = CudaBlasLT::new(stream.clone())?;
-    Ok(Blas {
-        stream,
-        blas,
-        flags: None,
-    })
+    Ok(Blas { stream, blas })
 }
 
 /// A 2-D tensor whose rows are unit-stride and do not overlap, as cuBLASLt's leading dimension
@@ -132,7 +119,6 @@ fn gemm_cuda(
     b: &Tensor,
     transpose_a: bool,
     transpose_b: bool,
-    ordering: Ordering,
 ) -> Option<Tensor> {
     if a.dtype != b.dtype || !matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32) {
         return None;
@@ -189,31 +175,16 @@ fn gemm_cuda(
             DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, lengths),
             _ => run::<f32>(blas, config, pb, pa, pc, lengths),
         };
-        match ordering {
-            Ordering::HostSync => {
-                // cubecl's stream first: the inputs are written and the output allocated.
-                burn_cubecl::cubecl::future::block_on(client.sync())?;
-                product(blas)?;
-                blas.stream.synchronize()?;
-            }
-            Ordering::Flags => {
-                if blas.flags.is_none() {
-                    blas.flags = Some(Flags::new(client).ok_or("no counter buffer")?);
-                }
-                let stream = blas.stream.clone();
-                let flags = blas.flags.as_mut().expect("made above");
-                let n = flags.before(client, &stream)?;
-                product(blas)?;
-                let flags = blas.flags.as_mut().expect("made above");
-                flags.after(client, &stream, n)?;
-            }
-        }
+        // cubecl's stream first: the inputs are written and the output allocated.
+        burn_cubecl::cubecl::future::block_on(client.sync())?;
+        product(blas)?;
+        blas.stream.synchronize()?;
         Ok(())
     })?;
     if let Err(err) = done {
         panic!(
-            "cuBLASLt matmul [{m}, {k}] x [{k}, {n}] ({:?}, {ordering:?} ordering) failed: {err} \
-             (`--gemm cublaslt-host-sync` or `--gemm burn` avoid this path)",
+            "cuBLASLt matmul [{m}, {k}] x [{k}, {n}] ({:?}) failed: {err} \
+             (`--gemm burn` avoids this path)",
             a.dtype
         );
     }
@@ -233,9 +204,9 @@ fn run<T: DeviceRepr>(
 where
     CudaBlasLT: Matmul<T>,
 {
-    // SAFETY: the addresses are live burn buffers of at least these lengths, kept from reuse
-    // until the product is done by the caller's ordering; the slices are leaked, so cudarc
-    // never frees burn's memory.
+    // SAFETY: the addresses are live burn buffers (their guards outlive the product, which the
+    // caller waits for) of at least these lengths; the slices are leaked, so cudarc never
+    // frees burn's memory.
     unsafe {
         let first = blas.stream.upgrade_device_ptr::<T>(first, lengths[1]);
         let second = blas.stream.upgrade_device_ptr::<T>(second, lengths[0]);
