@@ -17,7 +17,6 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor};
-use qwen_model::linear::{GemmBody, gemm_body, set_gemm_body};
 use qwen_chat::{
     Batch, Chat, ChatTokenizer, DataReport, DatasetOptions, Loader, LoaderConfig, Message,
 };
@@ -26,6 +25,7 @@ use qwen_loss::{
     next_token_targets,
 };
 use qwen_model::attention::AttentionPlan;
+use qwen_model::linear::{GemmBody, gemm_body, set_gemm_body};
 use qwen_model::{
     AttentionBackend, AttentionImpl, Qwen2Config, Qwen2ForCausalLM, named_parameters,
 };

@@ -282,10 +282,7 @@ fn bad_inputs_say_what_and_where() {
     assert!(e.contains("run.toml") && e.contains("learning_rate"), "{e}");
 
     let e = err(&qwen_sft(&["bench-linear", "--gemm", "cublas"]));
-    assert!(
-        e.contains("cublas") && e.contains("burn, cublaslt"),
-        "{e}"
-    );
+    assert!(e.contains("cublas") && e.contains("burn, cublaslt"), "{e}");
 
     let e = err(&qwen_sft(&["train", "--preset", "huge", "--quiet"]));
     assert!(e.contains("huge") && e.contains("0.5b"), "{e}");

@@ -95,7 +95,11 @@ mod fusion {
             let (client, dtype) = (a.client.clone(), a.dtype);
             let streams = OperationStreams::with_inputs([&a, &b]);
             let c = TensorIr::uninit(client.create_empty_handle(), Shape::new([m, n]), dtype);
-            let desc = CustomOpIr::new("qwen_model::linear::gemm", &[a.into_ir(), b.into_ir()], &[c]);
+            let desc = CustomOpIr::new(
+                "qwen_model::linear::gemm",
+                &[a.into_ir(), b.into_ir()],
+                &[c],
+            );
             let op = Gemm::<B> {
                 desc: desc.clone(),
                 transpose_a,

@@ -98,7 +98,10 @@ impl std::str::FromStr for GemmBody {
             .find(|body| body.name() == name)
             .ok_or_else(|| {
                 let names: Vec<_> = Self::ALL.iter().map(|body| body.name()).collect();
-                format!("unknown gemm body `{name}` (expected one of {})", names.join(", "))
+                format!(
+                    "unknown gemm body `{name}` (expected one of {})",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -156,7 +159,10 @@ mod tests {
             assert_eq!(body.name().parse::<GemmBody>(), Ok(body));
         }
         let err = "cublas".parse::<GemmBody>().unwrap_err();
-        assert!(err.contains("`cublas`") && err.contains("burn, cublaslt"), "{err}");
+        assert!(
+            err.contains("`cublas`") && err.contains("burn, cublaslt"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -114,12 +114,7 @@ fn address(t: &Tensor) -> Option<(u64, impl Sized + use<>)> {
     Some((resource.resource().ptr, resource))
 }
 
-fn gemm_cuda(
-    a: &Tensor,
-    b: &Tensor,
-    transpose_a: bool,
-    transpose_b: bool,
-) -> Option<Tensor> {
+fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Option<Tensor> {
     if a.dtype != b.dtype || !matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32) {
         return None;
     }
@@ -169,18 +164,21 @@ fn gemm_cuda(
     };
     let lengths = [a_rows * lda, b_rows * ldb, m * ldc];
     let client = &a.client;
-    let done = with_blas(a.device.index, |blas| -> Result<(), Box<dyn std::error::Error>> {
-        let product = |blas: &Blas| match a.dtype {
-            DType::BF16 => run::<half::bf16>(blas, config, pb, pa, pc, lengths),
-            DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, lengths),
-            _ => run::<f32>(blas, config, pb, pa, pc, lengths),
-        };
-        // cubecl's stream first: the inputs are written and the output allocated.
-        burn_cubecl::cubecl::future::block_on(client.sync())?;
-        product(blas)?;
-        blas.stream.synchronize()?;
-        Ok(())
-    })?;
+    let done = with_blas(
+        a.device.index,
+        |blas| -> Result<(), Box<dyn std::error::Error>> {
+            let product = |blas: &Blas| match a.dtype {
+                DType::BF16 => run::<half::bf16>(blas, config, pb, pa, pc, lengths),
+                DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, lengths),
+                _ => run::<f32>(blas, config, pb, pa, pc, lengths),
+            };
+            // cubecl's stream first: the inputs are written and the output allocated.
+            burn_cubecl::cubecl::future::block_on(client.sync())?;
+            product(blas)?;
+            blas.stream.synchronize()?;
+            Ok(())
+        },
+    )?;
     if let Err(err) = done {
         panic!(
             "cuBLASLt matmul [{m}, {k}] x [{k}, {n}] ({:?}) failed: {err} \
