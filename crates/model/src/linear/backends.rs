@@ -54,7 +54,7 @@ mod fusion {
     use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-    use crate::linear::{LinearBackend, gemm_reference};
+    use crate::linear::{GemmBody, LinearBackend, gemm_reference};
 
     #[derive(Clone, Debug)]
     struct Gemm<B> {
@@ -87,7 +87,7 @@ mod fusion {
             transpose_a: bool,
             transpose_b: bool,
         ) -> FloatTensor<Self> {
-            if B::gemm_name() == "burn" {
+            if B::gemm_name() == GemmBody::Burn.name() {
                 return gemm_reference::<Self>(a, b, transpose_a, transpose_b);
             }
             let m = a.shape[usize::from(transpose_a)];

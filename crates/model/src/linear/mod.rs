@@ -13,7 +13,7 @@
 //! backward pass too. Autodiff keeps `x` and `w`, as burn's own matmul node does.
 //!
 //! With this crate's `cublaslt` feature, CUDA (`CubeBackend<CudaRuntime, ..>`, and `Fusion` of
-//! it through a custom operation) can run `gemm` on cuBLASLt, see `cublaslt/`. Which body runs
+//! it through a custom operation) can run `gemm` on cuBLASLt, see `cublaslt.rs`. Which body runs
 //! is chosen at run time with [`set_gemm_body`], for the whole process;
 //! [`LinearBackend::gemm_name`] says which one a backend uses, so that a benchmark can report it.
 

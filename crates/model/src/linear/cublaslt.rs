@@ -63,7 +63,6 @@ struct Blas {
 }
 
 /// The handle of device `index`, created on first use; `None` if cuBLASLt does not load there.
-/// The lock is held for the whole call, so the products are queued one at a time.
 fn with_blas<T>(index: usize, f: impl FnOnce(&Blas) -> T) -> Option<T> {
     static HANDLES: OnceLock<Mutex<HashMap<usize, Option<Blas>>>> = OnceLock::new();
     let mut handles = HANDLES.get_or_init(Default::default).lock().ok()?;
@@ -163,22 +162,13 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
         batch_size: None,
     };
     let lengths = [a_rows * lda, b_rows * ldb, m * ldc];
-    let client = &a.client;
-    let done = with_blas(
-        a.device.index,
-        |blas| -> Result<(), Box<dyn std::error::Error>> {
-            let product = |blas: &Blas| match a.dtype {
-                DType::BF16 => run::<half::bf16>(blas, config, pb, pa, pc, lengths),
-                DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, lengths),
-                _ => run::<f32>(blas, config, pb, pa, pc, lengths),
-            };
-            // cubecl's stream first: the inputs are written and the output allocated.
-            burn_cubecl::cubecl::future::block_on(client.sync())?;
-            product(blas)?;
-            blas.stream.synchronize()?;
-            Ok(())
-        },
-    )?;
+    // Wait for cubecl's stream: the inputs are written and the output allocated.
+    burn_cubecl::cubecl::future::block_on(a.client.sync()).ok()?;
+    let done = with_blas(a.device.index, |blas| match a.dtype {
+        DType::BF16 => run::<half::bf16>(blas, config, pb, pa, pc, lengths),
+        DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, lengths),
+        _ => run::<f32>(blas, config, pb, pa, pc, lengths),
+    })?;
     if let Err(err) = done {
         panic!(
             "cuBLASLt matmul [{m}, {k}] x [{k}, {n}] ({:?}) failed: {err} \
@@ -189,7 +179,7 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
     Some(c)
 }
 
-/// Queues one product on `blas`'s stream. `first` and `second` are cuBLASLt's
+/// Runs one product on `blas`'s stream and waits for it. `first` and `second` are cuBLASLt's
 /// A and B (our B and A, see the module docs); `lengths` are `[our a, our b, c]` in elements.
 fn run<T: DeviceRepr>(
     blas: &Blas,
@@ -202,9 +192,8 @@ fn run<T: DeviceRepr>(
 where
     CudaBlasLT: Matmul<T>,
 {
-    // SAFETY: the addresses are live burn buffers (their guards outlive the product, which the
-    // caller waits for) of at least these lengths; the slices are leaked, so cudarc never
-    // frees burn's memory.
+    // SAFETY: the addresses are live burn buffers (their guards outlive this call) of at least
+    // these lengths; the slices are leaked, so cudarc never frees burn's memory.
     unsafe {
         let first = blas.stream.upgrade_device_ptr::<T>(first, lengths[1]);
         let second = blas.stream.upgrade_device_ptr::<T>(second, lengths[0]);
@@ -217,5 +206,6 @@ where
         out.leak();
         result?;
     }
+    blas.stream.synchronize()?;
     Ok(())
 }
