@@ -48,7 +48,7 @@ pub struct BenchReport {
     pub precision: Precision,
     pub attention: qwen_model::AttentionImpl,
     pub checkpointing: crate::config::Checkpointing,
-    /// The body of the linear layers' products (`qwen_model::linear::GemmBody::name`).
+    /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
     pub steps_timed: usize,
     /// Non-padding tokens per second over the timed steps.
@@ -228,7 +228,7 @@ pub struct ForwardReport {
     pub batch_size: usize,
     pub seq_len: usize,
     pub precision: Precision,
-    /// The body of the linear layers' products (`qwen_model::linear::GemmBody::name`).
+    /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
     pub init_seconds: f64,
     /// The first forward (kernel compilation and autotuning included).
@@ -312,7 +312,7 @@ pub struct GemmReport {
     pub transpose_a: bool,
     pub transpose_b: bool,
     pub precision: Precision,
-    /// The body under test (`qwen_model::linear::GemmBody::name`).
+    /// The body under test (`qwen_gemm::GemmBody::name`).
     pub body: &'static str,
     /// `max |ours - burn| / max |burn|`.
     pub max_relative_diff: f64,

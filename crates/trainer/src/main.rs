@@ -28,8 +28,8 @@ use qwen_sft::train::{Observer, RunInfo, load_examples};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// The linear layers' matrix products: cublaslt (cuBLASLt) or burn (burn's matmul). Only a
-    /// CUDA build has a choice; every other backend runs burn's matmul.
+    /// Every matrix product (linear layers, attention, loss): cublaslt (cuBLASLt) or burn
+    /// (burn's matmul). Only a CUDA build has a choice; every other backend runs burn's matmul.
     #[arg(long, global = true, default_value = "cublaslt")]
     gemm: GemmBody,
 }

@@ -13,9 +13,12 @@ where
     F: burn_cubecl::FloatElement,
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
-    Self: burn::tensor::backend::Backend,
+    Self: burn::tensor::backend::Backend<FloatTensorPrimitive = burn_cubecl::tensor::CubeTensor<R>>,
 {
 }
 
 #[cfg(feature = "fusion")]
-impl<B: burn_fusion::FusionBackend> super::ChunkedCeBackend for burn_fusion::Fusion<B> {}
+impl<B: burn_fusion::FusionBackend + qwen_gemm::GemmBackend> super::ChunkedCeBackend
+    for burn_fusion::Fusion<B>
+{
+}

@@ -8,6 +8,7 @@ use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, IntTensor},
 };
+use qwen_gemm::GemmBackend;
 
 use super::{ChunkPlan, GradRequest, LmHeadCeForward, LmHeadCeGrads, LmHeadCeParams, plan::chunks};
 use crate::{cross_entropy::row_losses_with_lse, options::LOSS_DTYPE};
@@ -20,32 +21,35 @@ fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B>
     tensor.into_primitive().tensor()
 }
 
+/// `op(a) @ op(b)` on the backend's [`GemmBackend::gemm`] body (cuBLASLt on CUDA, which reads
+/// a transposed operand in place).
+fn gemm<B: GemmBackend>(a: Tensor<B, 2>, b: Tensor<B, 2>, ta: bool, tb: bool) -> Tensor<B, 2> {
+    float(B::gemm(primitive(a), primitive(b), ta, tb))
+}
+
 /// Forward: per-row loss and log-sum-exp, one row chunk of full-vocabulary logits at a time.
 ///
 /// # Shapes
 /// - `hidden`: `[n, hidden]`, `weight`: `[vocab, hidden]`, `targets`: `[n]` all in range
 /// - output: `loss` and `lse`, both `[n]` f32
-pub fn forward<B: Backend>(
+pub fn forward<B: GemmBackend>(
     hidden: FloatTensor<B>,
     weight: FloatTensor<B>,
     targets: IntTensor<B>,
     params: &LmHeadCeParams,
 ) -> LmHeadCeForward<B> {
     let hidden = float::<B, 2>(hidden);
-    let weight_t = float::<B, 2>(weight).transpose(); // [hidden, vocab]
+    let weight = float::<B, 2>(weight); // [vocab, hidden]
     let targets = Tensor::<B, 1, Int>::from_primitive(targets);
     let [n, _] = hidden.dims();
-    let [_, vocab] = weight_t.dims();
+    let [vocab, _] = weight.dims();
     let plan = ChunkPlan::new(n, vocab, params.chunk_memory_bytes);
 
     let mut losses = Vec::new();
     let mut lses = Vec::new();
     for (start, rows) in chunks(n, plan.forward_rows) {
-        let logits = hidden
-            .clone()
-            .narrow(0, start, rows)
-            .matmul(weight_t.clone())
-            .cast(LOSS_DTYPE); // [rows, vocab]
+        let hidden_rows = hidden.clone().narrow(0, start, rows);
+        let logits = gemm(hidden_rows, weight.clone(), false, true).cast(LOSS_DTYPE); // [rows, vocab]
         let (loss, lse) = row_losses_with_lse(
             logits,
             targets.clone().narrow(0, start, rows),
@@ -78,7 +82,7 @@ pub fn forward<B: Backend>(
 /// # Shapes
 /// - `hidden`: `[n, hidden]`, `weight`: `[vocab, hidden]`, `targets`, `lse`, `grad_loss`: `[n]`
 /// - output: `[n, hidden]` and `[vocab, hidden]`, where requested
-pub fn backward<B: Backend>(
+pub fn backward<B: GemmBackend>(
     hidden: FloatTensor<B>,
     weight: FloatTensor<B>,
     targets: IntTensor<B>,
@@ -143,10 +147,8 @@ pub fn backward<B: Backend>(
             let (g, p_scale) = &row_state[chunk];
             let hidden_rows = hidden.clone().narrow(0, row_start, rows); // [rows, hidden]
             let lse_rows = lse.clone().narrow(0, row_start, rows).unsqueeze_dim::<2>(1); // [rows, 1]
-            let logits = hidden_rows
-                .clone()
-                .matmul(weight_slab.clone().transpose())
-                .cast(LOSS_DTYPE); // [rows, cols]
+            let logits =
+                gemm(hidden_rows.clone(), weight_slab.clone(), false, true).cast(LOSS_DTYPE); // [rows, cols]
             let mut dlogits = (logits - lse_rows).exp() * p_scale.clone(); // [rows, cols]
             if eps > 0.0 {
                 dlogits = dlogits - g.clone().mul_scalar(eps / vocab as f32);
@@ -169,11 +171,12 @@ pub fn backward<B: Backend>(
                 .cast(compute_dtype); // [rows, cols]
 
             if request.hidden {
-                let part = dlogits.clone().matmul(weight_slab.clone()).cast(LOSS_DTYPE); // [rows, hidden]
+                let part =
+                    gemm(dlogits.clone(), weight_slab.clone(), false, false).cast(LOSS_DTYPE); // [rows, hidden]
                 grad_hidden[chunk].inplace(|acc| acc + part);
             }
             if let Some(grad_slab) = grad_slab.as_mut() {
-                let part = dlogits.transpose().matmul(hidden_rows).cast(LOSS_DTYPE); // [cols, hidden]
+                let part = gemm(dlogits, hidden_rows, true, false).cast(LOSS_DTYPE); // [cols, hidden]
                 grad_slab.inplace(|acc| acc + part);
             }
         }

@@ -82,7 +82,10 @@ pub struct LmHeadCeGrads<B: Backend> {
 /// features, for the Flex backend (`flex`), every CubeCL backend (`cubecl`, e.g. CUDA, WGPU)
 /// and the fusion decorator (`fusion`). Another backend needs a one-line empty impl in this
 /// crate (Rust's coherence rules forbid a blanket impl beside the one for `Autodiff`).
-pub trait ChunkedCeBackend: Backend {
+///
+/// It extends qwen-gemm's `GemmBackend`: the default kernels' tile products run on its `gemm`
+/// (cuBLASLt on CUDA with this crate's `cublaslt` feature).
+pub trait ChunkedCeBackend: qwen_gemm::GemmBackend {
     /// Per-row loss and log-sum-exp. Not differentiable, even on `Autodiff<B>`; use
     /// [`lm_head_cross_entropy`](Self::lm_head_cross_entropy) for that.
     ///

@@ -6,6 +6,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorPrimitive};
+use qwen_gemm::GemmBackend;
 
 use super::{
     AttentionForward, AttentionGradRequest, AttentionGrads, AttentionInputs, AttentionParams,
@@ -24,6 +25,12 @@ fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B>
     tensor.into_primitive().tensor()
 }
 
+/// `op(a) @ op(b)` per batch entry on the backend's [`GemmBackend::gemm`] body (cuBLASLt on
+/// CUDA, which reads a transposed operand in place).
+fn gemm<B: GemmBackend>(a: Tensor<B, 4>, b: Tensor<B, 4>, ta: bool, tb: bool) -> Tensor<B, 4> {
+    float(B::gemm(primitive(a), primitive(b), ta, tb))
+}
+
 /// Start and length of each chunk of `step` over `0..len`.
 fn chunks(len: usize, step: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..len)
@@ -32,7 +39,7 @@ fn chunks(len: usize, step: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// The inputs as tensors, with their sizes checked once.
-struct Problem<B: Backend> {
+struct Problem<B: GemmBackend> {
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -58,7 +65,7 @@ struct Block {
     keys: usize,
 }
 
-impl<B: Backend> Problem<B> {
+impl<B: GemmBackend> Problem<B> {
     fn new(inputs: AttentionInputs<B>, params: &AttentionParams) -> Self {
         let q = float::<B, 4>(inputs.q);
         let k = float::<B, 4>(inputs.k);
@@ -186,8 +193,7 @@ impl<B: Backend> Problem<B> {
         let [batch, kv_heads, n_rep] = [self.batch, self.kv_heads, self.n_rep()];
         let shape = [batch, kv_heads, n_rep, block.rows, block.keys];
         // [batch, kv_heads, n_rep * rows, keys] -> [batch, kv_heads, n_rep, rows, keys]
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
+        let scores = gemm(q, k, false, true)
             .cast(FloatDType::F32)
             .mul_scalar(self.scale)
             .reshape(shape);
@@ -216,7 +222,7 @@ impl<B: Backend> Problem<B> {
 /// - inputs: see [`AttentionInputs`]
 /// - output: `[batch, heads, q_len, head_dim]` in the inputs' dtype, and
 ///   `lse`: `[batch, heads, q_len]` f32
-pub fn forward<B: Backend>(
+pub fn forward<B: GemmBackend>(
     inputs: AttentionInputs<B>,
     params: &AttentionParams,
 ) -> AttentionForward<B> {
@@ -257,8 +263,7 @@ pub fn forward<B: Backend>(
             block.keys,
         ]);
         // [batch, kv_heads, n_rep * rows, d] -> [batch, kv_heads, n_rep, rows, d]
-        let out = probs
-            .matmul(v)
+        let out = gemm(probs, v, false, false)
             .reshape([batch, p.kv_heads, p.n_rep(), block.rows, d])
             .mask_fill(
                 empty
@@ -298,7 +303,7 @@ fn add_key_rows<B: Backend>(acc: &mut Tensor<B, 4>, start: usize, part: Tensor<B
 /// - inputs: see [`AttentionInputs`]; `forward`, `grad_output`: as [`forward`] returns
 /// - output: `[batch, heads, q_len, head_dim]` and twice `[batch, kv_heads, k_len, head_dim]`,
 ///   where requested, in the inputs' dtype
-pub fn backward<B: Backend>(
+pub fn backward<B: GemmBackend>(
     inputs: AttentionInputs<B>,
     forward: AttentionForward<B>,
     grad_output: FloatTensor<B>,
@@ -341,22 +346,15 @@ pub fn backward<B: Backend>(
 
         if let Some(grad_v) = grad_v.as_mut() {
             // [batch, kv_heads, keys, n_rep * rows] @ [.., n_rep * rows, d]: sums the heads too.
-            let part = probs
-                .clone()
-                .cast(p.dtype)
-                .reshape(flat)
-                .swap_dims(2, 3)
-                .matmul(grad_out.clone())
-                .cast(FloatDType::F32); // [batch, kv_heads, keys, d]
+            let flat_probs = probs.clone().cast(p.dtype).reshape(flat);
+            let part = gemm(flat_probs, grad_out.clone(), true, false).cast(FloatDType::F32); // [batch, kv_heads, keys, d]
             add_key_rows(grad_v, block.k_start, part);
         }
         if !(request.q || request.k) {
             continue;
         }
         // [batch, kv_heads, n_rep * rows, keys] -> [batch, kv_heads, n_rep, rows, keys]
-        let grad_probs = grad_out
-            .clone()
-            .matmul(v.swap_dims(2, 3))
+        let grad_probs = gemm(grad_out.clone(), v, false, true)
             .cast(FloatDType::F32)
             .reshape([batch, kv_heads, n_rep, block.rows, block.keys]);
         // D = rowsum(dO * O), [batch, kv_heads, n_rep * rows, 1] -> [b, kv, n_rep, rows, 1]
@@ -370,12 +368,12 @@ pub fn backward<B: Backend>(
             .cast(p.dtype)
             .reshape(flat);
         if request.q {
-            let part = grad_scores.clone().matmul(k); // [batch, kv_heads, n_rep * rows, d]
+            let part = gemm(grad_scores.clone(), k, false, false); // [batch, kv_heads, n_rep * rows, d]
             grad_q.push(p.ungrouped(part, block));
         }
         if let Some(grad_k) = grad_k.as_mut() {
             // [batch, kv_heads, keys, n_rep * rows] @ [.., n_rep * rows, d]: sums the heads too.
-            let part = grad_scores.swap_dims(2, 3).matmul(q).cast(FloatDType::F32); // [batch, kv_heads, keys, d]
+            let part = gemm(grad_scores, q, true, false).cast(FloatDType::F32); // [batch, kv_heads, keys, d]
             add_key_rows(grad_k, block.k_start, part);
         }
     }

@@ -52,8 +52,4 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::dense(x.primitive, w.primitive)),
         }
     }
-
-    fn gemm_name() -> &'static str {
-        B::gemm_name()
-    }
 }

@@ -1,7 +1,7 @@
-//! [`LinearBackend::gemm`](super::LinearBackend::gemm) on cuBLASLt for burn-cuda tensors.
+//! [`GemmBackend::gemm`](crate::GemmBackend::gemm) on cuBLASLt for burn-cuda tensors.
 //!
 //! cuBLASLt is loaded at run time through `cudarc`, like the rest of the CUDA stack here, and
-//! multiplies burn's buffers in place. Three facts shape the code (found with the probe in
+//! multiplies burn's buffers in place. These facts shape the code (found with the probe in
 //! `shared/probes/cublaslt-on-burn-cuda` and read in cubecl-cuda 0.10's sources):
 //!
 //! - burn-cuda may pitch rows: a row's stride can exceed its length, so each leading
@@ -11,7 +11,9 @@
 //!   makes the output's allocation real), run, wait for ours. That costs tens of microseconds
 //!   a call; docs/ARCHITECTURE.md ("GPU speed") says what was tried to remove it;
 //! - row-major `C = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`, so the operands go to
-//!   cuBLASLt swapped, each with its own transpose flag.
+//!   cuBLASLt swapped, each with its own transpose flag;
+//! - a batch is one strided-batched call: each operand's leading dimensions must collapse into
+//!   one stride (a narrowed key range of `[batch, heads, len, d]` does), else it is copied.
 //!
 //! bf16, f16 and f32 are supported (f32 with TF32 tensor cores, as burn's own CUDA matmul).
 //! Anything else, or a machine where cuBLASLt does not load, takes burn's matmul, and the
@@ -25,7 +27,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::DType;
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
@@ -33,6 +35,8 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr};
+
+use crate::gemm_shape;
 
 type Tensor = CubeTensor<CudaRuntime>;
 
@@ -87,24 +91,57 @@ fn create(index: usize) -> Result<Blas, Box<dyn std::error::Error>> {
     Ok(Blas { stream, blas })
 }
 
-/// A 2-D tensor whose rows are unit-stride and do not overlap, as cuBLASLt's leading dimension
-/// needs (a transposed or broadcast view is copied first).
-fn rows_unit_stride(t: &Tensor) -> Option<Tensor> {
-    if t.meta.num_dims() != 2 {
-        return None;
-    }
-    let (strides, cols) = (t.meta.strides(), t.meta.shape()[1]);
-    Some(if strides[1] == 1 && strides[0] >= cols {
-        t.clone()
-    } else {
-        into_contiguous(t.clone())
-    })
+/// A `[..batch, rows, cols]` operand as cuBLASLt reads it: unit-stride rows `ld` elements
+/// apart, and the batch dimensions collapsed into one of stride `batch_stride`.
+struct Operand {
+    tensor: Tensor,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    batch_stride: usize,
 }
 
-/// `[rows, cols]` and the row stride of a 2-D tensor.
-fn layout(t: &Tensor) -> (usize, usize, usize) {
-    let shape = t.meta.shape();
-    (shape[0], shape[1], t.meta.strides()[0])
+impl Operand {
+    /// The tensor as it lies, or a contiguous copy where its layout does not fit (a transposed
+    /// or broadcast view, batch dimensions that do not collapse).
+    fn new(t: &Tensor) -> Self {
+        Self::strided(t).unwrap_or_else(|| {
+            Self::strided(&into_contiguous(t.clone())).expect("a contiguous tensor fits")
+        })
+    }
+
+    fn strided(t: &Tensor) -> Option<Self> {
+        let (shape, strides) = (t.meta.shape(), t.meta.strides());
+        let rank = shape.num_dims();
+        let (rows, cols, ld) = (shape[rank - 2], shape[rank - 1], strides[rank - 2]);
+        if strides[rank - 1] != 1 || ld < cols {
+            return None;
+        }
+        // Outer batch dimensions must step over whole inner ones: stride[i] = stride[i+1] * size.
+        let (mut batch, mut batch_stride) = (1, None);
+        for dim in (0..rank - 2).rev().filter(|&dim| shape[dim] != 1) {
+            match batch_stride {
+                None => batch_stride = Some(strides[dim]),
+                Some(inner) if strides[dim] == inner * batch => {}
+                Some(_) => return None,
+            }
+            batch *= shape[dim];
+        }
+        Some(Self {
+            tensor: t.clone(),
+            batch,
+            rows,
+            cols,
+            ld,
+            batch_stride: batch_stride.unwrap_or(rows * ld),
+        })
+    }
+
+    /// The elements from the first to one past the last, for cudarc's bounds.
+    fn span(&self) -> usize {
+        (self.batch - 1) * self.batch_stride + (self.rows - 1) * self.ld + self.cols
+    }
 }
 
 /// The device address of a tensor's first element; the resource guard keeps the buffer alive.
@@ -117,31 +154,25 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
     if a.dtype != b.dtype || !matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32) {
         return None;
     }
-    let (a, b) = (rows_unit_stride(a)?, rows_unit_stride(b)?);
-    let (a_rows, a_cols, lda) = layout(&a);
-    let (b_rows, b_cols, ldb) = layout(&b);
-    let (m, k) = if transpose_a {
-        (a_cols, a_rows)
-    } else {
-        (a_rows, a_cols)
-    };
-    let (k_b, n) = if transpose_b {
-        (b_cols, b_rows)
-    } else {
-        (b_rows, b_cols)
-    };
-    assert_eq!(k, k_b, "gemm: inner dimensions differ ({k} and {k_b})");
-
+    let shape = gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
+    if shape.num_elements() == 0 || a.meta.shape().num_elements() == 0 {
+        return None;
+    }
+    let (a, b) = (Operand::new(a), Operand::new(b));
+    let rank = shape.num_dims();
+    let (m, n) = (shape[rank - 2], shape[rank - 1]);
+    let k = if transpose_a { a.rows } else { a.cols };
     let c = empty_device_dtype(
-        a.client.clone(),
-        a.device.clone(),
-        Shape::new([m, n]),
-        a.dtype,
+        a.tensor.client.clone(),
+        a.tensor.device.clone(),
+        shape,
+        a.tensor.dtype,
     );
-    let ldc = c.meta.strides()[0];
-    let (pa, _keep_a) = address(&a)?;
-    let (pb, _keep_b) = address(&b)?;
-    let (pc, _keep_c) = address(&c)?;
+    let c = Operand::strided(&c)?;
+    let (pa, _keep_a) = address(&a.tensor)?;
+    let (pb, _keep_b) = address(&b.tensor)?;
+    let (pc, _keep_c) = address(&c.tensor)?;
+    let batched = c.batch > 1;
     let config = MatmulConfig {
         // Column-major C^T [n, m] = op(B)^T [n, k] @ op(A)^T [k, m].
         transa: transpose_b,
@@ -151,43 +182,45 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
         n: m as u64,
         k: k as u64,
         alpha: 1.0,
-        lda: ldb as i64,
-        ldb: lda as i64,
+        lda: b.ld as i64,
+        ldb: a.ld as i64,
         beta: 0.0,
-        ldc: ldc as i64,
-        stride_a: None,
-        stride_b: None,
-        stride_c: None,
+        ldc: c.ld as i64,
+        stride_a: batched.then_some(b.batch_stride as i64),
+        stride_b: batched.then_some(a.batch_stride as i64),
+        stride_c: batched.then_some(c.batch_stride as i64),
         stride_bias: None,
-        batch_size: None,
+        batch_size: batched.then_some(i32::try_from(c.batch).ok()?),
     };
-    let lengths = [a_rows * lda, b_rows * ldb, m * ldc];
+    let spans = [a.span(), b.span(), c.span()];
+    let dtype = a.tensor.dtype;
     // Wait for cubecl's stream: the inputs are written and the output allocated.
-    burn_cubecl::cubecl::future::block_on(a.client.sync()).ok()?;
-    let done = with_blas(a.device.index, |blas| match a.dtype {
-        DType::BF16 => run::<half::bf16>(blas, config, pb, pa, pc, lengths),
-        DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, lengths),
-        _ => run::<f32>(blas, config, pb, pa, pc, lengths),
+    burn_cubecl::cubecl::future::block_on(a.tensor.client.sync()).ok()?;
+    let done = with_blas(a.tensor.device.index, |blas| match dtype {
+        DType::BF16 => run::<half::bf16>(blas, config, pb, pa, pc, spans),
+        DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, spans),
+        _ => run::<f32>(blas, config, pb, pa, pc, spans),
     })?;
     if let Err(err) = done {
         panic!(
-            "cuBLASLt matmul [{m}, {k}] x [{k}, {n}] ({:?}) failed: {err} \
-             (`--gemm burn` avoids this path)",
-            a.dtype
+            "cuBLASLt matmul {:?} x {:?} ({dtype:?}, transposed: {transpose_a}, {transpose_b}) \
+             failed: {err} (`--gemm burn` avoids this path)",
+            a.tensor.meta.shape(),
+            b.tensor.meta.shape(),
         );
     }
-    Some(c)
+    Some(c.tensor)
 }
 
 /// Runs one product on `blas`'s stream and waits for it. `first` and `second` are cuBLASLt's
-/// A and B (our B and A, see the module docs); `lengths` are `[our a, our b, c]` in elements.
+/// A and B (our B and A, see the module docs); `spans` are `[our a, our b, c]` in elements.
 fn run<T: DeviceRepr>(
     blas: &Blas,
     config: MatmulConfig,
     first: u64,
     second: u64,
     out: u64,
-    lengths: [usize; 3],
+    spans: [usize; 3],
 ) -> Result<(), Box<dyn std::error::Error>>
 where
     CudaBlasLT: Matmul<T>,
@@ -195,9 +228,9 @@ where
     // SAFETY: the addresses are live burn buffers (their guards outlive this call) of at least
     // these lengths; the slices are leaked, so cudarc never frees burn's memory.
     unsafe {
-        let first = blas.stream.upgrade_device_ptr::<T>(first, lengths[1]);
-        let second = blas.stream.upgrade_device_ptr::<T>(second, lengths[0]);
-        let mut out = blas.stream.upgrade_device_ptr::<T>(out, lengths[2]);
+        let first = blas.stream.upgrade_device_ptr::<T>(first, spans[1]);
+        let second = blas.stream.upgrade_device_ptr::<T>(second, spans[0]);
+        let mut out = blas.stream.upgrade_device_ptr::<T>(out, spans[2]);
         let result = blas
             .blas
             .matmul(config, &first, &second, &mut out, None, None);

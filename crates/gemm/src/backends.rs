@@ -1,0 +1,127 @@
+//! `GemmBackend` for each backend family: burn's matmul everywhere, and on CUDA with the
+//! `cublaslt` feature whichever [`GemmBody`](crate::GemmBody) is set.
+//!
+//! A blanket `impl<B: Backend>` would overlap the one for `Autodiff<B, C>`, so each family gets
+//! its own impl behind a feature of this crate.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+
+use crate::GemmBackend;
+
+#[cfg(feature = "flex")]
+impl GemmBackend for burn::backend::Flex {}
+
+#[cfg(feature = "ndarray")]
+impl GemmBackend for burn::backend::NdArray {}
+
+/// burn's differentiable matmul; the inner backend's body serves custom backward nodes that
+/// call `B::gemm` themselves.
+impl<B: GemmBackend, C: CheckpointStrategy> GemmBackend for Autodiff<B, C> {
+    fn gemm_name() -> &'static str {
+        B::gemm_name()
+    }
+}
+
+#[cfg(feature = "cubecl")]
+impl<R, F, I, BT> GemmBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+    Self: burn::tensor::backend::Backend<FloatTensorPrimitive = burn_cubecl::tensor::CubeTensor<R>>,
+{
+    #[cfg(feature = "cublaslt")]
+    fn gemm(
+        a: burn_cubecl::tensor::CubeTensor<R>,
+        b: burn_cubecl::tensor::CubeTensor<R>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> burn_cubecl::tensor::CubeTensor<R> {
+        let product = match crate::gemm_body() {
+            crate::GemmBody::Burn => None,
+            crate::GemmBody::Cublaslt => crate::cublaslt::gemm(&a, &b, transpose_a, transpose_b),
+        };
+        product.unwrap_or_else(|| crate::gemm_reference::<Self>(a, b, transpose_a, transpose_b))
+    }
+
+    #[cfg(feature = "cublaslt")]
+    fn gemm_name() -> &'static str {
+        if crate::cublaslt::is_cuda::<R>() {
+            crate::gemm_body().name()
+        } else {
+            crate::GemmBody::Burn.name()
+        }
+    }
+}
+
+/// Under fusion, a product whose inner backend has a body of its own runs as one custom
+/// operation (fusion ends its pending fused kernels there, then calls the inner `gemm`); with
+/// burn's matmul it stays an ordinary fusion matmul.
+#[cfg(feature = "fusion")]
+mod fusion {
+    use std::marker::PhantomData;
+
+    use burn::tensor::ops::FloatTensor;
+    use burn_fusion::stream::{Operation, OperationStreams};
+    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+
+    use crate::{GemmBackend, GemmBody, gemm_reference, gemm_shape};
+
+    #[derive(Clone, Debug)]
+    struct Gemm<B> {
+        desc: CustomOpIr,
+        transpose_a: bool,
+        transpose_b: bool,
+        _backend: PhantomData<B>,
+    }
+
+    impl<B: FusionBackend + GemmBackend> Operation<B::FusionRuntime> for Gemm<B> {
+        fn execute(
+            &self,
+            handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+        ) {
+            let ([a, b], [c]) = self.desc.as_fixed();
+            let product = B::gemm(
+                handles.get_float_tensor::<B>(a),
+                handles.get_float_tensor::<B>(b),
+                self.transpose_a,
+                self.transpose_b,
+            );
+            handles.register_float_tensor::<B>(&c.id, product);
+        }
+    }
+
+    impl<B: FusionBackend + GemmBackend> GemmBackend for Fusion<B> {
+        fn gemm(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            transpose_a: bool,
+            transpose_b: bool,
+        ) -> FloatTensor<Self> {
+            if B::gemm_name() == GemmBody::Burn.name() {
+                return gemm_reference::<Self>(a, b, transpose_a, transpose_b);
+            }
+            let shape = gemm_shape(&a.shape, &b.shape, transpose_a, transpose_b);
+            let (client, dtype) = (a.client.clone(), a.dtype);
+            let streams = OperationStreams::with_inputs([&a, &b]);
+            let c = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
+            let desc = CustomOpIr::new("qwen_gemm::gemm", &[a.into_ir(), b.into_ir()], &[c]);
+            let op = Gemm::<B> {
+                desc: desc.clone(),
+                transpose_a,
+                transpose_b,
+                _backend: PhantomData,
+            };
+            client
+                .register(streams, OperationIr::Custom(desc), op)
+                .output()
+        }
+
+        fn gemm_name() -> &'static str {
+            B::gemm_name()
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Matrix products behind a backend trait, so that CUDA can run them on cuBLASLt while every
+//! other backend keeps burn's matmul.
+//!
+//! ```text
+//! gemm(a, b, transpose_a, transpose_b) = op(a) @ op(b)      [..batch, m, n]
+//! ```
+//!
+//! [`GemmBackend::gemm`] is the one kernel: a product of the last two dimensions, batched over
+//! the leading ones, each operand transposed where asked. Its default body is burn's matmul.
+//! The model's linear layers, its attention and the chunked lm_head loss all multiply through
+//! it, so one switch ([`set_gemm_body`]) moves every product of a training step.
+//!
+//! With this crate's `cublaslt` feature, CUDA (`CubeBackend<CudaRuntime, ..>`, and `Fusion` of
+//! it through a custom operation) can run `gemm` on cuBLASLt, see `cublaslt.rs`. Which body runs
+//! is chosen at run time with [`set_gemm_body`], for the whole process;
+//! [`GemmBackend::gemm_name`] says which one a backend uses, so that a benchmark can report it.
+
+mod backends;
+#[cfg(feature = "cublaslt")]
+mod cublaslt;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Shape, TensorMetadata};
+
+/// A backend whose matrix products can run on a kernel of its own.
+///
+/// Implemented for `Autodiff<B, C>` whenever `B` implements it (there `gemm` is burn's
+/// differentiable matmul), and, behind this crate's features, for each backend family.
+pub trait GemmBackend: Backend {
+    /// `op(a) @ op(b)` over the last two dimensions, batched over the leading ones, `op` a
+    /// transpose where asked, in the inputs' dtype.
+    ///
+    /// # Shapes
+    /// - `a`: `[..batch, m, k]`, or `[..batch, k, m]` with `transpose_a`
+    /// - `b`: `[..batch, k, n]`, or `[..batch, n, k]` with `transpose_b`
+    /// - output: `[..batch, m, n]`
+    ///
+    /// # Panics
+    /// If the ranks or batch dimensions differ (there is no broadcasting), or the inner
+    /// dimensions do not match.
+    fn gemm(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> FloatTensor<Self> {
+        gemm_reference::<Self>(a, b, transpose_a, transpose_b)
+    }
+
+    /// The body that runs [`gemm`](Self::gemm) here: a [`GemmBody::name`].
+    fn gemm_name() -> &'static str {
+        GemmBody::Burn.name()
+    }
+}
+
+/// Which kernel runs [`GemmBackend::gemm`] on a backend that offers more than burn's matmul
+/// (CUDA with the `cublaslt` feature). Every other backend runs burn's matmul whatever is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GemmBody {
+    /// burn's matmul.
+    Burn,
+    /// cuBLASLt on its own stream, ordered with burn's by waiting on the host before and after
+    /// each product.
+    #[default]
+    Cublaslt,
+}
+
+impl GemmBody {
+    pub const ALL: [GemmBody; 2] = [Self::Burn, Self::Cublaslt];
+
+    /// The name used on the command line and in benchmark reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Burn => "burn",
+            Self::Cublaslt => "cublaslt",
+        }
+    }
+}
+
+impl std::str::FromStr for GemmBody {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|body| body.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|body| body.name()).collect();
+                format!(
+                    "unknown gemm body `{name}` (expected one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+static GEMM_BODY: AtomicU8 = AtomicU8::new(GemmBody::Cublaslt as u8);
+
+/// Picks the body of [`GemmBackend::gemm`] for the rest of the process (default
+/// [`GemmBody::Cublaslt`]).
+pub fn set_gemm_body(body: GemmBody) {
+    GEMM_BODY.store(body as u8, Ordering::Relaxed);
+}
+
+/// The body picked by [`set_gemm_body`].
+pub fn gemm_body() -> GemmBody {
+    match GEMM_BODY.load(Ordering::Relaxed) {
+        0 => GemmBody::Burn,
+        _ => GemmBody::Cublaslt,
+    }
+}
+
+/// The output shape of [`GemmBackend::gemm`], checking what its docs promise.
+///
+/// # Panics
+/// As [`GemmBackend::gemm`].
+pub fn gemm_shape(a: &Shape, b: &Shape, transpose_a: bool, transpose_b: bool) -> Shape {
+    let rank = a.num_dims();
+    assert!(
+        rank >= 2 && b.num_dims() == rank && a[..rank - 2] == b[..rank - 2],
+        "gemm: operands {a:?} and {b:?} need one rank (at least 2) and equal batch dimensions"
+    );
+    let (a_rows, a_cols) = (a[rank - 2], a[rank - 1]);
+    let (b_rows, b_cols) = (b[rank - 2], b[rank - 1]);
+    let (m, k) = if transpose_a {
+        (a_cols, a_rows)
+    } else {
+        (a_rows, a_cols)
+    };
+    let (k_b, n) = if transpose_b {
+        (b_cols, b_rows)
+    } else {
+        (b_rows, b_cols)
+    };
+    assert_eq!(
+        k, k_b,
+        "gemm: inner dimensions differ ({k} and {k_b}) for {a:?} x {b:?} (transposed: {transpose_a}, {transpose_b})"
+    );
+    let mut dims = a[..rank - 2].to_vec();
+    dims.extend([m, n]);
+    Shape::from(dims)
+}
+
+/// [`GemmBackend::gemm`] in burn's tensor ops (differentiable on `Autodiff<B>`).
+pub fn gemm_reference<B: Backend>(
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> FloatTensor<B> {
+    gemm_shape(&a.shape(), &b.shape(), transpose_a, transpose_b);
+    B::float_matmul(
+        last_two_swapped::<B>(a, transpose_a),
+        last_two_swapped::<B>(b, transpose_b),
+    )
+}
+
+fn last_two_swapped<B: Backend>(x: FloatTensor<B>, swap: bool) -> FloatTensor<B> {
+    let rank = x.shape().num_dims();
+    if swap {
+        B::float_swap_dims(x, rank - 2, rank - 1)
+    } else {
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, Tensor, TensorPrimitive, Tolerance};
+
+    use super::*;
+
+    type B = Flex;
+
+    fn gemm<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, ta: bool, tb: bool) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(B::gemm(
+            a.into_primitive().tensor(),
+            b.into_primitive().tensor(),
+            ta,
+            tb,
+        )))
+    }
+
+    #[test]
+    fn gemm_bodies_parse_from_their_names() {
+        for body in GemmBody::ALL {
+            assert_eq!(body.name().parse::<GemmBody>(), Ok(body));
+        }
+        let err = "cublas".parse::<GemmBody>().unwrap_err();
+        assert!(
+            err.contains("`cublas`") && err.contains("burn, cublaslt"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gemm_transposes_each_operand_as_asked() {
+        let device = Default::default();
+        let a = Tensor::<B, 2>::random([5, 3], Distribution::Default, &device);
+        let b = Tensor::<B, 2>::random([3, 4], Distribution::Default, &device);
+        let expected = a.clone().matmul(b.clone()).into_data();
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a = if ta { a.clone().transpose() } else { a.clone() };
+            let b = if tb { b.clone().transpose() } else { b.clone() };
+            gemm(a, b, ta, tb)
+                .into_data()
+                .assert_approx_eq::<f32>(&expected, Tolerance::default());
+        }
+    }
+
+    /// Each batch entry is its own product: against a loop of 2-D products.
+    #[test]
+    fn gemm_multiplies_each_batch_entry() {
+        let device = Default::default();
+        let a = Tensor::<B, 4>::random([2, 3, 4, 5], Distribution::Default, &device);
+        let b = Tensor::<B, 4>::random([2, 3, 6, 5], Distribution::Default, &device);
+        let c = gemm(a.clone(), b.clone(), false, true);
+        assert_eq!(c.dims(), [2, 3, 4, 6]);
+        for i in 0..2 {
+            for j in 0..3 {
+                let entry = |x: &Tensor<B, 4>, rows, cols| {
+                    x.clone().slice([i..i + 1, j..j + 1]).reshape([rows, cols])
+                };
+                let expected = entry(&a, 4, 5).matmul(entry(&b, 6, 5).transpose());
+                entry(&c, 4, 6)
+                    .into_data()
+                    .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::default());
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_shape_names_what_does_not_fit() {
+        let shape = |dims: &[usize]| Shape::from(dims.to_vec());
+        assert_eq!(
+            gemm_shape(&shape(&[2, 4, 5]), &shape(&[2, 6, 5]), false, true),
+            shape(&[2, 4, 6])
+        );
+        assert_eq!(
+            gemm_shape(&shape(&[5, 4]), &shape(&[5, 6]), true, false),
+            shape(&[4, 6])
+        );
+        let batch = std::panic::catch_unwind(|| {
+            gemm_shape(&shape(&[2, 4, 5]), &shape(&[3, 5, 6]), false, false)
+        });
+        let inner =
+            std::panic::catch_unwind(|| gemm_shape(&shape(&[4, 5]), &shape(&[4, 6]), false, false));
+        assert!(batch.is_err() && inner.is_err());
+    }
+}
