@@ -26,6 +26,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use burn::tensor::DType;
 use burn_cubecl::CubeRuntime;
@@ -36,7 +37,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr};
 
-use crate::gemm_shape;
+use crate::{gemm_shape, record_call};
 
 type Tensor = CubeTensor<CudaRuntime>;
 
@@ -195,12 +196,15 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
     let spans = [a.span(), b.span(), c.span()];
     let dtype = a.tensor.dtype;
     // Wait for cubecl's stream: the inputs are written and the output allocated.
+    let started = Instant::now();
     burn_cubecl::cubecl::future::block_on(a.tensor.client.sync()).ok()?;
+    let waited = started.elapsed();
     let done = with_blas(a.tensor.device.index, |blas| match dtype {
         DType::BF16 => run::<half::bf16>(blas, config, pb, pa, pc, spans),
         DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, spans),
         _ => run::<f32>(blas, config, pb, pa, pc, spans),
     })?;
+    record_call(waited, started.elapsed() - waited);
     if let Err(err) = done {
         panic!(
             "cuBLASLt matmul {:?} x {:?} ({dtype:?}, transposed: {transpose_a}, {transpose_b}) \

@@ -113,6 +113,50 @@ pub fn gemm_body() -> GemmBody {
     }
 }
 
+/// What the cuBLASLt body has done since the process started: how many products, and the
+/// host time spent waiting for burn's stream before them and running them (the product itself
+/// and the wait for it). Zero on every other body. The difference between two readings is what
+/// a stretch of work cost; a benchmark reports it per step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GemmStats {
+    pub calls: u64,
+    pub wait_seconds: f64,
+    pub run_seconds: f64,
+}
+
+impl std::ops::Sub for GemmStats {
+    type Output = GemmStats;
+
+    fn sub(self, earlier: GemmStats) -> GemmStats {
+        GemmStats {
+            calls: self.calls - earlier.calls,
+            wait_seconds: self.wait_seconds - earlier.wait_seconds,
+            run_seconds: self.run_seconds - earlier.run_seconds,
+        }
+    }
+}
+
+static STATS: [std::sync::atomic::AtomicU64; 3] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 3];
+
+/// The running totals of [`GemmStats`].
+pub fn gemm_stats() -> GemmStats {
+    let load = |i: usize| STATS[i].load(Ordering::Relaxed);
+    GemmStats {
+        calls: load(0),
+        wait_seconds: load(1) as f64 * 1e-9,
+        run_seconds: load(2) as f64 * 1e-9,
+    }
+}
+
+/// Adds one product's waits to [`gemm_stats`].
+#[cfg_attr(not(feature = "cublaslt"), allow(dead_code))]
+fn record_call(wait: std::time::Duration, run: std::time::Duration) {
+    STATS[0].fetch_add(1, Ordering::Relaxed);
+    STATS[1].fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
+    STATS[2].fetch_add(run.as_nanos() as u64, Ordering::Relaxed);
+}
+
 /// The output shape of [`GemmBackend::gemm`], checking what its docs promise.
 ///
 /// # Panics

@@ -50,6 +50,11 @@ pub struct BenchReport {
     pub checkpointing: crate::config::Checkpointing,
     /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
+    /// cuBLASLt products per timed step, and the host time per step spent waiting for burn's
+    /// stream before them and running them (`qwen_gemm::GemmStats`); zero on other bodies.
+    pub gemm_calls_per_step: f64,
+    pub gemm_wait_seconds_per_step: f64,
+    pub gemm_run_seconds_per_step: f64,
     pub steps_timed: usize,
     /// Non-padding tokens per second over the timed steps.
     pub tokens_per_second: f64,
@@ -114,6 +119,8 @@ pub fn write_corpus(path: &Path, n: usize, tokens: usize, seed: u64) -> Result<(
 struct Timer {
     started: Instant,
     warmup: u64,
+    /// cuBLASLt's totals when the timed steps begin.
+    gemm_at_warmup: qwen_gemm::GemmStats,
     setup_seconds: Option<f64>,
     timed: Vec<StepMetrics>,
     losses: Vec<f64>,
@@ -134,6 +141,7 @@ impl Observer for Timer {
         self.losses.push(m.loss);
         if m.step == self.warmup {
             self.setup_seconds = Some(self.started.elapsed().as_secs_f64());
+            self.gemm_at_warmup = qwen_gemm::gemm_stats();
         }
         if m.step > self.warmup {
             self.timed.push(m.clone());
@@ -180,6 +188,7 @@ where
     let mut timer = Timer {
         started: Instant::now(),
         warmup: bench.warmup_steps,
+        gemm_at_warmup: qwen_gemm::gemm_stats(),
         setup_seconds: None,
         timed: Vec::new(),
         losses: Vec::new(),
@@ -194,6 +203,8 @@ where
     let supervised: usize = timer.timed.iter().map(|m| m.supervised_tokens).sum();
     let mut sorted = seconds.clone();
     sorted.sort_by(f64::total_cmp);
+    let timed_steps = seconds.len().max(1) as f64;
+    let gemm = qwen_gemm::gemm_stats() - timer.gemm_at_warmup;
     Ok(BenchReport {
         backend: backend_name.to_string(),
         preset: bench.preset.clone(),
@@ -204,6 +215,9 @@ where
         attention: bench.attention,
         checkpointing: bench.checkpointing,
         linear: B::gemm_name(),
+        gemm_calls_per_step: gemm.calls as f64 / timed_steps,
+        gemm_wait_seconds_per_step: gemm.wait_seconds / timed_steps,
+        gemm_run_seconds_per_step: gemm.run_seconds / timed_steps,
         steps_timed: seconds.len(),
         tokens_per_second: tokens as f64 / total,
         supervised_tokens_per_second: supervised as f64 / total,
