@@ -15,7 +15,7 @@ BIN=/tmp/qwen-sft
 # BINARY picks a variant from `cargo xtask device-bundle --features F`: qwen-sft-cuda-unfused
 # (no kernel fusion), qwen-sft-cuda-autotune. GEMM picks the linear layers' body of our runs
 # (`--gemm`: cublaslt, the default, or burn); a measurement whose name says its body runs that
-# one whatever GEMM is.
+# one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul.
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -51,12 +51,14 @@ TOML
 # The driver's own cache of PTX compiled to machine code, kept beside CubeCL's.
 export CUDA_CACHE_PATH=$CACHE/nv CUDA_CACHE_MAXSIZE=4294967296
 save_cache() { tar -cf - -C "$CACHE" . 2>/dev/null | xz -T0 -6 > "$OUT/cubecl-cache.tar.xz"; du -sh "$CACHE" "$OUT/cubecl-cache.tar.xz"; }
-trap save_cache EXIT
+# SAVE_CACHE=0 skips packing it (for all but the last of several calls in one device run).
+[ "${SAVE_CACHE:-1}" = 1 ] && trap save_cache EXIT
 M="python3 xtask/peer/measure.py"
 STEPS=${STEPS:-20}
 
 step() { # name timeout command...
-  local name=$1 limit=$2; shift 2
+  # TAG tells apart runs of one measurement under different settings (name_TAG.json).
+  local name=$1${TAG:+_$TAG} limit=$2; shift 2
   echo "== $name"
   $M "$name" "$OUT" "$limit" -- "$@" || echo "$name: exit $?"
 }
@@ -65,7 +67,7 @@ step() { # name timeout command...
 # of importance, so that a call cut short still brings back the main figures).
 ALL="forward_bf16 ours_b4_bf16 peer_amp_b4 peer_amp_b8 ours_b8_bf16 forward_f32"
 B=$BIN
-G="--gemm ${GEMM:-cublaslt}"
+G="--gemm ${GEMM:-cublaslt} ${GEMM_MIN_GFLOP:+--gemm-min-gflop $GEMM_MIN_GFLOP}"
 for name in ${@:-$ALL}; do
   case $name in
     # The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].

@@ -39,9 +39,13 @@ where
         transpose_a: bool,
         transpose_b: bool,
     ) -> burn_cubecl::tensor::CubeTensor<R> {
+        let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
+        let k = crate::inner_dim(a.meta.shape(), transpose_a);
         let product = match crate::gemm_body() {
-            crate::GemmBody::Burn => None,
-            crate::GemmBody::Cublaslt => crate::cublaslt::gemm(&a, &b, transpose_a, transpose_b),
+            crate::GemmBody::Cublaslt if crate::takes_picked_body(&shape, k) => {
+                crate::cublaslt::gemm(&a, &b, transpose_a, transpose_b)
+            }
+            _ => None,
         };
         product.unwrap_or_else(|| crate::gemm_reference::<Self>(a, b, transpose_a, transpose_b))
     }
@@ -68,7 +72,7 @@ mod fusion {
     use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-    use crate::{GemmBackend, GemmBody, gemm_reference, gemm_shape};
+    use crate::{GemmBackend, GemmBody, gemm_reference, gemm_shape, inner_dim, takes_picked_body};
 
     #[derive(Clone, Debug)]
     struct Gemm<B> {
@@ -101,10 +105,11 @@ mod fusion {
             transpose_a: bool,
             transpose_b: bool,
         ) -> FloatTensor<Self> {
-            if B::gemm_name() == GemmBody::Burn.name() {
+            let shape = gemm_shape(&a.shape, &b.shape, transpose_a, transpose_b);
+            let k = inner_dim(&a.shape, transpose_a);
+            if B::gemm_name() == GemmBody::Burn.name() || !takes_picked_body(&shape, k) {
                 return gemm_reference::<Self>(a, b, transpose_a, transpose_b);
             }
-            let shape = gemm_shape(&a.shape, &b.shape, transpose_a, transpose_b);
             let (client, dtype) = (a.client.clone(), a.dtype);
             let streams = OperationStreams::with_inputs([&a, &b]);
             let c = TensorIr::uninit(client.create_empty_handle(), shape, dtype);

@@ -113,6 +113,37 @@ pub fn gemm_body() -> GemmBody {
     }
 }
 
+/// The smallest product (in FLOPs, `2 m n k` per batch entry, summed) that goes to a body other
+/// than burn's matmul. Below it burn's matmul runs: cuBLASLt's host syncs cost about a hundred
+/// microseconds a product, more than burn's matmul takes for a small one.
+pub const DEFAULT_MIN_FLOPS: u64 = 0;
+
+static MIN_FLOPS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_MIN_FLOPS);
+
+/// Sets the size below which products stay on burn's matmul (see [`DEFAULT_MIN_FLOPS`]).
+pub fn set_gemm_min_flops(flops: u64) {
+    MIN_FLOPS.store(flops, Ordering::Relaxed);
+}
+
+/// The size set by [`set_gemm_min_flops`].
+pub fn gemm_min_flops() -> u64 {
+    MIN_FLOPS.load(Ordering::Relaxed)
+}
+
+/// Whether a product of `shape` (as [`gemm_shape`] returns) with inner dimension `k` is large
+/// enough for the picked body; always false when that body is burn's matmul.
+pub fn takes_picked_body(shape: &Shape, k: usize) -> bool {
+    let flops = 2 * shape.num_elements() as u64 * k as u64;
+    gemm_body() != GemmBody::Burn && flops >= gemm_min_flops()
+}
+
+/// The inner dimension of `op(a)`.
+pub fn inner_dim(a: &Shape, transpose_a: bool) -> usize {
+    let rank = a.num_dims();
+    a[rank - 1 - usize::from(transpose_a)]
+}
+
 /// What the cuBLASLt body has done since the process started: how many products, and the
 /// host time spent waiting for burn's stream before them and running them (the product itself
 /// and the wait for it). Zero on every other body. The difference between two readings is what

@@ -50,6 +50,8 @@ pub struct BenchReport {
     pub checkpointing: crate::config::Checkpointing,
     /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
+    /// Products under this many GFLOP ran on burn's matmul (`--gemm-min-gflop`).
+    pub gemm_min_gflop: f64,
     /// cuBLASLt products per timed step, and the host time per step spent waiting for burn's
     /// stream before them and running them (`qwen_gemm::GemmStats`); zero on other bodies.
     pub gemm_calls_per_step: f64,
@@ -215,6 +217,7 @@ where
         attention: bench.attention,
         checkpointing: bench.checkpointing,
         linear: B::gemm_name(),
+        gemm_min_gflop: qwen_gemm::gemm_min_flops() as f64 * 1e-9,
         gemm_calls_per_step: gemm.calls as f64 / timed_steps,
         gemm_wait_seconds_per_step: gemm.wait_seconds / timed_steps,
         gemm_run_seconds_per_step: gemm.run_seconds / timed_steps,

@@ -32,6 +32,10 @@ struct Cli {
     /// (burn's matmul). Only a CUDA build has a choice; every other backend runs burn's matmul.
     #[arg(long, global = true, default_value = "cublaslt")]
     gemm: GemmBody,
+    /// Products smaller than this many GFLOP stay on burn's matmul whatever `--gemm` says
+    /// (cuBLASLt pays host syncs per product, more than a small product takes).
+    #[arg(long, global = true, default_value_t = qwen_gemm::DEFAULT_MIN_FLOPS as f64 * 1e-9)]
+    gemm_min_gflop: f64,
 }
 
 #[derive(Subcommand)]
@@ -302,6 +306,12 @@ struct BenchArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     qwen_model::linear::set_gemm_body(cli.gemm);
+    anyhow::ensure!(
+        cli.gemm_min_gflop >= 0.0,
+        "--gemm-min-gflop must be at least 0, not {}",
+        cli.gemm_min_gflop
+    );
+    qwen_gemm::set_gemm_min_flops((cli.gemm_min_gflop * 1e9) as u64);
     match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
