@@ -41,11 +41,11 @@ where
     ) -> burn_cubecl::tensor::CubeTensor<R> {
         let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
         let k = crate::inner_dim(a.meta.shape(), transpose_a);
-        let product = match crate::gemm_body() {
-            crate::GemmBody::Cublaslt if crate::takes_picked_body(&shape, k) => {
-                crate::cublaslt::gemm(&a, &b, transpose_a, transpose_b)
-            }
-            _ => None,
+        let body = crate::gemm_body();
+        let product = if body != crate::GemmBody::Burn && crate::takes_picked_body(&shape, k) {
+            crate::cublaslt::gemm(body, &a, &b, transpose_a, transpose_b)
+        } else {
+            None
         };
         product.unwrap_or_else(|| crate::gemm_reference::<Self>(a, b, transpose_a, transpose_b))
     }

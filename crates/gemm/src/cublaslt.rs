@@ -26,7 +26,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::tensor::DType;
 use burn_cubecl::CubeRuntime;
@@ -37,7 +37,15 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr};
 
-use crate::{gemm_shape, record_call};
+use burn_cubecl::cubecl::Runtime;
+use cubecl_common::device::Device;
+use cubecl_common::device_handle::DeviceHandle;
+use cubecl_common::stream_id::StreamId;
+use cudarc::driver::sys::CUstream;
+
+use crate::{GemmBody, gemm_shape, record_call};
+
+type CudaServer = <CudaRuntime as Runtime>::Server;
 
 type Tensor = CubeTensor<CudaRuntime>;
 
@@ -49,6 +57,7 @@ pub(super) fn is_cuda<R: CubeRuntime>() -> bool {
 /// `op(a) @ op(b)` on cuBLASLt, or `None` where it does not apply (another runtime, dtype or
 /// rank, or no cuBLASLt), for the caller to run burn's matmul instead.
 pub(super) fn gemm<R: CubeRuntime>(
+    body: GemmBody,
     a: &CubeTensor<R>,
     b: &CubeTensor<R>,
     transpose_a: bool,
@@ -56,38 +65,56 @@ pub(super) fn gemm<R: CubeRuntime>(
 ) -> Option<CubeTensor<R>> {
     let a = (a as &dyn Any).downcast_ref::<Tensor>()?;
     let b = (b as &dyn Any).downcast_ref::<Tensor>()?;
-    let c = gemm_cuda(a, b, transpose_a, transpose_b)?;
+    let c = gemm_cuda(body, a, b, transpose_a, transpose_b)?;
     let c: Box<dyn Any> = Box::new(c);
     c.downcast::<CubeTensor<R>>().ok().map(|c| *c)
 }
 
-/// One cuBLASLt handle and stream per device.
+/// A cuBLASLt handle and the stream it runs on.
 struct Blas {
     stream: Arc<CudaStream>,
     blas: CudaBlasLT,
 }
 
-/// The handle of device `index`, created on first use; `None` if cuBLASLt does not load there.
-fn with_blas<T>(index: usize, f: impl FnOnce(&Blas) -> T) -> Option<T> {
-    static HANDLES: OnceLock<Mutex<HashMap<usize, Option<Blas>>>> = OnceLock::new();
+/// Where a handle runs its products.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum StreamKind {
+    /// A stream of our own, ordered with cubecl's by host waits.
+    Own,
+    /// cubecl's stream (the raw handle), for tasks on cubecl's device thread.
+    Cubecl(usize),
+}
+
+/// The handle of device `index` on `kind`, created on first use; `None` if cuBLASLt does not
+/// load there (said once on stderr).
+fn with_blas<T>(index: usize, kind: StreamKind, f: impl FnOnce(&Blas) -> T) -> Option<T> {
+    type Handles = HashMap<(usize, StreamKind), Option<Blas>>;
+    static HANDLES: OnceLock<Mutex<Handles>> = OnceLock::new();
     let mut handles = HANDLES.get_or_init(Default::default).lock().ok()?;
-    let blas = handles.entry(index).or_insert_with(|| match create(index) {
-        Ok(blas) => Some(blas),
-        Err(err) => {
-            eprintln!("qwen-model: cuBLASLt unavailable on CUDA device {index} ({err}); linear layers use burn's matmul");
-            None
-        }
-    });
+    let blas = handles
+        .entry((index, kind))
+        .or_insert_with(|| match create(index, kind) {
+            Ok(blas) => Some(blas),
+            Err(err) => {
+                eprintln!("qwen-gemm: cuBLASLt unavailable on CUDA device {index} ({err}); products use burn's matmul");
+                None
+            }
+        });
     blas.as_ref().map(f)
 }
 
-fn create(index: usize) -> Result<Blas, Box<dyn std::error::Error>> {
+fn create(index: usize, kind: StreamKind) -> Result<Blas, Box<dyn std::error::Error>> {
     // The primary context, the one cubecl-cuda uses: its device pointers are valid here.
     let ctx = CudaContext::new(index)?;
-    // Ordering is by host syncs (module docs), so cudarc's per-buffer events would only cost.
+    // Ordering is ours (module docs), so cudarc's per-buffer events would only cost.
     // SAFETY: the context is new and ours; nothing has recorded events on it yet.
     unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream()?;
+    let stream = match kind {
+        StreamKind::Own => ctx.new_stream()?,
+        // SAFETY: cubecl's stream of this context, alive as long as its server (the process);
+        // work on it is ordered by running on cubecl's device thread (`gemm_on_cubecl_stream`).
+        StreamKind::Cubecl(raw) => unsafe { ctx.wrap_borrowed_stream(raw as CUstream) },
+    };
     let blas = CudaBlasLT::new(stream.clone())?;
     Ok(Blas { stream, blas })
 }
@@ -151,7 +178,13 @@ fn address(t: &Tensor) -> Option<(u64, impl Sized + use<>)> {
     Some((resource.resource().ptr, resource))
 }
 
-fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Option<Tensor> {
+fn gemm_cuda(
+    body: GemmBody,
+    a: &Tensor,
+    b: &Tensor,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> Option<Tensor> {
     if a.dtype != b.dtype || !matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32) {
         return None;
     }
@@ -170,9 +203,6 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
         a.tensor.dtype,
     );
     let c = Operand::strided(&c)?;
-    let (pa, _keep_a) = address(&a.tensor)?;
-    let (pb, _keep_b) = address(&b.tensor)?;
-    let (pc, _keep_c) = address(&c.tensor)?;
     let batched = c.batch > 1;
     let config = MatmulConfig {
         // Column-major C^T [n, m] = op(B)^T [n, k] @ op(A)^T [k, m].
@@ -194,55 +224,120 @@ fn gemm_cuda(a: &Tensor, b: &Tensor, transpose_a: bool, transpose_b: bool) -> Op
         batch_size: batched.then_some(i32::try_from(c.batch).ok()?),
     };
     let spans = [a.span(), b.span(), c.span()];
-    let dtype = a.tensor.dtype;
-    // Wait for cubecl's stream: the inputs are written and the output allocated.
-    let started = Instant::now();
-    burn_cubecl::cubecl::future::block_on(a.tensor.client.sync()).ok()?;
-    let waited = started.elapsed();
-    let done = with_blas(a.tensor.device.index, |blas| match dtype {
-        DType::BF16 => run::<half::bf16>(blas, config, pb, pa, pc, spans),
-        DType::F16 => run::<half::f16>(blas, config, pb, pa, pc, spans),
-        _ => run::<f32>(blas, config, pb, pa, pc, spans),
-    })?;
-    record_call(waited, started.elapsed() - waited);
-    if let Err(err) = done {
-        panic!(
-            "cuBLASLt matmul {:?} x {:?} ({dtype:?}, transposed: {transpose_a}, {transpose_b}) \
-             failed: {err} (`--gemm burn` avoids this path)",
+    let product = Product {
+        config,
+        spans,
+        dtype: a.tensor.dtype,
+        what: format!(
+            "cuBLASLt matmul {:?} x {:?} ({:?}, transposed: {transpose_a}, {transpose_b})",
             a.tensor.meta.shape(),
             b.tensor.meta.shape(),
-        );
+            a.tensor.dtype
+        ),
+    };
+    let started = Instant::now();
+    match body {
+        GemmBody::CublasltHostSync => {
+            let (pa, _keep_a) = address(&a.tensor)?;
+            let (pb, _keep_b) = address(&b.tensor)?;
+            let (pc, _keep_c) = address(&c.tensor)?;
+            // Wait for cubecl's stream: the inputs are written and the output allocated.
+            burn_cubecl::cubecl::future::block_on(a.tensor.client.sync()).ok()?;
+            let waited = started.elapsed();
+            with_blas(a.tensor.device.index, StreamKind::Own, |blas| {
+                product.launch(blas, [pa, pb, pc]);
+                product.check(blas.stream.synchronize().map_err(Into::into));
+            })?;
+            record_call(waited, started.elapsed() - waited);
+        }
+        _ => {
+            gemm_on_cubecl_stream(&a.tensor, [&a.tensor, &b.tensor, &c.tensor], product);
+            record_call(Duration::ZERO, started.elapsed());
+        }
     }
     Some(c.tensor)
 }
 
-/// Runs one product on `blas`'s stream and waits for it. `first` and `second` are cuBLASLt's
-/// A and B (our B and A, see the module docs); `spans` are `[our a, our b, c]` in elements.
-fn run<T: DeviceRepr>(
-    blas: &Blas,
+/// Queues `product` as a task on cubecl's device thread, which runs it on cubecl's own stream
+/// between the kernels queued before and after it (the patched cubecl-cuda,
+/// `vendor/README.md`). The task holds the bindings, so the buffers outlive the product.
+fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product) {
+    let bindings = [a, b, c].map(|t| t.handle.clone().binding()).to_vec();
+    let stream_id = StreamId::current();
+    let index = on.device.index;
+    DeviceHandle::<CudaServer>::new(on.device.to_id()).submit(move |server: &mut CudaServer| {
+        let (stream, addresses) = server
+            .stream_for_external_work(stream_id, bindings)
+            .unwrap_or_else(|err| panic!("{}: cubecl's stream: {err:?}", product.what));
+        let ran = with_blas(index, StreamKind::Cubecl(stream as usize), |blas| {
+            product.launch(blas, [addresses[0], addresses[1], addresses[2]]);
+        });
+        // cuBLASLt loaded for the host-synced stream but not here: nothing to fall back to.
+        assert!(
+            ran.is_some(),
+            "{}: no cuBLASLt handle on cubecl's stream",
+            product.what
+        );
+    });
+}
+
+/// One product's settings, for either ordering.
+struct Product {
     config: MatmulConfig,
-    first: u64,
-    second: u64,
-    out: u64,
+    /// `[our a, our b, c]` in elements.
     spans: [usize; 3],
-) -> Result<(), Box<dyn std::error::Error>>
-where
-    CudaBlasLT: Matmul<T>,
-{
-    // SAFETY: the addresses are live burn buffers (their guards outlive this call) of at least
-    // these lengths; the slices are leaked, so cudarc never frees burn's memory.
-    unsafe {
-        let first = blas.stream.upgrade_device_ptr::<T>(first, spans[1]);
-        let second = blas.stream.upgrade_device_ptr::<T>(second, spans[0]);
-        let mut out = blas.stream.upgrade_device_ptr::<T>(out, spans[2]);
-        let result = blas
-            .blas
-            .matmul(config, &first, &second, &mut out, None, None);
-        first.leak();
-        second.leak();
-        out.leak();
-        result?;
+    dtype: DType,
+    /// For error messages.
+    what: String,
+}
+
+impl Product {
+    /// Puts the product on `blas`'s stream; `addresses` are our `[a, b, c]`.
+    fn launch(&self, blas: &Blas, [pa, pb, pc]: [u64; 3]) {
+        // cuBLASLt's A and B are our B and A (module docs).
+        let done = match self.dtype {
+            DType::BF16 => self.launch_typed::<half::bf16>(blas, pb, pa, pc),
+            DType::F16 => self.launch_typed::<half::f16>(blas, pb, pa, pc),
+            _ => self.launch_typed::<f32>(blas, pb, pa, pc),
+        };
+        self.check(done);
     }
-    blas.stream.synchronize()?;
-    Ok(())
+
+    fn check(&self, done: Result<(), Box<dyn std::error::Error>>) {
+        if let Err(err) = done {
+            panic!(
+                "{} failed: {err} (`--gemm burn` avoids this path)",
+                self.what
+            );
+        }
+    }
+
+    fn launch_typed<T: DeviceRepr>(
+        &self,
+        blas: &Blas,
+        first: u64,
+        second: u64,
+        out: u64,
+    ) -> Result<(), Box<dyn std::error::Error>>
+    where
+        CudaBlasLT: Matmul<T>,
+    {
+        let spans = self.spans;
+        // SAFETY: the addresses are live burn buffers (the caller holds their guards or
+        // bindings until the product has run) of at least these lengths; the slices are
+        // leaked, so cudarc never frees burn's memory.
+        unsafe {
+            let first = blas.stream.upgrade_device_ptr::<T>(first, spans[1]);
+            let second = blas.stream.upgrade_device_ptr::<T>(second, spans[0]);
+            let mut out = blas.stream.upgrade_device_ptr::<T>(out, spans[2]);
+            let result = blas
+                .blas
+                .matmul(self.config, &first, &second, &mut out, None, None);
+            first.leak();
+            second.leak();
+            out.leak();
+            result?;
+        }
+        Ok(())
+    }
 }

@@ -62,20 +62,24 @@ pub trait GemmBackend: Backend {
 pub enum GemmBody {
     /// burn's matmul.
     Burn,
-    /// cuBLASLt on its own stream, ordered with burn's by waiting on the host before and after
-    /// each product.
+    /// cuBLASLt on burn's own CUDA stream, queued on cubecl's device thread between the
+    /// kernels before and after it (through the patched cubecl-cuda, `vendor/README.md`).
     #[default]
     Cublaslt,
+    /// cuBLASLt on a stream of its own, ordered with burn's by waiting on the host before and
+    /// after each product: the way before the patch, kept for comparison.
+    CublasltHostSync,
 }
 
 impl GemmBody {
-    pub const ALL: [GemmBody; 2] = [Self::Burn, Self::Cublaslt];
+    pub const ALL: [GemmBody; 3] = [Self::Burn, Self::Cublaslt, Self::CublasltHostSync];
 
     /// The name used on the command line and in benchmark reports.
     pub fn name(self) -> &'static str {
         match self {
             Self::Burn => "burn",
             Self::Cublaslt => "cublaslt",
+            Self::CublasltHostSync => "cublaslt-host-sync",
         }
     }
 }
@@ -107,10 +111,8 @@ pub fn set_gemm_body(body: GemmBody) {
 
 /// The body picked by [`set_gemm_body`].
 pub fn gemm_body() -> GemmBody {
-    match GEMM_BODY.load(Ordering::Relaxed) {
-        0 => GemmBody::Burn,
-        _ => GemmBody::Cublaslt,
-    }
+    let index = usize::from(GEMM_BODY.load(Ordering::Relaxed));
+    GemmBody::ALL[index.min(GemmBody::ALL.len() - 1)]
 }
 
 /// The smallest product (in FLOPs, `2 m n k` per batch entry, summed) that goes to a body other
@@ -144,9 +146,10 @@ pub fn inner_dim(a: &Shape, transpose_a: bool) -> usize {
     a[rank - 1 - usize::from(transpose_a)]
 }
 
-/// What the cuBLASLt body has done since the process started: how many products, and the
-/// host time spent waiting for burn's stream before them and running them (the product itself
-/// and the wait for it). Zero on every other body. The difference between two readings is what
+/// What the cuBLASLt bodies have done since the process started: how many products, and the
+/// host time spent waiting for burn's stream before them and running them (with
+/// `cublaslt-host-sync`: the product itself and the wait for it; with `cublaslt`: queueing it,
+/// no wait). Zero on every other body. The difference between two readings is what
 /// a stretch of work cost; a benchmark reports it per step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct GemmStats {
@@ -267,7 +270,7 @@ mod tests {
         }
         let err = "cublas".parse::<GemmBody>().unwrap_err();
         assert!(
-            err.contains("`cublas`") && err.contains("burn, cublaslt"),
+            err.contains("`cublas`") && err.contains("burn, cublaslt, cublaslt-host-sync"),
             "{err}"
         );
     }

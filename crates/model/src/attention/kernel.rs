@@ -10,7 +10,7 @@ use qwen_gemm::GemmBackend;
 
 use super::{
     AttentionForward, AttentionGradRequest, AttentionGrads, AttentionInputs, AttentionParams,
-    AttentionPlan, forbidden_block,
+    AttentionPlan, forbidden_block, positions,
 };
 
 /// The value of a forbidden score, as in the reference body: finite, so that a row with no
@@ -45,6 +45,8 @@ struct Problem<B: GemmBackend> {
     v: Tensor<B, 4>,
     query_segments: Tensor<B, 2, Int>,
     key_segments: Tensor<B, 2, Int>,
+    /// Absolute positions, see [`positions`].
+    positions: Tensor<B, 1, Int>,
     batch: usize,
     heads: usize,
     kv_heads: usize,
@@ -101,12 +103,14 @@ impl<B: GemmBackend> Problem<B> {
             k.dtype() == dtype && v.dtype() == dtype,
             "attention: q, k and v must share a dtype"
         );
+        let positions = positions(params.query_offset + q_len, k_len, &q.device());
         Self {
             q,
             k,
             v,
             query_segments,
             key_segments,
+            positions,
             batch,
             heads,
             kv_heads,
@@ -204,6 +208,7 @@ impl<B: GemmBackend> Problem<B> {
             self.key_segments
                 .clone()
                 .narrow(1, block.k_start, block.keys),
+            &self.positions,
             self.params.query_offset + block.q_start,
             block.k_start,
             self.params.window,

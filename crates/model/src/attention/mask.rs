@@ -74,15 +74,31 @@ impl<B: Backend> AttentionMask<B> {
     /// # Shapes
     /// - output: `[batch, 1, q_len, k_len]`
     pub fn forbidden(&self) -> Tensor<B, 4, Bool> {
+        let positions = positions(
+            self.query_offset + self.query_segments.dims()[1],
+            self.key_segments.dims()[1],
+            &self.key_segments.device(),
+        );
         forbidden_block(
             self.query_segments.clone(),
             self.key_segments.clone(),
+            &positions,
             self.query_offset,
             0,
             self.window,
         )
         .unsqueeze_dim(1)
     }
+}
+
+/// `0..max(query_end, k_len)` on the device, for [`forbidden_block`]: made once per attention
+/// call (each `arange` is an upload from the host), narrowed per block.
+pub(crate) fn positions<B: Backend>(
+    query_end: usize,
+    k_len: usize,
+    device: &B::Device,
+) -> Tensor<B, 1, Int> {
+    Tensor::arange(0..query_end.max(k_len) as i64, device)
 }
 
 /// The mask of one block of queries against one block of keys, true where attention is
@@ -93,24 +109,28 @@ impl<B: Backend> AttentionMask<B> {
 /// - query_segments: `[batch, q_rows]`, the rows of the block, whose first row sits at
 ///   absolute position `query_start` among the keys
 /// - key_segments: `[batch, keys]`, the keys of the block, the first at `key_start`
+/// - positions: [`positions`], covering both blocks
 /// - output: `[batch, q_rows, keys]`
 pub(crate) fn forbidden_block<B: Backend>(
     query_segments: Tensor<B, 2, Int>,
     key_segments: Tensor<B, 2, Int>,
+    positions: &Tensor<B, 1, Int>,
     query_start: usize,
     key_start: usize,
     window: Option<usize>,
 ) -> Tensor<B, 3, Bool> {
-    let device = query_segments.device();
     let [batch, q_rows] = query_segments.dims();
     let [_, keys] = key_segments.dims();
     let shape = [batch, q_rows, keys];
     // [1, q_rows, 1] and [1, 1, keys], expanded to [batch, q_rows, keys]
-    let q_pos =
-        Tensor::<B, 1, Int>::arange(query_start as i64..(query_start + q_rows) as i64, &device)
-            .reshape([1, q_rows, 1])
-            .expand(shape);
-    let k_pos = Tensor::<B, 1, Int>::arange(key_start as i64..(key_start + keys) as i64, &device)
+    let q_pos = positions
+        .clone()
+        .narrow(0, query_start, q_rows)
+        .reshape([1, q_rows, 1])
+        .expand(shape);
+    let k_pos = positions
+        .clone()
+        .narrow(0, key_start, keys)
         .reshape([1, 1, keys])
         .expand(shape);
     let future = k_pos.clone().greater(q_pos.clone());

@@ -56,7 +56,7 @@ pub mod kernel;
 mod mask;
 
 pub use mask::AttentionMask;
-pub(crate) use mask::forbidden_block;
+pub(crate) use mask::{forbidden_block, positions};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -68,9 +68,12 @@ use burn::tensor::{Tensor, TensorPrimitive};
 /// exceed the budget by a buffer or two; the budget is a target, not a hard limit.
 pub const LIVE_SCORE_BUFFERS: usize = 4;
 
-/// The default budget of one chunk's f32 score tiles: 512 MiB, about 146 query rows per chunk
-/// for the 0.5b preset at batch 8 and 2048 keys (15 chunks per layer).
-pub const DEFAULT_CHUNK_MEMORY_BYTES: usize = 512 << 20;
+/// The default budget of one chunk's f32 score tiles: 2 GiB, about 585 query rows per chunk for
+/// the 0.5b preset at batch 8 and 2048 keys (4 chunks per layer). Each chunk costs a few dozen
+/// kernel launches and, on CUDA, host-synced cuBLASLt products, so fewer chunks are faster; on
+/// the H200 the 0.5b step at batch 8 peaks no higher with 2 GiB than with 512 MiB (its peak is
+/// elsewhere), and 4 GiB adds 8.6 GiB (docs/BENCHMARKS.md).
+pub const DEFAULT_CHUNK_MEMORY_BYTES: usize = 2048 << 20;
 
 /// Which body [`ops::attention`](crate::ops::attention) runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
