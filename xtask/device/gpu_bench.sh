@@ -74,16 +74,16 @@ for name in ${@:-$ALL}; do
     forward_bf16) step $name ${FORWARD_LIMIT:-150} $B bench-forward $G --preset 0.5b --seq-len 2048 --batch-size 1 --precision bf16 ;;
     forward_f32)  step $name 120 $B bench-forward $G --preset 0.5b --seq-len 2048 --batch-size 1 --precision f32 ;;
     # Training: ours and the peer, 0.5b, seq 2048, AdamW, half of every row supervised.
-    ours_b4_bf16) step $name ${TRAIN_LIMIT:-300} $B bench $G --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-2048}" ;;
-    ours_b8_bf16) step $name 240 $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-2048}" ;;
-    ours_b8_burn) step $name 240 $B bench --gemm burn --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-2048}" ;;
+    ours_b4_bf16) step $name ${TRAIN_LIMIT:-300} $B bench $G --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" ;;
+    ours_b8_bf16) step $name 240 $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" --loss-chunk-mib "${LOSS_MIB:-1024}" ;;
+    ours_b8_burn) step $name 240 $B bench --gemm burn --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" ;;
     # Issue 6's second model: 1.5b at batch 4.
-    ours_1p5b_b4) step $name 300 $B bench $G --preset 1.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-2048}" ;;
+    ours_1p5b_b4) step $name 300 $B bench $G --preset 1.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" ;;
     peer_amp_1p5b_b4) step $name 150 python3 xtask/peer/torch_peer.py --preset 1.5b --batch-size 4 --steps "$STEPS" --mode amp ;;
     # Issue 6's rule: the fast path's loss curve against the reference path's (plain attention,
     # burn's matmul), same data, same seed, batch 4 (the reference attention stores every
     # layer's scores: batch 8 does not fit).
-    curve_fast_b4) step $name ${CURVE_LIMIT:-150} $B bench $G --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-2048}" ;;
+    curve_fast_b4) step $name ${CURVE_LIMIT:-150} $B bench $G --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" ;;
     curve_ref_b4)  step $name ${CURVE_LIMIT:-150} $B bench --gemm burn --preset 0.5b --seq-len 2048 --batch-size 4 --steps 50 --warmup-steps 0 --precision bf16 --attention reference ;;
     # The linear layers' GEMMs of a 0.5b step at batch 4 (8192 tokens): the chosen body against
     # burn's matmul, time and difference.

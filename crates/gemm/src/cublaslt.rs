@@ -6,10 +6,13 @@
 //!
 //! - burn-cuda may pitch rows: a row's stride can exceed its length, so each leading
 //!   dimension is read from the tensor's strides, never from its shape;
-//! - cubecl-cuda runs its kernels on a non-blocking CUDA stream that it does not expose, so a
-//!   product on our stream is ordered by host syncs: wait for cubecl's stream (which also
-//!   makes the output's allocation real), run, wait for ours. That costs tens of microseconds
-//!   a call; docs/ARCHITECTURE.md ("GPU speed") says what was tried to remove it;
+//! - cubecl-cuda runs its kernels on a non-blocking CUDA stream, launched from a device thread
+//!   that takes tasks in order. With `GemmBody::Cublaslt` a product is such a task: the
+//!   patched cubecl-cuda (`vendor/README.md`) hands it the stream and the buffers' addresses,
+//!   and cuBLASLt runs there, between the kernels before and after it, with no host wait. With
+//!   `GemmBody::CublasltHostSync` it runs on a stream of ours instead, ordered by host waits:
+//!   wait for cubecl's stream, run, wait for ours (about a hundred microseconds a product and
+//!   an idle GPU meanwhile; docs/ARCHITECTURE.md, "GPU speed");
 //! - row-major `C = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`, so the operands go to
 //!   cuBLASLt swapped, each with its own transpose flag;
 //! - a batch is one strided-batched call: each operand's leading dimensions must collapse into
@@ -185,7 +188,10 @@ fn gemm_cuda(
     transpose_a: bool,
     transpose_b: bool,
 ) -> Option<Tensor> {
-    if a.dtype != b.dtype || !matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32) {
+    if a.dtype != b.dtype
+        || !matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32)
+        || !cublaslt_present()
+    {
         return None;
     }
     let shape = gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
@@ -258,9 +264,27 @@ fn gemm_cuda(
     Some(c.tensor)
 }
 
+/// Whether the cuBLASLt library loads here, looked up once; if not, stderr says so once and
+/// every product takes burn's matmul.
+fn cublaslt_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        // SAFETY: only tries to open the library by its usual names.
+        let present = unsafe { cudarc::cublaslt::sys::is_culib_present() };
+        if !present {
+            eprintln!(
+                "qwen-gemm: the cuBLASLt library does not load here; products use burn's matmul"
+            );
+        }
+        present
+    })
+}
+
 /// Queues `product` as a task on cubecl's device thread, which runs it on cubecl's own stream
 /// between the kernels queued before and after it (the patched cubecl-cuda,
-/// `vendor/README.md`). The task holds the bindings, so the buffers outlive the product.
+/// `vendor/README.md`). The bindings may be dropped once the product is queued, as cubecl drops
+/// its own kernels' bindings after launch: cubecl hands freed memory only to work queued later
+/// on the same stream, which runs after the product.
 fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product) {
     let bindings = [a, b, c].map(|t| t.handle.clone().binding()).to_vec();
     let stream_id = StreamId::current();
@@ -272,7 +296,8 @@ fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product)
         let ran = with_blas(index, StreamKind::Cubecl(stream as usize), |blas| {
             product.launch(blas, [addresses[0], addresses[1], addresses[2]]);
         });
-        // cuBLASLt loaded for the host-synced stream but not here: nothing to fall back to.
+        // The library loads (checked before queueing), so a missing handle is a broken setup;
+        // the output is already promised to later kernels, so there is nothing to fall back to.
         assert!(
             ran.is_some(),
             "{}: no cuBLASLt handle on cubecl's stream",

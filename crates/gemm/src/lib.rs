@@ -115,9 +115,11 @@ pub fn gemm_body() -> GemmBody {
     GemmBody::ALL[index.min(GemmBody::ALL.len() - 1)]
 }
 
-/// The smallest product (in FLOPs, `2 m n k` per batch entry, summed) that goes to a body other
-/// than burn's matmul. Below it burn's matmul runs: cuBLASLt's host syncs cost about a hundred
-/// microseconds a product, more than burn's matmul takes for a small one.
+/// The default smallest product (in FLOPs, `2 m n k` per batch entry, summed) that goes to a
+/// body other than burn's matmul; smaller ones run on burn's matmul. 0: every product. The
+/// threshold exists for `cublaslt-host-sync`, whose host waits cost more than a small product
+/// takes; with the stream-ordered `cublaslt` no product waits. On the H200 (0.5b, batch 8) 0 was
+/// also the best host-synced setting at 2 GiB attention chunks (docs/BENCHMARKS.md).
 pub const DEFAULT_MIN_FLOPS: u64 = 0;
 
 static MIN_FLOPS: std::sync::atomic::AtomicU64 =
@@ -309,6 +311,21 @@ mod tests {
                     .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::default());
             }
         }
+    }
+
+    /// The only test here that touches the process-wide settings.
+    #[test]
+    fn small_products_stay_on_burns_matmul() {
+        let shape = Shape::from(vec![4, 6]); // with k = 5: 2 * 24 * 5 = 240 FLOPs
+        set_gemm_min_flops(241);
+        assert!(!takes_picked_body(&shape, 5));
+        set_gemm_min_flops(240);
+        assert!(takes_picked_body(&shape, 5));
+        set_gemm_body(GemmBody::Burn);
+        assert!(!takes_picked_body(&shape, 5));
+        set_gemm_body(GemmBody::default());
+        set_gemm_min_flops(DEFAULT_MIN_FLOPS);
+        assert_eq!(inner_dim(&Shape::from(vec![2, 5, 4]), true), 5);
     }
 
     #[test]

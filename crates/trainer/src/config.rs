@@ -231,7 +231,7 @@ impl Default for TrainSection {
             precision: Precision::F32,
             log_every: 1,
             loss_chunk_mib: 256,
-            attention_chunk_mib: 2048,
+            attention_chunk_mib: 1024,
             attention: qwen_model::AttentionImpl::Chunked,
             checkpointing: Checkpointing::None,
         }

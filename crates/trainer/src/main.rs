@@ -290,7 +290,7 @@ struct BenchArgs {
     precision: Precision,
     #[arg(long, default_value_t = 1024)]
     loss_chunk_mib: usize,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 1024)]
     attention_chunk_mib: usize,
     /// chunked | reference
     #[arg(long, default_value = "chunked")]

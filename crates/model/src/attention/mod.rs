@@ -68,12 +68,12 @@ use burn::tensor::{Tensor, TensorPrimitive};
 /// exceed the budget by a buffer or two; the budget is a target, not a hard limit.
 pub const LIVE_SCORE_BUFFERS: usize = 4;
 
-/// The default budget of one chunk's f32 score tiles: 2 GiB, about 585 query rows per chunk for
-/// the 0.5b preset at batch 8 and 2048 keys (4 chunks per layer). Each chunk costs a few dozen
-/// kernel launches and, on CUDA, host-synced cuBLASLt products, so fewer chunks are faster; on
-/// the H200 the 0.5b step at batch 8 peaks no higher with 2 GiB than with 512 MiB (its peak is
-/// elsewhere), and 4 GiB adds 8.6 GiB (docs/BENCHMARKS.md).
-pub const DEFAULT_CHUNK_MEMORY_BYTES: usize = 2048 << 20;
+/// The default budget of one chunk's f32 score tiles: 1 GiB, about 292 query rows per chunk for
+/// the 0.5b preset at batch 8 and 2048 keys (8 chunks per layer). Measured on the H200 (0.5b,
+/// batch 8, docs/BENCHMARKS.md): fewer chunks mean fewer kernel launches, more chunks skip more
+/// of the causal triangle; 1 GiB was fastest of 512 MiB, 1 GiB and 2 GiB, all three at the same
+/// peak (it lies outside the attention), while 4 GiB added 8.6 GiB.
+pub const DEFAULT_CHUNK_MEMORY_BYTES: usize = 1024 << 20;
 
 /// Which body [`ops::attention`](crate::ops::attention) runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
