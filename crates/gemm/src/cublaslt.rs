@@ -46,7 +46,7 @@ use cubecl_common::device_handle::DeviceHandle;
 use cubecl_common::stream_id::StreamId;
 use cudarc::driver::sys::CUstream;
 
-use crate::{GemmBody, gemm_shape, record_call};
+use crate::{BatchedLayout, GemmBody, gemm_shape, record_call};
 
 type CudaServer = <CudaRuntime as Runtime>::Server;
 
@@ -122,15 +122,10 @@ fn create(index: usize, kind: StreamKind) -> Result<Blas, Box<dyn std::error::Er
     Ok(Blas { stream, blas })
 }
 
-/// A `[..batch, rows, cols]` operand as cuBLASLt reads it: unit-stride rows `ld` elements
-/// apart, and the batch dimensions collapsed into one of stride `batch_stride`.
+/// An operand as cuBLASLt reads it: the tensor and its [`BatchedLayout`].
 struct Operand {
     tensor: Tensor,
-    batch: usize,
-    rows: usize,
-    cols: usize,
-    ld: usize,
-    batch_stride: usize,
+    layout: BatchedLayout,
 }
 
 impl Operand {
@@ -143,35 +138,11 @@ impl Operand {
     }
 
     fn strided(t: &Tensor) -> Option<Self> {
-        let (shape, strides) = (t.meta.shape(), t.meta.strides());
-        let rank = shape.num_dims();
-        let (rows, cols, ld) = (shape[rank - 2], shape[rank - 1], strides[rank - 2]);
-        if strides[rank - 1] != 1 || ld < cols {
-            return None;
-        }
-        // Outer batch dimensions must step over whole inner ones: stride[i] = stride[i+1] * size.
-        let (mut batch, mut batch_stride) = (1, None);
-        for dim in (0..rank - 2).rev().filter(|&dim| shape[dim] != 1) {
-            match batch_stride {
-                None => batch_stride = Some(strides[dim]),
-                Some(inner) if strides[dim] == inner * batch => {}
-                Some(_) => return None,
-            }
-            batch *= shape[dim];
-        }
+        let layout = BatchedLayout::of(t.meta.shape(), t.meta.strides())?;
         Some(Self {
             tensor: t.clone(),
-            batch,
-            rows,
-            cols,
-            ld,
-            batch_stride: batch_stride.unwrap_or(rows * ld),
+            layout,
         })
-    }
-
-    /// The elements from the first to one past the last, for cudarc's bounds.
-    fn span(&self) -> usize {
-        (self.batch - 1) * self.batch_stride + (self.rows - 1) * self.ld + self.cols
     }
 }
 
@@ -201,7 +172,11 @@ fn gemm_cuda(
     let (a, b) = (Operand::new(a), Operand::new(b));
     let rank = shape.num_dims();
     let (m, n) = (shape[rank - 2], shape[rank - 1]);
-    let k = if transpose_a { a.rows } else { a.cols };
+    let k = if transpose_a {
+        a.layout.rows
+    } else {
+        a.layout.cols
+    };
     let c = empty_device_dtype(
         a.tensor.client.clone(),
         a.tensor.device.clone(),
@@ -209,7 +184,7 @@ fn gemm_cuda(
         a.tensor.dtype,
     );
     let c = Operand::strided(&c)?;
-    let batched = c.batch > 1;
+    let batched = c.layout.batch > 1;
     let config = MatmulConfig {
         // Column-major C^T [n, m] = op(B)^T [n, k] @ op(A)^T [k, m].
         transa: transpose_b,
@@ -219,17 +194,17 @@ fn gemm_cuda(
         n: m as u64,
         k: k as u64,
         alpha: 1.0,
-        lda: b.ld as i64,
-        ldb: a.ld as i64,
+        lda: b.layout.ld as i64,
+        ldb: a.layout.ld as i64,
         beta: 0.0,
-        ldc: c.ld as i64,
-        stride_a: batched.then_some(b.batch_stride as i64),
-        stride_b: batched.then_some(a.batch_stride as i64),
-        stride_c: batched.then_some(c.batch_stride as i64),
+        ldc: c.layout.ld as i64,
+        stride_a: batched.then_some(b.layout.batch_stride as i64),
+        stride_b: batched.then_some(a.layout.batch_stride as i64),
+        stride_c: batched.then_some(c.layout.batch_stride as i64),
         stride_bias: None,
-        batch_size: batched.then_some(i32::try_from(c.batch).ok()?),
+        batch_size: batched.then_some(i32::try_from(c.layout.batch).ok()?),
     };
-    let spans = [a.span(), b.span(), c.span()];
+    let spans = [a.layout.span(), b.layout.span(), c.layout.span()];
     let product = Product {
         config,
         spans,

@@ -18,6 +18,9 @@
 mod backends;
 #[cfg(feature = "cublaslt")]
 mod cublaslt;
+mod layout;
+
+pub use layout::BatchedLayout;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
