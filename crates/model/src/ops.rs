@@ -16,7 +16,9 @@ use crate::rowwise::RowwiseBackend;
 
 /// `x @ weight^T + bias`, with `weight` in Hugging Face layout `[out, in]`.
 ///
-/// The weight is cast to the activations' dtype, so f32 master weights serve bf16 compute.
+/// The weight is cast to the activations' dtype, so f32 master weights serve bf16 compute;
+/// under autodiff the backward pass casts it again rather than keeping the copy
+/// ([`LinearBackend::dense_cast`]).
 ///
 /// # Shapes
 /// - x: `[..., in]`
@@ -33,8 +35,8 @@ pub fn linear<B: LinearBackend, const D: usize>(
     let rows = dims[..D - 1].iter().product();
     // [rows, in] @ [out, in]^T -> [rows, out], on the backend's own kernel where it has one.
     let x = x.reshape([rows, in_features]).into_primitive().tensor();
-    let w = weight.cast(dtype).into_primitive().tensor();
-    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::dense(x, w)));
+    let w = weight.into_primitive().tensor();
+    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::dense_cast(x, w)));
     let y = match bias {
         Some(bias) => y + bias.cast(dtype).unsqueeze::<2>(),
         None => y,

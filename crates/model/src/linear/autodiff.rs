@@ -1,4 +1,5 @@
-//! `LinearBackend` for `Autodiff<B, C>`: one backward node whose two products run on `B::gemm`.
+//! `LinearBackend` for `Autodiff<B, C>`: one backward node whose two products run on `B::gemm`,
+//! and one for the cast-on-use product that keeps the uncast weight.
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -6,9 +7,10 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
+use burn::tensor::TensorMetadata;
 use burn::tensor::ops::FloatTensor;
 
-use super::LinearBackend;
+use super::{LinearBackend, cast_to};
 
 /// The backward step of `x @ w^T`; its parents are `[x, w]`.
 #[derive(Debug)]
@@ -38,6 +40,39 @@ impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
     }
 }
 
+/// The backward step of `x @ cast(w)^T`; its parents are `[x, w]`.
+#[derive(Debug)]
+struct LinearCastBackward;
+
+impl<B: LinearBackend> Backward<B, 2> for LinearCastBackward {
+    /// The inner backend's `x` and the uncast `w` (references, not copies).
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // [rows, out], x's dtype
+        let (x, w) = ops.state;
+        let (compute, master) = (grad.dtype(), w.dtype());
+        if let Some(node) = node_w {
+            // [out, rows] @ [rows, in], then to the weight's own dtype, as a cast's backward does
+            let grad_w = B::gemm(grad.clone(), x, true, false);
+            grads.register::<B>(node.id, cast_to::<B>(grad_w, master));
+        }
+        if let Some(node) = node_x {
+            // [rows, out] @ [out, in]
+            grads.register::<B>(
+                node.id,
+                B::gemm(grad, cast_to::<B>(w, compute), false, false),
+            );
+        }
+    }
+}
+
 impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
     fn dense(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let prepared = LinearBackward
@@ -50,6 +85,20 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
                 prep.finish((x.primitive, w.primitive), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::dense(x.primitive, w.primitive)),
+        }
+    }
+
+    fn dense_cast(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prepared = LinearCastBackward
+            .prepare::<C>([x.node.clone(), w.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let y = B::dense_cast(x.primitive.clone(), w.primitive.clone());
+                prep.finish((x.primitive, w.primitive), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::dense_cast(x.primitive, w.primitive)),
         }
     }
 }
