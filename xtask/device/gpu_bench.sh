@@ -7,6 +7,10 @@
 #
 # Every result is a JSON file in $OUT; ours and the PyTorch peer run in the same call and their
 # device memory is sampled by the same NVML sampler (xtask/peer/measure.py).
+#
+# The device returns files of up to 16 MiB each. The packed CubeCL cache alone is about 13 MiB:
+# bring it back as its own file, never inside an archive of the results (one such archive was
+# refused and its raw results lost), or set SAVE_CACHE=0.
 set -u
 OUT=${OUT:-/tmp/qwen-sft-gpu}
 mkdir -p "$OUT"
