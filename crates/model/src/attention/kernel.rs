@@ -318,9 +318,16 @@ pub fn backward<B: GemmBackend>(
     let p = Problem::new(inputs, params);
     let device = p.q.device();
     let (batch, heads, kv_heads, n_rep, d) = (p.batch, p.heads, p.kv_heads, p.n_rep(), p.head_dim);
-    let output = float::<B, 4>(forward.output);
     let lse = float::<B, 3>(forward.lse).cast(FloatDType::F32);
     let grad_output = float::<B, 4>(grad_output).cast(p.dtype);
+    // D = rowsum(dO * O) for every query row at once (a few kernels per call, not per chunk):
+    // [batch, heads, q_len, d] -> [batch, heads, q_len]
+    let delta = (request.q || request.k).then(|| {
+        let output = float::<B, 4>(forward.output).cast(FloatDType::F32);
+        (grad_output.clone().cast(FloatDType::F32) * output)
+            .sum_dim(3)
+            .reshape([batch, heads, p.q_len])
+    });
     let key_grad = || Tensor::<B, 4>::zeros([batch, kv_heads, p.k_len, d], (&device, DType::F32));
     let mut grad_k = request.k.then(key_grad);
     let mut grad_v = request.v.then(key_grad);
@@ -362,11 +369,13 @@ pub fn backward<B: GemmBackend>(
         let grad_probs = gemm(grad_out.clone(), v, false, true)
             .cast(FloatDType::F32)
             .reshape([batch, kv_heads, n_rep, block.rows, block.keys]);
-        // D = rowsum(dO * O), [batch, kv_heads, n_rep * rows, 1] -> [b, kv, n_rep, rows, 1]
-        let delta = (grad_out.cast(FloatDType::F32)
-            * p.grouped(&output, block).cast(FloatDType::F32))
-        .sum_dim(3)
-        .reshape(p.row_stat_shape(block));
+        // D of the block's rows: [batch, heads, rows] -> [batch, kv_heads, n_rep, rows, 1]
+        let delta = delta
+            .as_ref()
+            .expect("computed when q or k is requested")
+            .clone()
+            .narrow(2, block.q_start, block.rows)
+            .reshape(p.row_stat_shape(block));
         // The gradient of the unscaled `q k^T`: [b, kv, n_rep, rows, keys] -> `flat`
         let grad_scores = (probs * (grad_probs - delta))
             .mul_scalar(p.scale)
