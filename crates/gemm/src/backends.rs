@@ -41,9 +41,8 @@ where
     ) -> burn_cubecl::tensor::CubeTensor<R> {
         let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
         let k = crate::inner_dim(a.meta.shape(), transpose_a);
-        let body = crate::gemm_body();
-        let product = if body != crate::GemmBody::Burn && crate::takes_picked_body(&shape, k) {
-            crate::cublaslt::gemm(body, &a, &b, transpose_a, transpose_b)
+        let product = if crate::takes_picked_body(&shape, k) {
+            crate::cublaslt::gemm(crate::gemm_body(), &a, &b, transpose_a, transpose_b, shape)
         } else {
             None
         };

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use burn::tensor::DType;
+use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
@@ -46,7 +46,9 @@ use cubecl_common::device_handle::DeviceHandle;
 use cubecl_common::stream_id::StreamId;
 use cudarc::driver::sys::CUstream;
 
-use crate::{BatchedLayout, GemmBody, gemm_shape, record_call};
+#[cfg(doc)]
+use crate::gemm_shape;
+use crate::{BatchedLayout, GemmBody, record_call};
 
 type CudaServer = <CudaRuntime as Runtime>::Server;
 
@@ -58,17 +60,19 @@ pub(super) fn is_cuda<R: CubeRuntime>() -> bool {
 }
 
 /// `op(a) @ op(b)` on cuBLASLt, or `None` where it does not apply (another runtime, dtype or
-/// rank, or no cuBLASLt), for the caller to run burn's matmul instead.
+/// rank, or no cuBLASLt), for the caller to run burn's matmul instead. `shape` is the output's,
+/// as [`gemm_shape`] checked it.
 pub(super) fn gemm<R: CubeRuntime>(
     body: GemmBody,
     a: &CubeTensor<R>,
     b: &CubeTensor<R>,
     transpose_a: bool,
     transpose_b: bool,
+    shape: Shape,
 ) -> Option<CubeTensor<R>> {
     let a = (a as &dyn Any).downcast_ref::<Tensor>()?;
     let b = (b as &dyn Any).downcast_ref::<Tensor>()?;
-    let c = gemm_cuda(body, a, b, transpose_a, transpose_b)?;
+    let c = gemm_cuda(body, a, b, transpose_a, transpose_b, shape)?;
     let c: Box<dyn Any> = Box::new(c);
     c.downcast::<CubeTensor<R>>().ok().map(|c| *c)
 }
@@ -158,6 +162,7 @@ fn gemm_cuda(
     b: &Tensor,
     transpose_a: bool,
     transpose_b: bool,
+    shape: Shape,
 ) -> Option<Tensor> {
     if a.dtype != b.dtype
         || !matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32)
@@ -165,7 +170,6 @@ fn gemm_cuda(
     {
         return None;
     }
-    let shape = gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
     if shape.num_elements() == 0 || a.meta.shape().num_elements() == 0 {
         return None;
     }

@@ -22,7 +22,7 @@ mod layout;
 
 pub use layout::BatchedLayout;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
@@ -125,8 +125,7 @@ pub fn gemm_body() -> GemmBody {
 /// also the best host-synced setting at 2 GiB attention chunks (docs/BENCHMARKS.md).
 pub const DEFAULT_MIN_FLOPS: u64 = 0;
 
-static MIN_FLOPS: std::sync::atomic::AtomicU64 =
-    std::sync::atomic::AtomicU64::new(DEFAULT_MIN_FLOPS);
+static MIN_FLOPS: AtomicU64 = AtomicU64::new(DEFAULT_MIN_FLOPS);
 
 /// Sets the size below which products stay on burn's matmul (see [`DEFAULT_MIN_FLOPS`]).
 pub fn set_gemm_min_flops(flops: u64) {
@@ -175,25 +174,25 @@ impl std::ops::Sub for GemmStats {
     }
 }
 
-static STATS: [std::sync::atomic::AtomicU64; 3] =
-    [const { std::sync::atomic::AtomicU64::new(0) }; 3];
+static CALLS: AtomicU64 = AtomicU64::new(0);
+static WAIT_NANOS: AtomicU64 = AtomicU64::new(0);
+static RUN_NANOS: AtomicU64 = AtomicU64::new(0);
 
 /// The running totals of [`GemmStats`].
 pub fn gemm_stats() -> GemmStats {
-    let load = |i: usize| STATS[i].load(Ordering::Relaxed);
     GemmStats {
-        calls: load(0),
-        wait_seconds: load(1) as f64 * 1e-9,
-        run_seconds: load(2) as f64 * 1e-9,
+        calls: CALLS.load(Ordering::Relaxed),
+        wait_seconds: WAIT_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
+        run_seconds: RUN_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
     }
 }
 
 /// Adds one product's waits to [`gemm_stats`].
 #[cfg_attr(not(feature = "cublaslt"), allow(dead_code))]
 fn record_call(wait: std::time::Duration, run: std::time::Duration) {
-    STATS[0].fetch_add(1, Ordering::Relaxed);
-    STATS[1].fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
-    STATS[2].fetch_add(run.as_nanos() as u64, Ordering::Relaxed);
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    WAIT_NANOS.fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
+    RUN_NANOS.fetch_add(run.as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// The output shape of [`GemmBackend::gemm`], checking what its docs promise.

@@ -1,5 +1,5 @@
 //! `LinearBackend` for `Autodiff<B, C>`: one backward node whose two products run on `B::gemm`,
-//! and one for the cast-on-use product that keeps the uncast weight.
+//! keeping the uncast weight of the cast-on-use product.
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -12,40 +12,13 @@ use burn::tensor::ops::FloatTensor;
 
 use super::{LinearBackend, cast_to};
 
-/// The backward step of `x @ w^T`; its parents are `[x, w]`.
+/// The backward step of `x @ cast(w)^T` (of `x @ w^T` where `w` is already in `x`'s dtype, the
+/// casts then being no-ops); its parents are `[x, w]`.
 #[derive(Debug)]
 struct LinearBackward;
 
 impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
-    /// The inner backend's `x` and `w` (references, not copies).
-    type State = (FloatTensor<B>, FloatTensor<B>);
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_w] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node); // [rows, out]
-        let (x, w) = ops.state;
-        if let Some(node) = node_w {
-            // [out, rows] @ [rows, in]
-            grads.register::<B>(node.id, B::gemm(grad.clone(), x, true, false));
-        }
-        if let Some(node) = node_x {
-            // [rows, out] @ [out, in]
-            grads.register::<B>(node.id, B::gemm(grad, w, false, false));
-        }
-    }
-}
-
-/// The backward step of `x @ cast(w)^T`; its parents are `[x, w]`.
-#[derive(Debug)]
-struct LinearCastBackward;
-
-impl<B: LinearBackend> Backward<B, 2> for LinearCastBackward {
-    /// The inner backend's `x` and the uncast `w` (references, not copies).
+    /// The inner backend's `x` and uncast `w` (references, not copies).
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(
@@ -65,40 +38,37 @@ impl<B: LinearBackend> Backward<B, 2> for LinearCastBackward {
         }
         if let Some(node) = node_x {
             // [rows, out] @ [out, in]
-            grads.register::<B>(
-                node.id,
-                B::gemm(grad, cast_to::<B>(w, compute), false, false),
-            );
+            let w = cast_to::<B>(w, compute);
+            grads.register::<B>(node.id, B::gemm(grad, w, false, false));
         }
+    }
+}
+
+/// `forward(x, w)` on the inner backend, with [`LinearBackward`] keeping `x` and `w`.
+fn tracked<B: LinearBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    w: FloatTensor<Autodiff<B, C>>,
+    forward: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let prepared = LinearBackward
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful();
+    match prepared {
+        OpsKind::Tracked(prep) => {
+            let y = forward(x.primitive.clone(), w.primitive.clone());
+            prep.finish((x.primitive, w.primitive), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
     }
 }
 
 impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
     fn dense(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        let prepared = LinearBackward
-            .prepare::<C>([x.node.clone(), w.node.clone()])
-            .compute_bound()
-            .stateful();
-        match prepared {
-            OpsKind::Tracked(prep) => {
-                let y = B::dense(x.primitive.clone(), w.primitive.clone());
-                prep.finish((x.primitive, w.primitive), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::dense(x.primitive, w.primitive)),
-        }
+        tracked::<B, C>(x, w, B::dense)
     }
 
     fn dense_cast(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        let prepared = LinearCastBackward
-            .prepare::<C>([x.node.clone(), w.node.clone()])
-            .compute_bound()
-            .stateful();
-        match prepared {
-            OpsKind::Tracked(prep) => {
-                let y = B::dense_cast(x.primitive.clone(), w.primitive.clone());
-                prep.finish((x.primitive, w.primitive), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::dense_cast(x.primitive, w.primitive)),
-        }
+        tracked::<B, C>(x, w, B::dense_cast)
     }
 }
