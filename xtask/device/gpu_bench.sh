@@ -19,7 +19,9 @@ BIN=/tmp/qwen-sft
 # BINARY picks a variant from `cargo xtask device-bundle --features F`: qwen-sft-cuda-unfused
 # (no kernel fusion), qwen-sft-cuda-autotune. GEMM picks the linear layers' body of our runs
 # (`--gemm`: cublaslt, the default, or burn); a measurement whose name says its body runs that
-# one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul.
+# one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul. SOFTMAX picks the
+# attention's block softmax (`--attention-softmax`: auto, the default, runs the kernels on CUDA;
+# tensor-ops the chain of tensor ops they replace).
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -71,7 +73,7 @@ step() { # name timeout command...
 # of importance, so that a call cut short still brings back the main figures).
 ALL="forward_bf16 ours_b4_bf16 peer_amp_b4 peer_amp_b8 ours_b8_bf16 forward_f32"
 B=$BIN
-G="--gemm ${GEMM:-cublaslt} ${GEMM_MIN_GFLOP:+--gemm-min-gflop $GEMM_MIN_GFLOP}"
+G="--gemm ${GEMM:-cublaslt} ${GEMM_MIN_GFLOP:+--gemm-min-gflop $GEMM_MIN_GFLOP} ${SOFTMAX:+--attention-softmax $SOFTMAX}"
 for name in ${@:-$ALL}; do
   case $name in
     # The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].

@@ -29,7 +29,7 @@ pub mod ops;
 pub mod rowwise;
 mod weights;
 
-pub use attention::{AttentionBackend, AttentionImpl};
+pub use attention::{AttentionBackend, AttentionImpl, SoftmaxBody, set_softmax_body, softmax_body};
 pub use checkpoint::{
     CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
 };

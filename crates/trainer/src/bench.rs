@@ -50,6 +50,8 @@ pub struct BenchReport {
     pub checkpointing: crate::config::Checkpointing,
     /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
+    /// The attention's block softmax as it ran: `kernel` or `tensor-ops` (`--attention-softmax`).
+    pub attention_softmax: &'static str,
     /// Products under this many GFLOP ran on burn's matmul (`--gemm-min-gflop`).
     pub gemm_min_gflop: f64,
     /// cuBLASLt products per timed step, and the host time per step spent waiting for burn's
@@ -64,6 +66,9 @@ pub struct BenchReport {
     pub supervised_fraction: f64,
     pub step_seconds_median: f64,
     pub step_seconds_mean: f64,
+    /// Mean host time per timed step until its forward and backward were queued
+    /// (`StepMetrics::queued_seconds`): near `step_seconds_mean`, the host sets the pace.
+    pub queued_seconds_mean: f64,
     pub first_loss: f64,
     pub last_loss: f64,
     /// Every step's loss, warm-up included: the curve that compares two runs.
@@ -132,10 +137,11 @@ impl Observer for Timer {
     fn on_step(&mut self, m: &StepMetrics) {
         // Progress on stderr, so that a run cut short still shows how far it got.
         eprintln!(
-            "bench step {}/{}: {:.3} s, loss {:.4}, {:.0} tokens/s, {:.1} s since start",
+            "bench step {}/{}: {:.3} s (queued in {:.3} s), loss {:.4}, {:.0} tokens/s, {:.1} s since start",
             m.step,
             m.total_steps,
             m.step_seconds,
+            m.queued_seconds,
             m.loss,
             m.tokens_per_second,
             self.started.elapsed().as_secs_f64()
@@ -217,6 +223,7 @@ where
         attention: bench.attention,
         checkpointing: bench.checkpointing,
         linear: B::gemm_name(),
+        attention_softmax: softmax_name::<B>(),
         gemm_min_gflop: qwen_gemm::gemm_min_flops() as f64 * 1e-9,
         gemm_calls_per_step: gemm.calls as f64 / timed_steps,
         gemm_wait_seconds_per_step: gemm.wait_seconds / timed_steps,
@@ -227,6 +234,8 @@ where
         supervised_fraction: supervised as f64 / tokens.max(1) as f64,
         step_seconds_median: sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
         step_seconds_mean: total / seconds.len().max(1) as f64,
+        queued_seconds_mean: timer.timed.iter().map(|m| m.queued_seconds).sum::<f64>()
+            / timed_steps,
         first_loss: timer.losses.first().copied().unwrap_or(f64::NAN),
         last_loss: timer.losses.last().copied().unwrap_or(f64::NAN),
         losses: timer.losses,
@@ -247,6 +256,8 @@ pub struct ForwardReport {
     pub precision: Precision,
     /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
+    /// The attention's block softmax as it ran: `kernel` or `tensor-ops` (`--attention-softmax`).
+    pub attention_softmax: &'static str,
     pub init_seconds: f64,
     /// The first forward (kernel compilation and autotuning included).
     pub first_forward_seconds: f64,
@@ -309,6 +320,7 @@ pub fn forward<B: AttentionBackend>(
         seq_len,
         precision,
         linear: B::gemm_name(),
+        attention_softmax: softmax_name::<B>(),
         init_seconds,
         first_forward_seconds: first,
         forward_seconds_median: times[times.len() / 2],
@@ -452,4 +464,13 @@ pub fn linear<B: qwen_model::LinearBackend>(
         });
     }
     Ok(reports)
+}
+
+/// What the block softmax of `B`'s attention runs: `kernel` or `tensor-ops`.
+pub fn softmax_name<B: AttentionBackend>() -> &'static str {
+    if B::has_softmax_kernel() {
+        qwen_model::SoftmaxBody::Kernel.name()
+    } else {
+        qwen_model::SoftmaxBody::TensorOps.name()
+    }
 }

@@ -57,6 +57,9 @@ pub struct CheckReport {
     pub tokens: usize,
     /// The linear layers' body on the fast path; the reference path runs `burn`.
     pub gemm: &'static str,
+    /// The attention's block softmax on the fast path (`kernel` or `tensor-ops`); the reference
+    /// path runs the plain reference attention.
+    pub attention_softmax: &'static str,
     #[serde(flatten)]
     pub differences: Differences,
     pub tolerance: f64,
@@ -197,6 +200,7 @@ where
         rows: batch.rows,
         tokens: device_batch.tokens,
         gemm,
+        attention_softmax: crate::bench::softmax_name::<B>(),
         pass: differences.within(tolerance),
         differences,
         tolerance,

@@ -36,6 +36,10 @@ struct Cli {
     /// (cuBLASLt pays host syncs per product, more than a small product takes).
     #[arg(long, global = true, default_value_t = qwen_gemm::DEFAULT_MIN_FLOPS as f64 * 1e-9)]
     gemm_min_gflop: f64,
+    /// The attention's block softmax: auto (one kernel each way on CUDA, tensor ops elsewhere),
+    /// kernel (on any CubeCL backend) or tensor-ops.
+    #[arg(long, global = true, default_value = "auto")]
+    attention_softmax: qwen_model::SoftmaxBody,
 }
 
 #[derive(Subcommand)]
@@ -312,6 +316,7 @@ fn main() -> Result<()> {
         cli.gemm_min_gflop
     );
     qwen_gemm::set_gemm_min_flops((cli.gemm_min_gflop * 1e9) as u64);
+    qwen_model::set_softmax_body(cli.attention_softmax);
     match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),

@@ -21,6 +21,11 @@ pub struct StepMetrics {
     pub tokens: usize,
     pub supervised_tokens: usize,
     pub step_seconds: f64,
+    /// Host time from the step's start until its forward and backward passes were queued,
+    /// before its first read of a result (the gradient norm). On a GPU backend, which runs
+    /// queued work asynchronously, a value close to `step_seconds` means the host, not the
+    /// GPU, sets the pace.
+    pub queued_seconds: f64,
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
     pub epoch: usize,

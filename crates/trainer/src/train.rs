@@ -207,6 +207,7 @@ where
             accumulator.accumulate(&model, grads);
         }
         let mut grads = accumulator.grads();
+        let queued_seconds = step_started.elapsed().as_secs_f64();
 
         let grad_norm = global_grad_norm(&model, &grads);
         let loss = step_loss.map_or(0.0, |l| l.into_scalar().elem::<f64>());
@@ -243,6 +244,7 @@ where
             tokens: step_tokens,
             supervised_tokens: step_supervised,
             step_seconds,
+            queued_seconds,
             tokens_per_second: step_tokens as f64 / step_seconds,
             elapsed_seconds: started.elapsed().as_secs_f64(),
             epoch: loader.cursor().epoch,

@@ -51,6 +51,11 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
 }
 
 impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
+    /// The inner backend's: its forward and backward kernels run the block softmax.
+    fn has_softmax_kernel() -> bool {
+        B::has_softmax_kernel()
+    }
+
     fn causal_attention(
         inputs: AttentionInputs<Self>,
         params: &AttentionParams,

@@ -5,17 +5,14 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, FloatDType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
 use qwen_gemm::GemmBackend;
 
+use super::softmax::{CallSegments, ScoreBlock};
 use super::{
-    AttentionForward, AttentionGradRequest, AttentionGrads, AttentionInputs, AttentionParams,
-    AttentionPlan, forbidden_block, positions,
+    AttentionBackend, AttentionForward, AttentionGradRequest, AttentionGrads, AttentionInputs,
+    AttentionParams, AttentionPlan, positions,
 };
-
-/// The value of a forbidden score, as in the reference body: finite, so that a row with no
-/// allowed key gives no NaN, and far below any real score, so that `exp` of it is 0.
-const FORBIDDEN_SCORE: f32 = f32::MIN;
 
 fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
@@ -43,10 +40,7 @@ struct Problem<B: GemmBackend> {
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    query_segments: Tensor<B, 2, Int>,
-    key_segments: Tensor<B, 2, Int>,
-    /// Absolute positions, see [`positions`].
-    positions: Tensor<B, 1, Int>,
+    segments: CallSegments<B>,
     batch: usize,
     heads: usize,
     kv_heads: usize,
@@ -72,8 +66,6 @@ impl<B: GemmBackend> Problem<B> {
         let q = float::<B, 4>(inputs.q);
         let k = float::<B, 4>(inputs.k);
         let v = float::<B, 4>(inputs.v);
-        let query_segments = Tensor::<B, 2, Int>::from_primitive(inputs.query_segments);
-        let key_segments = Tensor::<B, 2, Int>::from_primitive(inputs.key_segments);
         let [batch, heads, q_len, head_dim] = q.dims();
         let [k_batch, kv_heads, k_len, k_dim] = k.dims();
         assert!(
@@ -89,13 +81,13 @@ impl<B: GemmBackend> Problem<B> {
             "attention: {heads} query heads are not a multiple of {kv_heads} kv heads"
         );
         assert_eq!(
-            query_segments.dims(),
-            [batch, q_len],
+            inputs.query_segments.shape().as_slice(),
+            &[batch, q_len],
             "attention: query segments do not match q"
         );
         assert_eq!(
-            key_segments.dims(),
-            [batch, k_len],
+            inputs.key_segments.shape().as_slice(),
+            &[batch, k_len],
             "attention: key segments do not match k"
         );
         let dtype = q.dtype();
@@ -103,14 +95,17 @@ impl<B: GemmBackend> Problem<B> {
             k.dtype() == dtype && v.dtype() == dtype,
             "attention: q, k and v must share a dtype"
         );
-        let positions = positions(params.query_offset + q_len, k_len, &q.device());
+        let positions = positions::<B>(params.query_offset + q_len, k_len, &q.device());
+        let segments = CallSegments {
+            query_segments: inputs.query_segments,
+            key_segments: inputs.key_segments,
+            positions: positions.into_primitive(),
+        };
         Self {
             q,
             k,
             v,
-            query_segments,
-            key_segments,
-            positions,
+            segments,
             batch,
             heads,
             kv_heads,
@@ -182,42 +177,20 @@ impl<B: GemmBackend> Problem<B> {
         x.clone().narrow(2, block.k_start, block.keys)
     }
 
-    /// `[batch, heads, rows]`-shaped row statistics of a block as `[b, kv, n_rep, rows, 1]`.
-    fn row_stat_shape(&self, block: Block) -> [usize; 5] {
-        [self.batch, self.kv_heads, self.n_rep(), block.rows, 1]
-    }
-
-    /// The masked, scaled f32 scores of one block; the forward and backward passes both call
-    /// this, so the backward pass recomputes exactly the forward's scores.
-    ///
-    /// # Shapes
-    /// - q: `[batch, kv_heads, n_rep * rows, head_dim]`, k: `[batch, kv_heads, keys, head_dim]`
-    /// - output: `[batch, kv_heads, n_rep, rows, keys]`
-    fn scores(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, block: Block) -> Tensor<B, 5> {
-        let [batch, kv_heads, n_rep] = [self.batch, self.kv_heads, self.n_rep()];
-        let shape = [batch, kv_heads, n_rep, block.rows, block.keys];
-        // [batch, kv_heads, n_rep * rows, keys] -> [batch, kv_heads, n_rep, rows, keys]
-        let scores = gemm(q, k, false, true)
-            .cast(FloatDType::F32)
-            .mul_scalar(self.scale)
-            .reshape(shape);
-        let forbidden = forbidden_block(
-            self.query_segments
-                .clone()
-                .narrow(1, block.q_start, block.rows),
-            self.key_segments
-                .clone()
-                .narrow(1, block.k_start, block.keys),
-            &self.positions,
-            self.params.query_offset + block.q_start,
-            block.k_start,
-            self.params.window,
-        );
-        // [batch, rows, keys] -> [batch, 1, 1, rows, keys], shared by every head
-        let forbidden = forbidden
-            .reshape([batch, 1, 1, block.rows, block.keys])
-            .expand(shape);
-        scores.mask_fill(forbidden, FORBIDDEN_SCORE)
+    /// Where `block` sits, for the block softmax.
+    fn score_block(&self, block: Block) -> ScoreBlock {
+        ScoreBlock {
+            batch: self.batch,
+            kv_heads: self.kv_heads,
+            n_rep: self.n_rep(),
+            q_start: block.q_start,
+            rows: block.rows,
+            k_start: block.k_start,
+            keys: block.keys,
+            query_offset: self.params.query_offset,
+            window: self.params.window,
+            scale: self.scale,
+        }
     }
 }
 
@@ -227,7 +200,7 @@ impl<B: GemmBackend> Problem<B> {
 /// - inputs: see [`AttentionInputs`]
 /// - output: `[batch, heads, q_len, head_dim]` in the inputs' dtype, and
 ///   `lse`: `[batch, heads, q_len]` f32
-pub fn forward<B: GemmBackend>(
+pub fn forward<B: AttentionBackend>(
     inputs: AttentionInputs<B>,
     params: &AttentionParams,
 ) -> AttentionForward<B> {
@@ -254,33 +227,12 @@ pub fn forward<B: GemmBackend>(
         let q = p.grouped(&p.q, block); // [batch, kv_heads, n_rep * rows, d]
         let k = p.key_rows(&p.k, block); // [batch, kv_heads, keys, d]
         let v = p.key_rows(&p.v, block);
-        let scores = p.scores(q, k, block); // [batch, kv_heads, n_rep, rows, keys]
-        let max = scores.clone().max_dim(4); // [batch, kv_heads, n_rep, rows, 1]
-        // Only a row whose every key is forbidden has the fill value as its maximum.
-        let empty = max.clone().equal_elem(FORBIDDEN_SCORE);
-        let exp = (scores - max.clone()).exp();
-        let sum = exp.clone().sum_dim(4); // [batch, kv_heads, n_rep, rows, 1]
-        // [batch, kv_heads, n_rep, rows, keys] -> [batch, kv_heads, n_rep * rows, keys]
-        let probs = (exp / sum.clone()).cast(p.dtype).reshape([
-            batch,
-            p.kv_heads,
-            p.n_rep() * block.rows,
-            block.keys,
-        ]);
-        // [batch, kv_heads, n_rep * rows, d] -> [batch, kv_heads, n_rep, rows, d]
-        let out = gemm(probs, v, false, false)
-            .reshape([batch, p.kv_heads, p.n_rep(), block.rows, d])
-            .mask_fill(
-                empty
-                    .clone()
-                    .expand([batch, p.kv_heads, p.n_rep(), block.rows, d]),
-                0.0,
-            );
-        // [batch, kv_heads, n_rep, rows, d] -> [batch, heads, rows, d]
-        outputs.push(out.reshape([batch, heads, block.rows, d]));
-        // [batch, kv_heads, n_rep, rows, 1] -> [batch, heads, rows]
-        let lse = (max + sum.log()).mask_fill(empty, f32::INFINITY);
-        lses.push(lse.reshape([batch, heads, block.rows]));
+        let scores = gemm(q, k, false, true); // [batch, kv_heads, n_rep * rows, keys]
+        let softmax = B::attention_softmax(primitive(scores), &p.segments, &p.score_block(block));
+        // 0 in a row that sees no key, whose probabilities are all 0.
+        let out = gemm(float::<B, 4>(softmax.probs), v, false, false); // [batch, kv_heads, n_rep * rows, d]
+        outputs.push(p.ungrouped(out, block));
+        lses.push(float::<B, 3>(softmax.lse));
     }
     AttentionForward {
         output: primitive(Tensor::cat(outputs, 2)),
@@ -308,7 +260,7 @@ fn add_key_rows<B: Backend>(acc: &mut Tensor<B, 4>, start: usize, part: Tensor<B
 /// - inputs: see [`AttentionInputs`]; `forward`, `grad_output`: as [`forward`] returns
 /// - output: `[batch, heads, q_len, head_dim]` and twice `[batch, kv_heads, k_len, head_dim]`,
 ///   where requested, in the inputs' dtype
-pub fn backward<B: GemmBackend>(
+pub fn backward<B: AttentionBackend>(
     inputs: AttentionInputs<B>,
     forward: AttentionForward<B>,
     grad_output: FloatTensor<B>,
@@ -317,7 +269,7 @@ pub fn backward<B: GemmBackend>(
 ) -> AttentionGrads<B> {
     let p = Problem::new(inputs, params);
     let device = p.q.device();
-    let (batch, heads, kv_heads, n_rep, d) = (p.batch, p.heads, p.kv_heads, p.n_rep(), p.head_dim);
+    let (batch, heads, kv_heads, d) = (p.batch, p.heads, p.kv_heads, p.head_dim);
     let lse = float::<B, 3>(forward.lse).cast(FloatDType::F32);
     let grad_output = float::<B, 4>(grad_output).cast(p.dtype);
     // D = rowsum(dO * O) for every query row at once (a few kernels per call, not per chunk):
@@ -343,44 +295,34 @@ pub fn backward<B: GemmBackend>(
             }
             continue;
         }
-        let flat = [batch, kv_heads, n_rep * block.rows, block.keys];
         let q = p.grouped(&p.q, block); // [batch, kv_heads, n_rep * rows, d]
         let k = p.key_rows(&p.k, block); // [batch, kv_heads, keys, d]
         let v = p.key_rows(&p.v, block);
         let grad_out = p.grouped(&grad_output, block); // [batch, kv_heads, n_rep * rows, d]
-        // [batch, heads, rows] -> [batch, kv_heads, n_rep, rows, 1]
-        let lse = lse
-            .clone()
-            .narrow(2, block.q_start, block.rows)
-            .reshape(p.row_stat_shape(block));
-        // 0 where forbidden, and on every key of a row that sees none (its lse is +inf).
-        let probs = (p.scores(q.clone(), k.clone(), block) - lse).exp(); // [b, kv, n_rep, rows, keys]
+        let scores = gemm(q.clone(), k.clone(), false, true); // [batch, kv_heads, n_rep * rows, keys]
+        // dP = dO V^T, with D, where dS is needed.
+        let grad = delta.as_ref().map(|delta| {
+            let grad_probs = gemm(grad_out.clone(), v, false, true);
+            (primitive(grad_probs), primitive(delta.clone()))
+        });
+        let softmax = B::attention_softmax_backward(
+            primitive(scores),
+            primitive(lse.clone()),
+            grad,
+            &p.segments,
+            &p.score_block(block),
+        );
 
         if let Some(grad_v) = grad_v.as_mut() {
             // [batch, kv_heads, keys, n_rep * rows] @ [.., n_rep * rows, d]: sums the heads too.
-            let flat_probs = probs.clone().cast(p.dtype).reshape(flat);
-            let part = gemm(flat_probs, grad_out.clone(), true, false).cast(FloatDType::F32); // [batch, kv_heads, keys, d]
+            let probs = float::<B, 4>(softmax.probs);
+            let part = gemm(probs, grad_out, true, false).cast(FloatDType::F32); // [batch, kv_heads, keys, d]
             add_key_rows(grad_v, block.k_start, part);
         }
-        if !(request.q || request.k) {
+        // The gradient of the unscaled `q k^T`: [batch, kv_heads, n_rep * rows, keys]
+        let Some(grad_scores) = softmax.grad_scores.map(float::<B, 4>) else {
             continue;
-        }
-        // [batch, kv_heads, n_rep * rows, keys] -> [batch, kv_heads, n_rep, rows, keys]
-        let grad_probs = gemm(grad_out.clone(), v, false, true)
-            .cast(FloatDType::F32)
-            .reshape([batch, kv_heads, n_rep, block.rows, block.keys]);
-        // D of the block's rows: [batch, heads, rows] -> [batch, kv_heads, n_rep, rows, 1]
-        let delta = delta
-            .as_ref()
-            .expect("computed when q or k is requested")
-            .clone()
-            .narrow(2, block.q_start, block.rows)
-            .reshape(p.row_stat_shape(block));
-        // The gradient of the unscaled `q k^T`: [b, kv, n_rep, rows, keys] -> `flat`
-        let grad_scores = (probs * (grad_probs - delta))
-            .mul_scalar(p.scale)
-            .cast(p.dtype)
-            .reshape(flat);
+        };
         if request.q {
             let part = gemm(grad_scores.clone(), k, false, false); // [batch, kv_heads, n_rep * rows, d]
             grad_q.push(p.ungrouped(part, block));

@@ -52,11 +52,18 @@
 
 mod autodiff;
 mod backends;
+#[cfg(feature = "cubecl")]
+pub mod cube;
 pub mod kernel;
 mod mask;
+pub mod softmax;
 
 pub use mask::AttentionMask;
 pub(crate) use mask::{forbidden_block, positions};
+pub use softmax::{
+    CallSegments, ScoreBlock, SoftmaxBackward, SoftmaxBody, SoftmaxForward, set_softmax_body,
+    softmax_body,
+};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -236,6 +243,43 @@ pub trait AttentionBackend: crate::LinearBackend + crate::RowwiseBackend {
         request: AttentionGradRequest,
     ) -> AttentionGrads<Self> {
         kernel::backward::<Self>(inputs, forward, grad_output, params, request)
+    }
+
+    /// The softmax of one block of [`kernel::forward`], between its two products.
+    ///
+    /// # Shapes
+    /// - scores: `[batch, kv_heads, n_rep * rows, keys]`, the block's raw `q k^T`
+    /// - output: see [`SoftmaxForward`]
+    fn attention_softmax(
+        scores: FloatTensor<Self>,
+        segments: &CallSegments<Self>,
+        block: &ScoreBlock,
+    ) -> SoftmaxForward<Self> {
+        softmax::forward_reference::<Self>(scores, segments, block)
+    }
+
+    /// The softmax part of one block of [`kernel::backward`]: the probabilities recomputed from
+    /// the raw scores and the forward's `lse`, and, given `dP = dO V^T` and
+    /// `D = rowsum(dO * O)`, the gradient of the raw scores.
+    ///
+    /// # Shapes
+    /// - scores: as for [`attention_softmax`](Self::attention_softmax); `dP` the same
+    /// - lse, `D`: `[batch, heads, q_len]` f32, of the whole call
+    /// - output: see [`SoftmaxBackward`]
+    fn attention_softmax_backward(
+        scores: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        segments: &CallSegments<Self>,
+        block: &ScoreBlock,
+    ) -> SoftmaxBackward<Self> {
+        softmax::backward_reference::<Self>(scores, lse, grad, segments, block)
+    }
+
+    /// Whether the two softmax methods run a kernel of their own rather than tensor ops (the
+    /// fusion decorator hands them to its inner backend only then).
+    fn has_softmax_kernel() -> bool {
+        false
     }
 
     /// The differentiable output, `[batch, heads, q_len, head_dim]`.

@@ -1,0 +1,306 @@
+//! The attention's block-softmax kernels (`qwen_model::attention::cube`, one CubeCL kernel each
+//! way, used on CUDA) against the tensor-op bodies they replace, run on wgpu: the same CubeCL
+//! source, compiled for Mesa's software Vulkan in CI.
+//!
+//! - one block at a time: probabilities, log-sum-exp, and the backward's probabilities and
+//!   score gradient, over blocks with padding, packed segments, a window, a query offset and
+//!   rows that see no key;
+//! - the whole chunked attention under autodiff: output and the gradients of q, k and v.
+//!
+//! Both bodies run on the same backend in f32; the bound is 1e-5 of the largest entry (`exp`
+//! and the order of the row sums differ between a kernel and tensor ops).
+//!
+//! Run with `cargo test -p qwen-sft --features wgpu --test wgpu_softmax`.
+#![cfg(feature = "wgpu")]
+
+use std::sync::Mutex;
+
+use burn::backend::{Autodiff, Wgpu};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use qwen_model::attention::softmax::{backward_reference, forward_reference};
+use qwen_model::attention::{
+    AttentionBackend, AttentionMask, AttentionPlan, CallSegments, ScoreBlock, chunked_attention,
+};
+use qwen_model::{SoftmaxBody, set_softmax_body};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+type B = Wgpu;
+
+const TOLERANCE: f32 = 1e-5;
+
+/// The softmax body is set for the whole process: tests that set it take turns.
+static BODY: Mutex<()> = Mutex::new(());
+
+fn device() -> burn::backend::wgpu::WgpuDevice {
+    Default::default()
+}
+
+fn values<BB: Backend, const D: usize>(t: Tensor<BB, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+fn float<BB: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<BB>) -> Tensor<BB, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn primitive<BB: Backend, const D: usize>(t: Tensor<BB, D>) -> burn::tensor::ops::FloatTensor<BB> {
+    t.into_primitive().tensor()
+}
+
+/// Largest difference relative to the largest finite entry of `want`; infinite entries must
+/// match exactly.
+fn relative_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f32, |m, x| m.max(x.abs()))
+        .max(1e-30);
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            if w.is_infinite() || g.is_infinite() {
+                assert_eq!(g, w, "an infinite entry differs");
+                0.0
+            } else {
+                assert!(g.is_finite(), "kernel gave {g}");
+                (g - w).abs()
+            }
+        })
+        .fold(0.0f32, f32::max)
+        / scale
+}
+
+/// One attention call's segment ids: key rows `[batch][k_len]`; the queries are the last
+/// `q_len` keys (query offset `k_len - q_len`).
+struct Call {
+    key_segments: Vec<Vec<i64>>,
+    q_len: usize,
+    window: Option<usize>,
+}
+
+impl Call {
+    fn batch(&self) -> usize {
+        self.key_segments.len()
+    }
+
+    fn k_len(&self) -> usize {
+        self.key_segments[0].len()
+    }
+
+    fn offset(&self) -> usize {
+        self.k_len() - self.q_len
+    }
+
+    fn ints(&self, values: Vec<i64>, len: usize) -> Tensor<B, 2, Int> {
+        Tensor::from_data(TensorData::new(values, [self.batch(), len]), &device())
+    }
+
+    fn query_segments(&self) -> Tensor<B, 2, Int> {
+        let values = self
+            .key_segments
+            .iter()
+            .flat_map(|row| row[self.offset()..].to_vec())
+            .collect();
+        self.ints(values, self.q_len)
+    }
+
+    fn key_segments(&self) -> Tensor<B, 2, Int> {
+        self.ints(self.key_segments.concat(), self.k_len())
+    }
+
+    fn segments(&self) -> CallSegments<B> {
+        let positions = self.offset() + self.q_len;
+        CallSegments {
+            query_segments: self.query_segments().into_primitive(),
+            key_segments: self.key_segments().into_primitive(),
+            positions: Tensor::<B, 1, Int>::arange(
+                0..positions.max(self.k_len()) as i64,
+                &device(),
+            )
+            .into_primitive(),
+        }
+    }
+}
+
+/// Packed rows (two segments), a padded row, and a query offset of 3.
+fn packed_call(window: Option<usize>) -> Call {
+    Call {
+        key_segments: vec![
+            vec![1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3],
+            vec![4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0],
+        ],
+        q_len: 8,
+        window,
+    }
+}
+
+/// Checks one block both ways; returns whether a row of it sees no key.
+fn check_block(
+    call: &Call,
+    [kv_heads, n_rep]: [usize; 2],
+    [q_start, rows]: [usize; 2],
+    [k_start, keys]: [usize; 2],
+) -> bool {
+    let block = ScoreBlock {
+        batch: call.batch(),
+        kv_heads,
+        n_rep,
+        q_start,
+        rows,
+        k_start,
+        keys,
+        query_offset: call.offset(),
+        window: call.window,
+        scale: 0.125,
+    };
+    let heads = kv_heads * n_rep;
+    let shape = [call.batch(), kv_heads, n_rep * rows, keys];
+    let normal = Distribution::Normal(0.0, 8.0);
+    let scores = Tensor::<B, 4>::random(shape, normal, &device());
+    let grad_probs = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device());
+    let stat = [call.batch(), heads, call.q_len];
+    let delta = Tensor::<B, 3>::random(stat, Distribution::Normal(0.0, 1.0), &device());
+    let segments = call.segments();
+    let name = format!(
+        "{kv_heads}x{n_rep} heads, rows {q_start}+{rows}, keys {k_start}+{keys}, window {:?}",
+        call.window
+    );
+
+    // Forward: the kernel (through the backend's method) against the tensor ops.
+    set_softmax_body(SoftmaxBody::Kernel);
+    assert!(B::has_softmax_kernel());
+    let got = B::attention_softmax(primitive(scores.clone()), &segments, &block);
+    let want = forward_reference::<B>(primitive(scores.clone()), &segments, &block);
+    let probs = relative_diff(
+        &values(float::<B, 4>(got.probs)),
+        &values(float::<B, 4>(want.probs)),
+    );
+    let lse_got = values(float::<B, 3>(got.lse));
+    let lse_want = values(float::<B, 3>(want.lse));
+    let lse = relative_diff(&lse_got, &lse_want);
+    assert!(
+        probs <= TOLERANCE && lse <= TOLERANCE,
+        "{name}: probs {probs}, lse {lse}"
+    );
+
+    // Backward, with and without the score gradient, against the whole call's lse (random
+    // rows elsewhere, +inf where a row sees no key, as the forward left it).
+    let lse_call = Tensor::<B, 3>::random(stat, Distribution::Normal(3.0, 1.0), &device());
+    let lse_block =
+        float::<B, 3>(forward_reference::<B>(primitive(scores.clone()), &segments, &block).lse);
+    let lse_call = lse_call.slice_assign(
+        [0..call.batch(), 0..heads, q_start..q_start + rows],
+        lse_block,
+    );
+    for with_grad in [true, false] {
+        let grad = || with_grad.then(|| (primitive(grad_probs.clone()), primitive(delta.clone())));
+        let got = B::attention_softmax_backward(
+            primitive(scores.clone()),
+            primitive(lse_call.clone()),
+            grad(),
+            &segments,
+            &block,
+        );
+        let want = backward_reference::<B>(
+            primitive(scores.clone()),
+            primitive(lse_call.clone()),
+            grad(),
+            &segments,
+            &block,
+        );
+        let probs = relative_diff(
+            &values(float::<B, 4>(got.probs)),
+            &values(float::<B, 4>(want.probs)),
+        );
+        assert!(probs <= TOLERANCE, "{name}: backward probs {probs}");
+        assert_eq!(got.grad_scores.is_some(), with_grad);
+        if let (Some(got), Some(want)) = (got.grad_scores, want.grad_scores) {
+            let grad = relative_diff(&values(float::<B, 4>(got)), &values(float::<B, 4>(want)));
+            assert!(grad <= TOLERANCE, "{name}: grad scores {grad}");
+        }
+    }
+    lse_want.iter().any(|x| x.is_infinite())
+}
+
+#[test]
+fn block_softmax_kernels_match_tensor_ops() {
+    let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
+    let call = packed_call(None);
+    // Every query row against every key; the padded row sees none.
+    let (q_len, k_len) = (call.q_len, call.k_len());
+    assert!(check_block(&call, [2, 3], [0, q_len], [0, k_len]));
+    // A middle block with its causal key range, one head per kv head.
+    check_block(&call, [1, 1], [2, 4], [0, call.offset() + 6]);
+    // Keys from 2 on, with a window of 3.
+    check_block(&packed_call(Some(3)), [2, 2], [3, 5], [2, k_len - 2]);
+    // More keys than a cube has units (each strides over several).
+    let long = Call {
+        key_segments: vec![[vec![1; 300], vec![2; 300], vec![0; 100]].concat()],
+        q_len: 700,
+        window: Some(500),
+    };
+    check_block(&long, [1, 2], [0, 700], [0, 700]);
+    // More rows (batch x heads x rows = 70,400) than one axis of the grid takes.
+    let tall = Call {
+        key_segments: vec![vec![1; 1100]],
+        q_len: 1100,
+        window: None,
+    };
+    check_block(&tall, [8, 8], [0, 1100], [0, 8]);
+    set_softmax_body(SoftmaxBody::Auto);
+}
+
+/// The chunked attention (several query chunks) under autodiff with each body: output and the
+/// gradients of q, k and v.
+fn attention_with(body: SoftmaxBody, call: &Call, seed: u64) -> Vec<Vec<f32>> {
+    type AB = Autodiff<B>;
+    set_softmax_body(body);
+    assert_eq!(AB::has_softmax_kernel(), body == SoftmaxBody::Kernel);
+    let (batch, heads, kv_heads, d) = (call.batch(), 4, 2, 16);
+    // Host-side seeded values: the two bodies see the same inputs.
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut random = |shape: [usize; 4]| {
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+        Tensor::<AB, 4>::from_data(TensorData::new(values, shape), &device())
+    };
+    let q = random([batch, heads, call.q_len, d]).require_grad();
+    let k = random([batch, kv_heads, call.k_len(), d]).require_grad();
+    let v = random([batch, kv_heads, call.k_len(), d]).require_grad();
+    let weights = random([batch, heads, call.q_len, d]);
+    let mask = AttentionMask::<AB>::new(
+        Tensor::from_inner(call.query_segments()),
+        Tensor::from_inner(call.key_segments()),
+        call.offset(),
+        call.window,
+    )
+    .with_chunk_memory_bytes(3 * AttentionPlan::bytes_per_query_row(batch, heads, call.k_len()));
+    let out = chunked_attention(q.clone(), k.clone(), v.clone(), &mask);
+    let grads = (out.clone() * weights).sum().backward();
+    let grad = |x: &Tensor<AB, 4>| values(x.grad(&grads).unwrap());
+    vec![values(out.inner()), grad(&q), grad(&k), grad(&v)]
+}
+
+#[test]
+fn chunked_attention_is_the_same_with_the_kernels() {
+    let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
+    for (call, seed) in [(packed_call(None), 1), (packed_call(Some(4)), 2)] {
+        let kernel = attention_with(SoftmaxBody::Kernel, &call, seed);
+        let tensor_ops = attention_with(SoftmaxBody::TensorOps, &call, seed);
+        for (name, (got, want)) in ["output", "dq", "dk", "dv"]
+            .iter()
+            .zip(kernel.iter().zip(&tensor_ops))
+        {
+            let diff = relative_diff(got, want);
+            assert!(
+                diff <= TOLERANCE,
+                "window {:?}, {name}: {diff}",
+                call.window
+            );
+        }
+    }
+    set_softmax_body(SoftmaxBody::Auto);
+}
