@@ -20,8 +20,8 @@ BIN=/tmp/qwen-sft
 # (no kernel fusion), qwen-sft-cuda-autotune. GEMM picks the linear layers' body of our runs
 # (`--gemm`: cublaslt, the default, or burn); a measurement whose name says its body runs that
 # one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul. SOFTMAX picks the
-# attention's block softmax (`--attention-softmax`: auto, the default, runs the kernels on CUDA;
-# tensor-ops the chain of tensor ops they replace).
+# attention's block softmax (`--attention-softmax`: tensor-ops, the default for now, or auto,
+# the kernels on CUDA).
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do

@@ -269,6 +269,7 @@ fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product)
     let stream_id = StreamId::current();
     let index = on.device.index;
     DeviceHandle::<CudaServer>::new(on.device.to_id()).submit(move |server: &mut CudaServer| {
+        let started = Instant::now();
         let (stream, addresses) = server
             .stream_for_external_work(stream_id, bindings)
             .unwrap_or_else(|err| panic!("{}: cubecl's stream: {err:?}", product.what));
@@ -282,6 +283,7 @@ fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product)
             "{}: no cuBLASLt handle on cubecl's stream",
             product.what
         );
+        crate::record_device_thread(started.elapsed());
     });
 }
 

@@ -160,6 +160,10 @@ pub struct GemmStats {
     pub calls: u64,
     pub wait_seconds: f64,
     pub run_seconds: f64,
+    /// With `cublaslt`: the time cubecl's device thread spent on the products (joining the
+    /// streams, cuBLASLt's descriptors, heuristic query and launch). That thread also launches
+    /// every burn kernel, so this time delays them whenever the GPU is waiting for launches.
+    pub device_thread_seconds: f64,
 }
 
 impl std::ops::Sub for GemmStats {
@@ -170,6 +174,7 @@ impl std::ops::Sub for GemmStats {
             calls: self.calls - earlier.calls,
             wait_seconds: self.wait_seconds - earlier.wait_seconds,
             run_seconds: self.run_seconds - earlier.run_seconds,
+            device_thread_seconds: self.device_thread_seconds - earlier.device_thread_seconds,
         }
     }
 }
@@ -177,6 +182,7 @@ impl std::ops::Sub for GemmStats {
 static CALLS: AtomicU64 = AtomicU64::new(0);
 static WAIT_NANOS: AtomicU64 = AtomicU64::new(0);
 static RUN_NANOS: AtomicU64 = AtomicU64::new(0);
+static DEVICE_THREAD_NANOS: AtomicU64 = AtomicU64::new(0);
 
 /// The running totals of [`GemmStats`].
 pub fn gemm_stats() -> GemmStats {
@@ -184,6 +190,7 @@ pub fn gemm_stats() -> GemmStats {
         calls: CALLS.load(Ordering::Relaxed),
         wait_seconds: WAIT_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
         run_seconds: RUN_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
+        device_thread_seconds: DEVICE_THREAD_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
     }
 }
 
@@ -193,6 +200,12 @@ fn record_call(wait: std::time::Duration, run: std::time::Duration) {
     CALLS.fetch_add(1, Ordering::Relaxed);
     WAIT_NANOS.fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
     RUN_NANOS.fetch_add(run.as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// Adds one product's time on cubecl's device thread to [`gemm_stats`].
+#[cfg_attr(not(feature = "cublaslt"), allow(dead_code))]
+fn record_device_thread(spent: std::time::Duration) {
+    DEVICE_THREAD_NANOS.fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// The output shape of [`GemmBackend::gemm`], checking what its docs promise.

@@ -59,6 +59,9 @@ pub struct BenchReport {
     pub gemm_calls_per_step: f64,
     pub gemm_wait_seconds_per_step: f64,
     pub gemm_run_seconds_per_step: f64,
+    /// Time per step that cubecl's device thread, which also launches burn's kernels, spent on
+    /// the cuBLASLt products (`GemmStats::device_thread_seconds`).
+    pub gemm_device_thread_seconds_per_step: f64,
     pub steps_timed: usize,
     /// Non-padding tokens per second over the timed steps.
     pub tokens_per_second: f64,
@@ -228,6 +231,7 @@ where
         gemm_calls_per_step: gemm.calls as f64 / timed_steps,
         gemm_wait_seconds_per_step: gemm.wait_seconds / timed_steps,
         gemm_run_seconds_per_step: gemm.run_seconds / timed_steps,
+        gemm_device_thread_seconds_per_step: gemm.device_thread_seconds / timed_steps,
         steps_timed: seconds.len(),
         tokens_per_second: tokens as f64 / total,
         supervised_tokens_per_second: supervised as f64 / total,

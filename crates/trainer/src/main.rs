@@ -36,9 +36,10 @@ struct Cli {
     /// (cuBLASLt pays host syncs per product, more than a small product takes).
     #[arg(long, global = true, default_value_t = qwen_gemm::DEFAULT_MIN_FLOPS as f64 * 1e-9)]
     gemm_min_gflop: f64,
-    /// The attention's block softmax: auto (one kernel each way on CUDA, tensor ops elsewhere),
-    /// kernel (on any CubeCL backend) or tensor-ops.
-    #[arg(long, global = true, default_value = "auto")]
+    /// The attention's block softmax: tensor-ops (burn's ops), auto (one kernel each way on
+    /// CUDA, tensor ops elsewhere) or kernel (on any CubeCL backend). The kernels are tested on
+    /// wgpu but not yet on a CUDA device, so they are not the default yet.
+    #[arg(long, global = true, default_value = "tensor-ops")]
     attention_softmax: qwen_model::SoftmaxBody,
 }
 

@@ -250,7 +250,7 @@ fn block_softmax_kernels_match_tensor_ops() {
         window: None,
     };
     check_block(&tall, [8, 8], [0, 1100], [0, 8]);
-    set_softmax_body(SoftmaxBody::Auto);
+    set_softmax_body(SoftmaxBody::default());
 }
 
 /// The chunked attention (several query chunks) under autodiff with each body: output and the
@@ -302,5 +302,5 @@ fn chunked_attention_is_the_same_with_the_kernels() {
             );
         }
     }
-    set_softmax_body(SoftmaxBody::Auto);
+    set_softmax_body(SoftmaxBody::default());
 }

@@ -93,15 +93,19 @@ pub struct SoftmaxBackward<B: Backend> {
 }
 
 /// Which body runs the block softmax on a CubeCL backend.
+///
+/// The default stays [`TensorOps`](Self::TensorOps) until the kernels have been checked and
+/// measured on a CUDA device (they are tested on wgpu only so far); then it becomes
+/// [`Auto`](Self::Auto).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SoftmaxBody {
     /// The kernels of `attention::cube` on CUDA, tensor ops on other runtimes (wgpu keeps the
     /// reference path).
-    #[default]
     Auto,
     /// The kernels on every CubeCL runtime (tests run them on wgpu this way).
     Kernel,
-    /// Tensor ops everywhere, for comparison.
+    /// Tensor ops everywhere.
+    #[default]
     TensorOps,
 }
 
@@ -126,7 +130,7 @@ impl std::str::FromStr for SoftmaxBody {
     }
 }
 
-static SOFTMAX_BODY: AtomicU8 = AtomicU8::new(0);
+static SOFTMAX_BODY: AtomicU8 = AtomicU8::new(2);
 
 /// Sets the body of the attention's block softmax for the whole process.
 pub fn set_softmax_body(body: SoftmaxBody) {
@@ -138,12 +142,12 @@ pub fn set_softmax_body(body: SoftmaxBody) {
     SOFTMAX_BODY.store(code, Ordering::Relaxed);
 }
 
-/// The body set by [`set_softmax_body`], [`SoftmaxBody::Auto`] until then.
+/// The body set by [`set_softmax_body`], the default until then.
 pub fn softmax_body() -> SoftmaxBody {
     match SOFTMAX_BODY.load(Ordering::Relaxed) {
+        0 => SoftmaxBody::Auto,
         1 => SoftmaxBody::Kernel,
-        2 => SoftmaxBody::TensorOps,
-        _ => SoftmaxBody::Auto,
+        _ => SoftmaxBody::TensorOps,
     }
 }
 
@@ -253,5 +257,27 @@ pub fn backward_reference<B: Backend>(
     SoftmaxBackward {
         probs: primitive(probs.cast(dtype).reshape(block.grouped_shape())),
         grad_scores,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SoftmaxBody;
+
+    #[test]
+    fn softmax_bodies_parse_by_name() {
+        for body in [
+            SoftmaxBody::Auto,
+            SoftmaxBody::Kernel,
+            SoftmaxBody::TensorOps,
+        ] {
+            assert_eq!(body.name().parse::<SoftmaxBody>(), Ok(body));
+        }
+        let err = "fused".parse::<SoftmaxBody>().unwrap_err();
+        assert!(
+            err.contains("`fused`") && err.contains("tensor-ops"),
+            "{err}"
+        );
+        assert_eq!(SoftmaxBody::default(), SoftmaxBody::TensorOps);
     }
 }
