@@ -30,7 +30,7 @@ const CUBE_SIZE: usize = 256;
 const MAX_CUBES_PER_AXIS: usize = 65_535;
 
 /// The scalar description of a block that both kernels read.
-#[derive(CubeType, Clone, Copy)]
+#[derive(CubeLaunch, CubeType)]
 struct Geometry {
     /// Query rows in the block.
     rows: u32,
@@ -50,6 +50,8 @@ struct Geometry {
     window: u32,
     /// `1 / sqrt(head_dim)`.
     scale: f32,
+    /// `batch * heads * rows`: the cubes past it have no row.
+    total_rows: u32,
 }
 
 /// The query row a cube works on, and where its data sits.
@@ -118,33 +120,6 @@ fn stat_offset(x: &Tensor<f32>, geometry: &Geometry, row: &Row) -> usize {
     row.batch * x.stride(0) + row.head * x.stride(1) + q * x.stride(2)
 }
 
-/// The block's geometry from the kernel's scalars.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn geometry(
-    rows: u32,
-    keys: u32,
-    heads: u32,
-    n_rep: u32,
-    q_start: u32,
-    q_position: u32,
-    k_start: u32,
-    window: u32,
-    scale: f32,
-) -> Geometry {
-    Geometry {
-        rows,
-        keys,
-        heads,
-        n_rep,
-        q_start,
-        q_position,
-        k_start,
-        window,
-        scale,
-    }
-}
-
 /// Whether the row may attend to key `j` of the block: not a future key, the same non-zero
 /// segment, and inside the window.
 #[cube]
@@ -195,31 +170,18 @@ fn reduce_cube(value: f32, #[comptime] maximum: bool) -> f32 {
 }
 
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
 fn softmax_forward_kernel<E: Float, I: Int>(
     scores: &Tensor<E>,
     query_segments: &Tensor<I>,
     key_segments: &Tensor<I>,
     probs: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
-    rows: u32,
-    keys: u32,
-    heads: u32,
-    n_rep: u32,
-    q_start: u32,
-    q_position: u32,
-    k_start: u32,
-    window: u32,
-    scale: f32,
-    total_rows: u32,
+    geometry: Geometry,
     empty_lse: f32,
     #[define(E, I)] _dtypes: [StorageType; 2],
 ) {
-    let geometry = geometry(
-        rows, keys, heads, n_rep, q_start, q_position, k_start, window, scale,
-    );
     let id = row_id();
-    if id >= total_rows as usize {
+    if id >= geometry.total_rows as usize {
         terminate!();
     }
     let row = locate_row::<I>(query_segments, &geometry, id);
@@ -270,7 +232,6 @@ fn softmax_forward_kernel<E: Float, I: Int>(
 
 /// `lse`, `delta`: `[batch, heads, q_len]` of the whole call (read at the block's rows).
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
 fn softmax_backward_kernel<E: Float, I: Int>(
     scores: &Tensor<E>,
     grad_probs: &Tensor<E>,
@@ -280,24 +241,12 @@ fn softmax_backward_kernel<E: Float, I: Int>(
     key_segments: &Tensor<I>,
     probs: &mut Tensor<E>,
     grad_scores: &mut Tensor<E>,
-    rows: u32,
-    keys: u32,
-    heads: u32,
-    n_rep: u32,
-    q_start: u32,
-    q_position: u32,
-    k_start: u32,
-    window: u32,
-    scale: f32,
-    total_rows: u32,
+    geometry: Geometry,
     #[comptime] with_grad: bool,
     #[define(E, I)] _dtypes: [StorageType; 2],
 ) {
-    let geometry = geometry(
-        rows, keys, heads, n_rep, q_start, q_position, k_start, window, scale,
-    );
     let id = row_id();
-    if id >= total_rows as usize {
+    if id >= geometry.total_rows as usize {
         terminate!();
     }
     let row = locate_row::<I>(query_segments, &geometry, id);
@@ -330,37 +279,25 @@ fn cube_count(rows: usize) -> CubeCount {
     CubeCount::Static(x as u32, y as u32, 1)
 }
 
-/// The block's scalars, as the kernels take them; panics if a size does not fit in `u32`.
-struct Scalars {
-    rows: u32,
-    keys: u32,
-    heads: u32,
-    n_rep: u32,
-    q_start: u32,
-    q_position: u32,
-    k_start: u32,
-    window: u32,
-    scale: f32,
-    total_rows: u32,
-}
-
-impl Scalars {
-    fn new(block: &ScoreBlock) -> Self {
-        let int = |x: usize| u32::try_from(x).expect("attention block sizes fit in u32");
-        let heads = block.kv_heads * block.n_rep;
-        Self {
-            rows: int(block.rows),
-            keys: int(block.keys),
-            heads: int(heads),
-            n_rep: int(block.n_rep),
-            q_start: int(block.q_start),
-            q_position: int(block.query_offset + block.q_start),
-            k_start: int(block.k_start),
-            window: block.window.map_or(u32::MAX, int),
-            scale: block.scale,
-            total_rows: int(block.batch * heads * block.rows),
-        }
-    }
+/// The block's geometry as the kernels take it, and its row count; panics if a size does not
+/// fit in `u32`.
+fn geometry<R: CubeRuntime>(block: &ScoreBlock) -> (GeometryLaunch<R>, usize) {
+    let int = |x: usize| u32::try_from(x).expect("attention block sizes fit in u32");
+    let heads = block.kv_heads * block.n_rep;
+    let total_rows = block.batch * heads * block.rows;
+    let launch = GeometryLaunch::new(
+        int(block.rows),
+        int(block.keys),
+        int(heads),
+        int(block.n_rep),
+        int(block.q_start),
+        int(block.query_offset + block.q_start),
+        int(block.k_start),
+        block.window.map_or(u32::MAX, int),
+        block.scale,
+        int(total_rows),
+    );
+    (launch, total_rows)
 }
 
 /// The output tensors of the block: `[batch, kv_heads, n_rep * rows, keys]`, contiguous.
@@ -399,7 +336,7 @@ pub fn softmax_forward<R: CubeRuntime>(
     block: &ScoreBlock,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     check_scores(&scores, block);
-    let s = Scalars::new(block);
+    let (geometry, total_rows) = geometry::<R>(block);
     let probs = block_tensor(&scores, block, scores.dtype);
     let lse = empty_device_contiguous_dtype(
         scores.client.clone(),
@@ -411,23 +348,14 @@ pub fn softmax_forward<R: CubeRuntime>(
     let client = scores.client.clone();
     softmax_forward_kernel::launch::<R>(
         &client,
-        cube_count(s.total_rows as usize),
+        cube_count(total_rows),
         CubeDim::new_1d(CUBE_SIZE as u32),
         scores.into_tensor_arg(),
         query_segments.into_tensor_arg(),
         key_segments.into_tensor_arg(),
         probs.clone().into_tensor_arg(),
         lse.clone().into_tensor_arg(),
-        s.rows,
-        s.keys,
-        s.heads,
-        s.n_rep,
-        s.q_start,
-        s.q_position,
-        s.k_start,
-        s.window,
-        s.scale,
-        s.total_rows,
+        geometry,
         f32::INFINITY,
         dtypes,
     );
@@ -445,7 +373,7 @@ pub fn softmax_backward<R: CubeRuntime>(
     block: &ScoreBlock,
 ) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
     check_scores(&scores, block);
-    let s = Scalars::new(block);
+    let (geometry, total_rows) = geometry::<R>(block);
     let probs = block_tensor(&scores, block, scores.dtype);
     let with_grad = grad.is_some();
     // Without a gradient the kernel never reads `dP` and `D` nor writes `dS`: it is handed the
@@ -473,7 +401,7 @@ pub fn softmax_backward<R: CubeRuntime>(
     let client = scores.client.clone();
     softmax_backward_kernel::launch::<R>(
         &client,
-        cube_count(s.total_rows as usize),
+        cube_count(total_rows),
         CubeDim::new_1d(CUBE_SIZE as u32),
         scores.into_tensor_arg(),
         grad_probs.into_tensor_arg(),
@@ -483,16 +411,7 @@ pub fn softmax_backward<R: CubeRuntime>(
         key_segments.into_tensor_arg(),
         probs.clone().into_tensor_arg(),
         grad_scores.clone().into_tensor_arg(),
-        s.rows,
-        s.keys,
-        s.heads,
-        s.n_rep,
-        s.q_start,
-        s.q_position,
-        s.k_start,
-        s.window,
-        s.scale,
-        s.total_rows,
+        geometry,
         with_grad,
         dtypes,
     );
