@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 BIN=/tmp/qwen-sft
 # BINARY picks a variant from `cargo xtask device-bundle --features F`: qwen-sft-cuda-unfused
 # (no kernel fusion), qwen-sft-cuda-autotune. GEMM picks the linear layers' body of our runs
-# (`--gemm`: cublaslt, the default, or burn); a measurement whose name says its body runs that
+# (`--gemm`: cublaslt, the default, cublaslt-cached or burn); a measurement whose name says its body runs that
 # one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul. SOFTMAX picks the
 # attention's block softmax (`--attention-softmax`: tensor-ops, the default for now, or auto,
 # the kernels on CUDA).

@@ -26,7 +26,10 @@
 // needs `unsafe`, each block with its SAFETY note.
 #![allow(unsafe_code)]
 
+mod plans;
+
 use std::any::{Any, TypeId};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -37,8 +40,8 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-use cudarc::driver::{CudaContext, CudaStream, DeviceRepr};
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig, MatmulShared};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use burn_cubecl::cubecl::Runtime;
 use cubecl_common::device::Device;
@@ -81,6 +84,20 @@ pub(super) fn gemm<R: CubeRuntime>(
 struct Blas {
     stream: Arc<CudaStream>,
     blas: CudaBlasLT,
+    /// For `GemmBody::CublasltCached`: the plans by shape and their workspace, made on first
+    /// use (so the other bodies allocate no second workspace).
+    cached: RefCell<Option<Cached>>,
+}
+
+/// The bytes of the cached plans' workspace: what cudarc gives its own on compute capability
+/// 9 and up (the H200's), more than any algorithm the heuristic picks here asks for.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+struct Cached {
+    plans: plans::Plans,
+    /// Kept alive as long as the plans run; `address` is its device address.
+    _workspace: CudaSlice<u8>,
+    address: u64,
 }
 
 /// Where a handle runs its products.
@@ -123,7 +140,11 @@ fn create(index: usize, kind: StreamKind) -> Result<Blas, Box<dyn std::error::Er
         StreamKind::Cubecl(raw) => unsafe { ctx.wrap_borrowed_stream(raw as CUstream) },
     };
     let blas = CudaBlasLT::new(stream.clone())?;
-    Ok(Blas { stream, blas })
+    Ok(Blas {
+        stream,
+        blas,
+        cached: RefCell::new(None),
+    })
 }
 
 /// An operand as cuBLASLt reads it: the tensor and its [`BatchedLayout`].
@@ -213,6 +234,7 @@ fn gemm_cuda(
         config,
         spans,
         dtype: a.tensor.dtype,
+        cached: body == GemmBody::CublasltCached,
         what: format!(
             "cuBLASLt matmul {:?} x {:?} ({:?}, transposed: {transpose_a}, {transpose_b})",
             a.tensor.meta.shape(),
@@ -293,6 +315,9 @@ struct Product {
     /// `[our a, our b, c]` in elements.
     spans: [usize; 3],
     dtype: DType,
+    /// Whether it runs through the cached plans (`GemmBody::CublasltCached`) rather than
+    /// cudarc's `matmul`, which sets cuBLASLt up anew on every call.
+    cached: bool,
     /// For error messages.
     what: String,
 }
@@ -301,12 +326,57 @@ impl Product {
     /// Puts the product on `blas`'s stream; `addresses` are our `[a, b, c]`.
     fn launch(&self, blas: &Blas, [pa, pb, pc]: [u64; 3]) {
         // cuBLASLt's A and B are our B and A (module docs).
+        if self.cached {
+            self.check(self.launch_cached(blas, [pb, pa, pc]));
+            return;
+        }
         let done = match self.dtype {
             DType::BF16 => self.launch_typed::<half::bf16>(blas, pb, pa, pc),
             DType::F16 => self.launch_typed::<half::f16>(blas, pb, pa, pc),
             _ => self.launch_typed::<f32>(blas, pb, pa, pc),
         };
         self.check(done);
+    }
+
+    /// The product through `blas`'s cached plan of its shape; `[a, b, c]` are cuBLASLt's.
+    fn launch_cached(
+        &self,
+        blas: &Blas,
+        [a, b, c]: [u64; 3],
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let mut cached = blas.cached.borrow_mut();
+        let cached = match &mut *cached {
+            Some(cached) => cached,
+            slot => {
+                // SAFETY: uninitialised bytes are fine for a workspace.
+                let workspace = unsafe { blas.stream.alloc::<u8>(WORKSPACE_BYTES)? };
+                let (address, _) = workspace.device_ptr(&blas.stream);
+                slot.insert(Cached {
+                    plans: plans::Plans::default(),
+                    _workspace: workspace,
+                    address,
+                })
+            }
+        };
+        let key = plans::PlanKey::new(&self.config, self.dtype);
+        let buffers = plans::Buffers {
+            a,
+            b,
+            c,
+            workspace: cached.address,
+            workspace_bytes: WORKSPACE_BYTES,
+        };
+        // SAFETY: the addresses are live burn buffers of at least the product's spans (the
+        // caller holds their guards or bindings until it has run), on the handle's context.
+        unsafe {
+            cached.plans.run(
+                *blas.blas.handle(),
+                blas.stream.cu_stream() as _,
+                key,
+                self.config.alpha,
+                buffers,
+            )
+        }
     }
 
     fn check(&self, done: Result<(), Box<dyn std::error::Error>>) {

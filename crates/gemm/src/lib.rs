@@ -72,10 +72,20 @@ pub enum GemmBody {
     /// cuBLASLt on a stream of its own, ordered with burn's by waiting on the host before and
     /// after each product: the way before the patch, kept for comparison.
     CublasltHostSync,
+    /// As `Cublaslt`, but each product shape's descriptors and algorithm are made once and
+    /// kept, instead of cudarc building them and querying the heuristic on every call (on
+    /// cubecl's device thread, which also launches burn's kernels). Not yet run on a GPU.
+    CublasltCached,
 }
 
 impl GemmBody {
-    pub const ALL: [GemmBody; 3] = [Self::Burn, Self::Cublaslt, Self::CublasltHostSync];
+    /// Every body, in the order of their discriminants.
+    pub const ALL: [GemmBody; 4] = [
+        Self::Burn,
+        Self::Cublaslt,
+        Self::CublasltHostSync,
+        Self::CublasltCached,
+    ];
 
     /// The name used on the command line and in benchmark reports.
     pub fn name(self) -> &'static str {
@@ -83,6 +93,7 @@ impl GemmBody {
             Self::Burn => "burn",
             Self::Cublaslt => "cublaslt",
             Self::CublasltHostSync => "cublaslt-host-sync",
+            Self::CublasltCached => "cublaslt-cached",
         }
     }
 }

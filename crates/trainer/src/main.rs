@@ -28,8 +28,10 @@ use qwen_sft::train::{Observer, RunInfo, load_examples};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Every matrix product (linear layers, attention, loss): cublaslt (cuBLASLt) or burn
-    /// (burn's matmul). Only a CUDA build has a choice; every other backend runs burn's matmul.
+    /// Every matrix product (linear layers, attention, loss): cublaslt (cuBLASLt on burn's
+    /// stream), cublaslt-cached (the same with each shape's setup made once; not yet run on a
+    /// GPU), cublaslt-host-sync or burn (burn's matmul). Only a CUDA build has a choice; every
+    /// other backend runs burn's matmul.
     #[arg(long, global = true, default_value = "cublaslt")]
     gemm: GemmBody,
     /// Products smaller than this many GFLOP stay on burn's matmul whatever `--gemm` says
