@@ -373,7 +373,7 @@ impl Product {
                 *blas.blas.handle(),
                 blas.stream.cu_stream() as _,
                 key,
-                self.config.alpha,
+                [self.config.alpha, self.config.beta],
                 buffers,
             )
         }

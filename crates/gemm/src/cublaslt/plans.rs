@@ -71,7 +71,7 @@ impl PlanKey {
 /// are skipped on drop.
 pub(super) struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
-    /// A, B and C (also D: the product is written over C with `beta = 0`).
+    /// A, B and C (also D: the product is written over C).
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     algo: Option<sys::cublasLtMatmulAlgo_t>,
 }
@@ -236,7 +236,7 @@ pub(super) struct Buffers {
 }
 
 impl Plans {
-    /// Runs `C = alpha op(A) op(B)` (`beta` 0) on `stream` with the plan of `key`, making the
+    /// Runs `C = alpha op(A) op(B) + beta C` on `stream` with the plan of `key`, making the
     /// plan on first use.
     ///
     /// # Safety
@@ -247,7 +247,7 @@ impl Plans {
         handle: sys::cublasLtHandle_t,
         stream: sys::cudaStream_t,
         key: PlanKey,
-        alpha: f32,
+        [alpha, beta]: [f32; 2],
         buffers: Buffers,
     ) -> Result<(), Error> {
         let plan = match self.plans.entry(key) {
@@ -257,7 +257,6 @@ impl Plans {
             }
         };
         let algo = plan.algo.as_ref().expect("a made plan has its algorithm");
-        let beta = 0.0f32;
         let [a_layout, b_layout, c_layout] = plan.layouts;
         // SAFETY: the caller vouches for the buffers; the plan's handles are live.
         unsafe {
