@@ -19,7 +19,8 @@ mod cube {
     use crate::attention::softmax::{self, CallSegments, ScoreBlock, SoftmaxBody};
     use crate::attention::{AttentionBackend, SoftmaxBackward, SoftmaxForward, cube};
 
-    /// Whether `R` is CUDA's runtime.
+    /// Whether `R` is CUDA's runtime (never, in a build without CUDA).
+    #[cfg_attr(not(feature = "cuda"), allow(clippy::extra_unused_type_parameters))]
     fn is_cuda<R: CubeRuntime>() -> bool {
         #[cfg(feature = "cuda")]
         {
