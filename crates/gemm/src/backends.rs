@@ -51,7 +51,7 @@ where
 
     #[cfg(feature = "cublaslt")]
     fn gemm_name() -> &'static str {
-        if crate::cublaslt::is_cuda::<R>() {
+        if crate::is_cuda::<R>() {
             crate::gemm_body().name()
         } else {
             crate::GemmBody::Burn.name()

@@ -28,7 +28,7 @@
 
 mod plans;
 
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -56,11 +56,6 @@ use crate::{BatchedLayout, GemmBody, record_call};
 type CudaServer = <CudaRuntime as Runtime>::Server;
 
 type Tensor = CubeTensor<CudaRuntime>;
-
-/// Whether `R` is CUDA: the cubecl impl is generic over runtimes, and only CUDA has cuBLASLt.
-pub(super) fn is_cuda<R: CubeRuntime>() -> bool {
-    TypeId::of::<R>() == TypeId::of::<CudaRuntime>()
-}
 
 /// `op(a) @ op(b)` on cuBLASLt, or `None` where it does not apply (another runtime, dtype or
 /// rank, or no cuBLASLt), for the caller to run burn's matmul instead. `shape` is the output's,
@@ -235,12 +230,6 @@ fn gemm_cuda(
         spans,
         dtype: a.tensor.dtype,
         cached: body == GemmBody::CublasltCached,
-        what: format!(
-            "cuBLASLt matmul {:?} x {:?} ({:?}, transposed: {transpose_a}, {transpose_b})",
-            a.tensor.meta.shape(),
-            b.tensor.meta.shape(),
-            a.tensor.dtype
-        ),
     };
     let started = Instant::now();
     match body {
@@ -294,7 +283,7 @@ fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product)
         let started = Instant::now();
         let (stream, addresses) = server
             .stream_for_external_work(stream_id, bindings)
-            .unwrap_or_else(|err| panic!("{}: cubecl's stream: {err:?}", product.what));
+            .unwrap_or_else(|err| panic!("{}: cubecl's stream: {err:?}", product.what()));
         let ran = with_blas(index, StreamKind::Cubecl(stream as usize), |blas| {
             product.launch(blas, [addresses[0], addresses[1], addresses[2]]);
         });
@@ -303,7 +292,7 @@ fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product)
         assert!(
             ran.is_some(),
             "{}: no cuBLASLt handle on cubecl's stream",
-            product.what
+            product.what()
         );
         crate::record_device_thread(started.elapsed());
     });
@@ -318,11 +307,19 @@ struct Product {
     /// Whether it runs through the cached plans (`GemmBody::CublasltCached`) rather than
     /// cudarc's `matmul`, which sets cuBLASLt up anew on every call.
     cached: bool,
-    /// For error messages.
-    what: String,
 }
 
 impl Product {
+    /// The product as cuBLASLt sees it, for error messages (made only when one is raised, not
+    /// on every product).
+    fn what(&self) -> String {
+        let c = &self.config;
+        format!(
+            "cuBLASLt matmul (column-major m {}, n {}, k {}, transposed: {}, {}, batch {:?}, {:?})",
+            c.m, c.n, c.k, c.transa, c.transb, c.batch_size, self.dtype
+        )
+    }
+
     /// Puts the product on `blas`'s stream; `addresses` are our `[a, b, c]`.
     fn launch(&self, blas: &Blas, [pa, pb, pc]: [u64; 3]) {
         // cuBLASLt's A and B are our B and A (module docs).
@@ -383,7 +380,7 @@ impl Product {
         if let Err(err) = done {
             panic!(
                 "{} failed: {err} (`--gemm burn` avoids this path)",
-                self.what
+                self.what()
             );
         }
     }

@@ -155,6 +155,23 @@ pub fn takes_picked_body(shape: &Shape, k: usize) -> bool {
     gemm_body() != GemmBody::Burn && flops >= gemm_min_flops()
 }
 
+/// Whether the CubeCL runtime `R` is CUDA's (never, in a build without the `cuda` feature):
+/// the cubecl impls are generic over runtimes, and only CUDA has cuBLASLt and the kernels that
+/// target it.
+#[cfg(feature = "cubecl")]
+#[cfg_attr(not(feature = "cuda"), allow(clippy::extra_unused_type_parameters))]
+pub fn is_cuda<R: burn_cubecl::CubeRuntime>() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        std::any::TypeId::of::<R>()
+            == std::any::TypeId::of::<burn_cubecl::cubecl::cuda::CudaRuntime>()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
 /// The inner dimension of `op(a)`.
 pub fn inner_dim(a: &Shape, transpose_a: bool) -> usize {
     let rank = a.num_dims();

@@ -19,20 +19,6 @@ mod cube {
     use crate::attention::softmax::{self, CallSegments, ScoreBlock, SoftmaxBody};
     use crate::attention::{AttentionBackend, SoftmaxBackward, SoftmaxForward, cube};
 
-    /// Whether `R` is CUDA's runtime (never, in a build without CUDA).
-    #[cfg_attr(not(feature = "cuda"), allow(clippy::extra_unused_type_parameters))]
-    fn is_cuda<R: CubeRuntime>() -> bool {
-        #[cfg(feature = "cuda")]
-        {
-            std::any::TypeId::of::<R>()
-                == std::any::TypeId::of::<burn_cubecl::cubecl::cuda::CudaRuntime>()
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            false
-        }
-    }
-
     impl<R, F, I, BT> AttentionBackend for CubeBackend<R, F, I, BT>
     where
         R: CubeRuntime,
@@ -81,7 +67,7 @@ mod cube {
 
         fn has_softmax_kernel() -> bool {
             match softmax::softmax_body() {
-                SoftmaxBody::Auto => is_cuda::<R>(),
+                SoftmaxBody::Auto => qwen_gemm::is_cuda::<R>(),
                 SoftmaxBody::Kernel => true,
                 SoftmaxBody::TensorOps => false,
             }

@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{FloatDType, Int, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{FloatDType, Int, Tensor, TensorMetadata};
 
 use super::forbidden_block;
+use super::kernel::{float, primitive};
 
 /// The value of a forbidden score: finite, so that a row with no allowed key gives no NaN, and
 /// far below any real score, so that `exp` of it is 0.
@@ -110,6 +111,10 @@ pub enum SoftmaxBody {
 }
 
 impl SoftmaxBody {
+    /// Every body, in the order of their discriminants.
+    pub const ALL: [SoftmaxBody; 3] = [Self::Auto, Self::Kernel, Self::TensorOps];
+
+    /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Self::Auto => "auto",
@@ -123,40 +128,23 @@ impl std::str::FromStr for SoftmaxBody {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Auto, Self::Kernel, Self::TensorOps]
+        Self::ALL
             .into_iter()
             .find(|body| body.name() == s)
             .ok_or_else(|| format!("unknown softmax body `{s}`; use auto, kernel or tensor-ops"))
     }
 }
 
-static SOFTMAX_BODY: AtomicU8 = AtomicU8::new(2);
+static SOFTMAX_BODY: AtomicU8 = AtomicU8::new(SoftmaxBody::TensorOps as u8);
 
 /// Sets the body of the attention's block softmax for the whole process.
 pub fn set_softmax_body(body: SoftmaxBody) {
-    let code = match body {
-        SoftmaxBody::Auto => 0,
-        SoftmaxBody::Kernel => 1,
-        SoftmaxBody::TensorOps => 2,
-    };
-    SOFTMAX_BODY.store(code, Ordering::Relaxed);
+    SOFTMAX_BODY.store(body as u8, Ordering::Relaxed);
 }
 
 /// The body set by [`set_softmax_body`], the default until then.
 pub fn softmax_body() -> SoftmaxBody {
-    match SOFTMAX_BODY.load(Ordering::Relaxed) {
-        0 => SoftmaxBody::Auto,
-        1 => SoftmaxBody::Kernel,
-        _ => SoftmaxBody::TensorOps,
-    }
-}
-
-fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
-}
-
-fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
-    tensor.into_primitive().tensor()
+    SoftmaxBody::ALL[usize::from(SOFTMAX_BODY.load(Ordering::Relaxed))]
 }
 
 /// The masked, scaled f32 scores of one block, `[batch, kv_heads, n_rep, rows, keys]`; the
