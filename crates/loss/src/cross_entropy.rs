@@ -182,13 +182,16 @@ mod tests {
     #[test]
     fn two_stage_reduction_equals_one_stage() {
         let device = Default::default();
+        B::seed(&device, 0);
         for len in [151_936 / 8, 8 * 1187, 300] {
             let x = Tensor::<B, 2>::random([5, len], Distribution::Normal(0.0, 3.0), &device);
             let max = row_reduce(x.clone(), Tensor::max_dim);
             max.into_data()
                 .assert_eq(&x.clone().max_dim(1).into_data(), true);
             // Positive terms, so that a relative tolerance means something; against the exact
-            // sum in f64 (an f32 sum of 10k terms in one stage is itself off by a few 1e-6).
+            // sum in f64. An f32 sum of 19k terms is itself off by about sqrt(n) * 2^-24, a few
+            // 1e-6, and a heavy-tailed draw has been seen at 1.6e-5: the tolerance is 1e-4, which
+            // still catches a lost or doubled part (on the order of a hundredth of a row).
             let x = x.exp();
             let values = x.to_data().to_vec::<f32>().unwrap();
             let exact: Vec<f32> = values
@@ -198,7 +201,7 @@ mod tests {
             let sum = row_reduce(x, Tensor::sum_dim);
             sum.into_data().assert_approx_eq::<f32>(
                 &burn::tensor::TensorData::new(exact, [5, 1]),
-                Tolerance::relative(1e-5),
+                Tolerance::relative(1e-4),
             );
         }
     }
