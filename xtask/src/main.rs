@@ -218,7 +218,8 @@ fn bench_loss(args: &[String]) -> Result<()> {
 
 /// The CUDA build of `qwen-sft` for the lent GPU machine (which has no Rust toolchain):
 /// stripped and xz-compressed into `.device/qwen-sft.xz`, since the working tree sent there is
-/// capped at 64 MiB. `.git/info/exclude` keeps `.device/` out of git;
+/// capped at 64 MiB. `.gitignore` keeps `.device/` out of git (so the device tool takes it only
+/// when `carry` names it);
 /// `xtask/device/gpu_bench.sh` unpacks it there (`BINARY=qwen-sft-<features>` picks a variant).
 ///
 /// `--features F` builds another CUDA variant (`cuda-unfused`, `cuda,autotune`)
