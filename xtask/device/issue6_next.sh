@@ -17,7 +17,9 @@
 #  3. one setting changed at a time: the kernels with the uncached products, and the cached
 #     products with the tensor-op softmax;
 #  4. the attention chunk budget with the kernels (their bf16 tiles take half of what the plan
-#     assumes): 2 and 4 GiB.
+#     assumes): 2 and 4 GiB;
+#  5. where nsys is installed, a timeline of three steps with the new settings, summarised by
+#     nsys (kernel times, CUDA API times): whether the GPU waits for the host between kernels.
 # Results: $OUT/results.tar.xz (JSON and logs); the CubeCL cache is not packed (SAVE_CACHE=0).
 set -u
 O=${OUT:-/tmp/issue6}
@@ -32,6 +34,13 @@ NEW="GEMM=cublaslt-cached SOFTMAX=auto"
   env GEMM=cublaslt-cached SOFTMAX=tensor-ops TAG=cached bash $G ours_b8_bf16
   env $NEW ATTN_MIB=2048 TAG=new_2g bash $G ours_b8_bf16
   env $NEW ATTN_MIB=4096 TAG=new_4g bash $G ours_b8_bf16
+  if command -v nsys >/dev/null; then
+    # gpu_bench.sh left the unpacked binary in /tmp and its cubecl.toml here.
+    timeout 240 nsys profile -t cuda,nvtx --stats=true --force-overwrite true -o /tmp/nsys_b8 \
+      /tmp/qwen-sft --gemm cublaslt-cached --attention-softmax auto bench --preset 0.5b \
+      --seq-len 2048 --batch-size 8 --steps 3 --warmup-steps 2 --precision bf16 \
+      > "$OUT/nsys_b8.txt" 2>&1
+  fi
 } > "$OUT/run.log" 2>&1
 tar -cJf "$O/results.tar.xz" -C "$OUT" .
 grep -h -o '"tokens_per_second":[0-9.]*\|"peak_delta_gib":[0-9.]*\|"queued_seconds_mean":[0-9.]*' "$OUT"/*.json

@@ -4,7 +4,8 @@
     python3 xtask/device/profile_summary.py NAME.log [ROWS]
 
 CubeCL's profiler logs one `| duration | kernel | ...` line per kernel; measure.py stamps each
-line with the seconds since the start. This sums the kernels logged between the last two progress
+line with the seconds since the start (unstamped logs, such as a run's plain stderr on wgpu,
+work too). This sums the kernels logged between the last two progress
 lines (`bench step ...` or `bench-forward: forward ...`), that is the last step or forward, by
 kernel name, and prints a markdown table, largest first. The profiler waits for every kernel, so
 the sum is the GPU time of the kernels, not the wall time of an unprofiled step.
@@ -14,8 +15,8 @@ import re
 import sys
 
 UNITS = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-KERNEL = re.compile(r"\s*[\d.]+ \| ([\d.]+)(ns|µs|us|ms|s)\s*\| ([^|]+)")
-PROGRESS = re.compile(r"\s*[\d.]+ (bench step|bench-forward: forward)")
+KERNEL = re.compile(r"\s*(?:[\d.]+ )?\| ([\d.]+)(ns|µs|us|ms|s)\s*\| ([^|]+)")
+PROGRESS = re.compile(r"\s*(?:[\d.]+ )?(bench step|bench-forward: forward)")
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ use std::path::Path;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -95,14 +95,15 @@ impl<B: Backend> Optimizer<B> {
         self.step
     }
 
-    /// Applies one update: every gradient is scaled by `grad_scale` (the clipping factor), then
-    /// each parameter moves by the optimizer's rule at learning rate `lr`.
+    /// Applies one update: every gradient is scaled by `grad_scale` where there is one (the
+    /// clipping factor, a `[1]` tensor on the device, see [`clip_scale`]), then each parameter
+    /// moves by the optimizer's rule at learning rate `lr`. Reads nothing back from the device.
     pub fn step<AB, M>(
         &mut self,
         model: M,
         grads: &mut GradientsParams,
         lr: f64,
-        grad_scale: f64,
+        grad_scale: Option<Tensor<B, 1>>,
     ) -> M
     where
         AB: AutodiffBackend<InnerBackend = B>,
@@ -207,7 +208,7 @@ struct Update<'a, AB: AutodiffBackend> {
     optimizer: &'a mut Optimizer<AB::InnerBackend>,
     grads: &'a mut GradientsParams,
     lr: f64,
-    grad_scale: f64,
+    grad_scale: Option<Tensor<AB::InnerBackend, 1>>,
     path: Vec<String>,
 }
 
@@ -231,10 +232,12 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
         let dtype = value.dtype();
         // [numel]
         let flat = value.flatten::<1>(0, D - 1).cast(DType::F32);
-        let grad = grad
-            .flatten::<1>(0, D - 1)
-            .cast(DType::F32)
-            .mul_scalar(self.grad_scale);
+        let grad = grad.flatten::<1>(0, D - 1).cast(DType::F32);
+        // [numel] * [1]
+        let grad = match &self.grad_scale {
+            Some(scale) => grad * scale.clone(),
+            None => grad,
+        };
         let updated = self
             .optimizer
             .update(&name, flat, grad, self.lr)
@@ -312,12 +315,12 @@ impl<B: Backend> Optimizer<B> {
     }
 }
 
-/// The L2 norm of all gradients together, as `torch.nn.utils.clip_grad_norm_` computes it.
-/// Reads one scalar back from the device.
+/// The L2 norm of all gradients together, as `torch.nn.utils.clip_grad_norm_` computes it:
+/// `[1]`, f32, left on the device (`None` when no parameter has a gradient).
 pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     model: &M,
     grads: &GradientsParams,
-) -> f64 {
+) -> Option<Tensor<AB::InnerBackend, 1>> {
     struct SumSquares<'a, AB: AutodiffBackend> {
         grads: &'a GradientsParams,
         total: Option<Tensor<AB::InnerBackend, 1>>,
@@ -335,24 +338,25 @@ pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     }
     let mut visitor = SumSquares::<AB> { grads, total: None };
     model.visit(&mut visitor);
-    visitor
-        .total
-        .map_or(0.0, |t| t.into_scalar().elem::<f64>().sqrt())
+    visitor.total.map(Tensor::sqrt)
 }
 
-/// The factor clipping multiplies every gradient by: `max_norm / (norm + 1e-6)` when the norm
-/// exceeds `max_norm` (torch's formula), else 1. A `max_norm` of 0 disables clipping.
-pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
-    }
+/// The factor clipping multiplies every gradient by, computed on the device from the `[1]`
+/// norm: torch's `clamp(max_norm / (norm + 1e-6), max=1)`. `None` when `max_norm` is 0
+/// (clipping off), so that no multiplication is queued at all.
+pub fn clip_scale<B: Backend>(norm: Tensor<B, 1>, max_norm: f64) -> Option<Tensor<B, 1>> {
+    (max_norm > 0.0).then(|| {
+        norm.add_scalar(1e-6)
+            .recip()
+            .mul_scalar(max_norm)
+            .clamp_max(1.0)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::ElementConversion;
     use burn::backend::{Autodiff, Flex};
     use burn::module::Module;
 
@@ -382,7 +386,7 @@ mod tests {
             for id in [model.weight.id, model.bias.id] {
                 grads.register::<Flex, 1>(id, Tensor::from_floats(g, &Default::default()));
             }
-            model = optimizer.step(model, &mut grads, lr, 1.0);
+            model = optimizer.step(model, &mut grads, lr, None);
         }
         model
     }
@@ -425,6 +429,24 @@ mod tests {
         assert_close(&values(&model.weight), &[0.486, -1.002, 1.943]);
     }
 
+    /// The clipping factor scales every gradient before the rule: SGD with the factor 0.5 moves
+    /// a parameter as far as SGD on halved gradients.
+    #[test]
+    fn the_clip_factor_scales_the_gradients() {
+        let device = Default::default();
+        let run = |grad: [f32; 3], scale: Option<f32>| {
+            let model = toy();
+            let mut optimizer = Optimizer::<Flex>::new(OptimizerConfig::Sgd { momentum: 0.0 });
+            let mut grads = GradientsParams::new();
+            grads.register::<Flex, 1>(model.weight.id, Tensor::from_floats(grad, &device));
+            let scale = scale.map(|s| Tensor::<Flex, 1>::from_floats([s], &device));
+            values(&optimizer.step(model, &mut grads, 0.1, scale).weight)
+        };
+        let clipped = run([0.2, -0.4, 0.6], Some(0.5));
+        assert_eq!(clipped, run([0.1, -0.2, 0.3], None));
+        assert_ne!(clipped, run([0.2, -0.4, 0.6], None));
+    }
+
     #[test]
     fn optimizer_state_round_trips() {
         let config = OptimizerConfig::default();
@@ -435,7 +457,7 @@ mod tests {
             model.weight.id,
             Tensor::from_floats([0.1f32, -0.2, 0.3], &Default::default()),
         );
-        model = optimizer.step(model, &mut grads, 0.01, 1.0);
+        model = optimizer.step(model, &mut grads, 0.01, None);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("optimizer.safetensors");
         optimizer.save(&path).unwrap();
@@ -462,11 +484,15 @@ mod tests {
             model.bias.id,
             Tensor::from_floats([0.0f32, 4.0, 0.0], &Default::default()),
         );
-        let norm = global_grad_norm(&model, &grads);
-        assert!((norm - 5.0).abs() < 1e-12);
-        assert!((clip_scale(norm, 1.0) - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
-        assert_eq!(clip_scale(norm, 10.0), 1.0);
-        assert_eq!(clip_scale(norm, 0.0), 1.0);
+        let norm = global_grad_norm(&model, &grads).expect("two gradients");
+        let read = |t: Tensor<Flex, 1>| t.into_scalar().elem::<f64>();
+        assert_eq!(read(norm.clone()), 5.0);
+        let scale = read(clip_scale(norm.clone(), 1.0).unwrap());
+        assert!((scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-7, "{scale}");
+        // torch clamps the factor at 1, so a norm under max_norm leaves the gradients as they are
+        assert_eq!(read(clip_scale(norm.clone(), 10.0).unwrap()), 1.0);
+        assert!(clip_scale(norm, 0.0).is_none());
+        assert!(global_grad_norm(&model, &GradientsParams::new()).is_none());
     }
 
     #[test]

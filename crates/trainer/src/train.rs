@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, ElementConversion, Int, Tensor};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Int, Tensor};
 use qwen_chat::{DataReport, DatasetOptions, Example, Loader, LoaderConfig};
 use qwen_loss::{
     ChunkedCeBackend, CrossEntropyOptions, LossOutput, Reduction, chunked_lm_head_cross_entropy,
@@ -209,8 +209,18 @@ where
         let mut grads = accumulator.grads();
         let queued_seconds = step_started.elapsed().as_secs_f64();
 
-        let grad_norm = global_grad_norm(&model, &grads);
-        let loss = step_loss.map_or(0.0, |l| l.into_scalar().elem::<f64>());
+        // Clipping and the update are queued without reading anything back: the device goes on
+        // from the backward pass to the update while the host queues it. The step's loss and
+        // norm are read once, afterwards (one wait for the device per step).
+        let norm = global_grad_norm(&model, &grads);
+        let lr = schedule.lr(state.step);
+        let grad_scale = norm
+            .clone()
+            .and_then(|norm| clip_scale(norm, config.optim.max_grad_norm));
+        model = optimizer.step(model, &mut grads, lr, grad_scale);
+        let (loss, grad_norm) = read_scalars(step_loss, norm);
+        // A non-finite value ends the run; the update it made stays in memory only (checkpoints
+        // on disk are from earlier steps, and the error names the last one).
         for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
             if !value.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -221,13 +231,6 @@ where
                 });
             }
         }
-        let lr = schedule.lr(state.step);
-        model = optimizer.step(
-            model,
-            &mut grads,
-            lr,
-            clip_scale(grad_norm, config.optim.max_grad_norm),
-        );
 
         state.step += 1;
         state.tokens += step_tokens as u64;
@@ -334,6 +337,26 @@ where
 /// # Shapes
 /// - hidden: `[rows, len, hidden]`
 /// - labels: `[rows, len]`, unshifted
+/// The step's loss and gradient norm (0 for one that is absent), read back in one transfer.
+fn read_scalars<B: Backend>(loss: Option<Tensor<B, 1>>, norm: Option<Tensor<B, 1>>) -> (f64, f64) {
+    let present: Vec<_> = [&loss, &norm]
+        .into_iter()
+        .flatten()
+        .map(|t| t.clone().cast(DType::F32))
+        .collect();
+    if present.is_empty() {
+        return (0.0, 0.0);
+    }
+    let values = Tensor::cat(present, 0)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32 scalars");
+    let mut values = values.into_iter().map(f64::from);
+    let mut take = |t: &Option<Tensor<B, 1>>| t.as_ref().map_or(0.0, |_| values.next().unwrap());
+    let loss = take(&loss);
+    (loss, take(&norm))
+}
+
 pub fn lm_head_loss<B: ChunkedCeBackend>(
     model: &Qwen2ForCausalLM<B>,
     hidden: Tensor<B, 3>,
