@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -75,11 +75,37 @@ struct Moments<B: Backend> {
     second: Option<Tensor<B, 1>>,
 }
 
-/// The optimizer and its state: one entry per parameter name, plus the step count.
+/// One parameter's range in a step's flat buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    name: String,
+    offset: usize,
+    numel: usize,
+}
+
+/// The moments of the last step's parameters, end to end in one buffer each, in the order of
+/// `slots`.
+#[derive(Debug, Clone)]
+struct FlatMoments<B: Backend> {
+    slots: Vec<Slot>,
+    moments: Moments<B>,
+}
+
+/// The optimizer and its state: every parameter's moments, plus the step count.
+///
+/// A step works on flat buffers: the gradients are copied end to end into one f32 buffer, the
+/// global norm is one reduction over it, and the rule (clip, moments, the step size) runs over
+/// all parameters at once, leaving one subtraction per parameter. Written per parameter, the
+/// same update took about seven kernels per parameter tensor (norm, clip, moments, update),
+/// some 2,000 a step for the 0.5b preset's 291 tensors (docs/BENCHMARKS.md).
 pub struct Optimizer<B: Backend> {
     config: OptimizerConfig,
     step: u64,
-    state: HashMap<String, Moments<B>>,
+    /// The moments of the last step's parameters.
+    flat: Option<FlatMoments<B>>,
+    /// The moments of parameters outside `flat`: loaded from a checkpoint and not stepped
+    /// since, or without a gradient in the last step (kept, as torch keeps them).
+    parked: HashMap<String, Moments<B>>,
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -87,7 +113,8 @@ impl<B: Backend> Optimizer<B> {
         Self {
             config,
             step: 0,
-            state: HashMap::new(),
+            flat: None,
+            parked: HashMap::new(),
         }
     }
 
@@ -95,35 +122,161 @@ impl<B: Backend> Optimizer<B> {
         self.step
     }
 
-    /// Applies one update: every gradient is scaled by `grad_scale` where there is one (the
-    /// clipping factor, a `[1]` tensor on the device, see [`clip_scale`]), then each parameter
-    /// moves by the optimizer's rule at learning rate `lr`. Reads nothing back from the device.
+    /// One optimizer step: the parameters with a gradient in `grads` (the others are left as
+    /// they are) move by the optimizer's rule at learning rate `lr`, after clipping the
+    /// gradients to a global norm of `max_grad_norm` (0: no clipping) as
+    /// `torch.nn.utils.clip_grad_norm_` does. Returns the model and the pre-clip global norm,
+    /// a `[1]` f32 tensor left on the device (`None` when no parameter had a gradient): the
+    /// step reads nothing back.
     pub fn step<AB, M>(
         &mut self,
         model: M,
         grads: &mut GradientsParams,
         lr: f64,
-        grad_scale: Option<Tensor<B, 1>>,
-    ) -> M
+        max_grad_norm: f64,
+    ) -> (M, Option<Tensor<B, 1>>)
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
         self.step += 1;
-        let mut update = Update::<AB> {
-            optimizer: self,
+        let mut gather = Gather::<AB> {
             grads,
-            lr,
-            grad_scale,
             path: Vec::new(),
+            slots: Vec::new(),
+            parts: Vec::new(),
+            placed: HashMap::new(),
         };
-        model.map(&mut update)
+        model.visit(&mut gather);
+        let Gather {
+            slots,
+            parts,
+            placed,
+            ..
+        } = gather;
+        if parts.is_empty() {
+            return (model, None);
+        }
+        // [total], f32
+        let grad = Tensor::cat(parts, 0);
+        let norm = grad.clone().square().sum().sqrt();
+        let grad = match clip_scale(norm.clone(), max_grad_norm) {
+            Some(scale) => grad * scale, // [total] * [1]
+            None => grad,
+        };
+        let moments = self.moments_for(&slots, &grad.device());
+        let (delta, moments) = self.rule(grad, moments, lr);
+        self.flat = moments.map(|moments| FlatMoments { slots, moments });
+        let decay = match self.config {
+            OptimizerConfig::Adamw { weight_decay, .. } if weight_decay != 0.0 => {
+                Some(1.0 - lr * weight_decay)
+            }
+            _ => None,
+        };
+        let mut apply = Apply::<AB> {
+            delta,
+            placed,
+            decay,
+        };
+        (model.map(&mut apply), Some(norm))
+    }
+
+    /// The flat moments for `slots`: the last step's when the parameters are the same, else
+    /// put together from each parameter's own (zeros for a parameter's first step). `None`
+    /// for plain SGD, which keeps none.
+    fn moments_for(&mut self, slots: &[Slot], device: &B::Device) -> Option<Moments<B>> {
+        let (with_first, with_second) = match self.config {
+            OptimizerConfig::Sgd { momentum } => (momentum != 0.0, false),
+            OptimizerConfig::Adamw { .. } => (true, true),
+        };
+        if !with_first {
+            return None;
+        }
+        if let Some(flat) = self.flat.take() {
+            if flat.slots == slots {
+                return Some(flat.moments);
+            }
+            self.parked.extend(split(flat));
+        }
+        let total = slots.last().map_or(0, |s| s.offset + s.numel);
+        if slots.iter().all(|s| !self.parked.contains_key(&s.name)) {
+            let zeros = || Tensor::<B, 1>::zeros([total], device);
+            return Some(Moments {
+                first: zeros(),
+                second: with_second.then(zeros),
+            });
+        }
+        let mut firsts = Vec::new();
+        let mut seconds = Vec::new();
+        for slot in slots {
+            let zeros = || Tensor::<B, 1>::zeros([slot.numel], device);
+            let own = self.parked.remove(&slot.name);
+            firsts.push(own.as_ref().map_or_else(zeros, |m| m.first.clone()));
+            seconds.push(own.and_then(|m| m.second).unwrap_or_else(zeros));
+        }
+        Some(Moments {
+            first: Tensor::cat(firsts, 0),
+            second: with_second.then(|| Tensor::cat(seconds, 0)),
+        })
+    }
+
+    /// The rule over the flat (clipped) gradient: what to subtract from every parameter
+    /// (before AdamW's decoupled decay, which [`Apply`] does per parameter) and the new moments.
+    fn rule(
+        &self,
+        grad: Tensor<B, 1>,
+        moments: Option<Moments<B>>,
+        lr: f64,
+    ) -> (Tensor<B, 1>, Option<Moments<B>>) {
+        let t = self.step as i32;
+        match (self.config, moments) {
+            (OptimizerConfig::Sgd { .. }, None) => (grad.mul_scalar(lr), None),
+            (OptimizerConfig::Sgd { momentum }, Some(Moments { first, .. })) => {
+                // torch: buf = momentum * buf + grad (zeros before the first step give grad).
+                let buf = first.mul_scalar(momentum) + grad;
+                let delta = buf.clone().mul_scalar(lr);
+                let moments = Moments {
+                    first: buf,
+                    second: None,
+                };
+                (delta, Some(moments))
+            }
+            (
+                OptimizerConfig::Adamw {
+                    beta1, beta2, eps, ..
+                },
+                Some(Moments {
+                    first,
+                    second: Some(second),
+                }),
+            ) => {
+                let m = first.mul_scalar(beta1) + grad.clone().mul_scalar(1.0 - beta1);
+                let v = second.mul_scalar(beta2) + grad.square().mul_scalar(1.0 - beta2);
+                let bias1 = 1.0 - beta1.powi(t);
+                let bias2 = 1.0 - beta2.powi(t);
+                let denom = v.clone().sqrt().div_scalar(bias2.sqrt()).add_scalar(eps);
+                let delta = m.clone().div(denom).mul_scalar(lr / bias1);
+                let moments = Moments {
+                    first: m,
+                    second: Some(v),
+                };
+                (delta, Some(moments))
+            }
+            (OptimizerConfig::Adamw { .. }, _) => unreachable!("AdamW always has both moments"),
+        }
+    }
+
+    /// Every parameter's moments by name: slices of the flat buffers, then the parked ones.
+    fn named_moments(&self) -> Vec<(String, Moments<B>)> {
+        let mut named: Vec<_> = self.flat.clone().map(split).unwrap_or_default();
+        named.extend(self.parked.iter().map(|(n, m)| (n.clone(), m.clone())));
+        named
     }
 
     /// Writes the moments to `path` (safetensors, f32, keyed `<param>.exp_avg[_sq]`).
     pub fn save(&self, path: &Path) -> Result<(), TrainError> {
         let mut entries: Vec<(String, Vec<u8>, usize)> = Vec::new();
-        for (name, moments) in &self.state {
+        for (name, moments) in &self.named_moments() {
             let mut push = |suffix: &str, t: &Tensor<B, 1>| {
                 let data = t.clone().into_data().convert_dtype(DType::F32);
                 let len = data.num_elements();
@@ -177,7 +330,7 @@ impl<B: Backend> Optimizer<B> {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| broken("no `step` in the metadata".into()))?;
         let file = SafeTensors::deserialize(&bytes).map_err(|e| broken(e.to_string()))?;
-        let mut state: HashMap<String, Moments<B>> = HashMap::new();
+        let mut parked: HashMap<String, Moments<B>> = HashMap::new();
         for (key, view) in file.iter() {
             let (name, suffix) = key
                 .rsplit_once('.')
@@ -185,7 +338,7 @@ impl<B: Backend> Optimizer<B> {
             let data =
                 TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), DType::F32);
             let tensor = Tensor::<B, 1>::from_data(data, device);
-            let entry = state.entry(name.to_string()).or_insert_with(|| Moments {
+            let entry = parked.entry(name.to_string()).or_insert_with(|| Moments {
                 first: tensor.clone(),
                 second: None,
             });
@@ -198,21 +351,48 @@ impl<B: Backend> Optimizer<B> {
         Ok(Self {
             config,
             step,
-            state,
+            flat: None,
+            parked,
         })
     }
 }
 
-/// The update as a module mapper, so every parameter is visited with its name.
-struct Update<'a, AB: AutodiffBackend> {
-    optimizer: &'a mut Optimizer<AB::InnerBackend>,
-    grads: &'a mut GradientsParams,
-    lr: f64,
-    grad_scale: Option<Tensor<AB::InnerBackend, 1>>,
-    path: Vec<String>,
+/// Each parameter's moments, cut out of the flat buffers.
+fn split<B: Backend>(flat: FlatMoments<B>) -> Vec<(String, Moments<B>)> {
+    let FlatMoments { slots, moments } = flat;
+    slots
+        .into_iter()
+        .map(|slot| {
+            let range = slot.offset..slot.offset + slot.numel;
+            let part = |t: &Tensor<B, 1>| t.clone().slice(range.clone());
+            let own = Moments {
+                first: part(&moments.first),
+                second: moments.second.as_ref().map(part),
+            };
+            (slot.name, own)
+        })
+        .collect()
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
+/// Where a parameter's values sit in the flat buffers, and whether AdamW decays it.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    offset: usize,
+    numel: usize,
+    decays: bool,
+}
+
+/// Takes every parameter's gradient out of `grads`, flattened to f32, and gives it its slot.
+struct Gather<'a, AB: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    path: Vec<String>,
+    slots: Vec<Slot>,
+    /// `[numel]` f32 each, in slot order.
+    parts: Vec<Tensor<AB::InnerBackend, 1>>,
+    placed: HashMap<ParamId, Placed>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Gather<'_, AB> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -221,124 +401,62 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB> {
         self.path.pop();
     }
 
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(id) else {
-            return Param::from_mapped_value(id, tensor, mapper);
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(param.id) else {
+            return;
         };
         let name = self.path.join(".");
-        let shape = tensor.dims();
-        let value = tensor.inner();
-        let dtype = value.dtype();
-        // [numel]
-        let flat = value.flatten::<1>(0, D - 1).cast(DType::F32);
-        let grad = grad.flatten::<1>(0, D - 1).cast(DType::F32);
-        // [numel] * [1]
-        let grad = match &self.grad_scale {
-            Some(scale) => grad * scale.clone(),
-            None => grad,
+        let numel = grad.shape().num_elements();
+        let offset = self.slots.last().map_or(0, |s| s.offset + s.numel);
+        self.placed.insert(
+            param.id,
+            Placed {
+                offset,
+                numel,
+                decays: decays(&name),
+            },
+        );
+        self.slots.push(Slot {
+            name,
+            offset,
+            numel,
+        });
+        self.parts
+            .push(grad.flatten::<1>(0, D - 1).cast(DType::F32));
+    }
+}
+
+/// Subtracts each parameter's part of the step's `delta`, after AdamW's decay where it applies.
+struct Apply<AB: AutodiffBackend> {
+    /// `[total]` f32
+    delta: Tensor<AB::InnerBackend, 1>,
+    placed: HashMap<ParamId, Placed>,
+    /// `1 - lr * weight_decay`, for the parameters that decay.
+    decay: Option<f64>,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Apply<AB> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(placed) = self.placed.get(&id).copied() else {
+            return Param::from_mapped_value(id, tensor, mapper);
         };
-        let updated = self
-            .optimizer
-            .update(&name, flat, grad, self.lr)
-            .cast(dtype)
+        let value = tensor.inner();
+        let (dtype, shape) = (value.dtype(), value.dims());
+        let value = value.cast(DType::F32);
+        // torch.optim.AdamW: decay first, then the Adam step.
+        let value = match self.decay {
+            Some(factor) if placed.decays => value.mul_scalar(factor),
+            _ => value,
+        };
+        let delta = self
+            .delta
+            .clone()
+            .slice(placed.offset..placed.offset + placed.numel)
             .reshape(shape);
-        let updated = Tensor::from_inner(updated).require_grad();
+        let updated = Tensor::from_inner((value - delta).cast(dtype)).require_grad();
         Param::from_mapped_value(id, updated, mapper)
     }
-}
-
-impl<B: Backend> Optimizer<B> {
-    /// One parameter's update, in f32 on flattened tensors.
-    fn update(
-        &mut self,
-        name: &str,
-        param: Tensor<B, 1>,
-        grad: Tensor<B, 1>,
-        lr: f64,
-    ) -> Tensor<B, 1> {
-        let t = self.step as i32;
-        match self.config {
-            OptimizerConfig::Sgd { momentum } => {
-                if momentum == 0.0 {
-                    return param - grad.mul_scalar(lr);
-                }
-                // torch: buf = momentum * buf + grad (the first step takes grad as is).
-                let buf = match self.state.remove(name) {
-                    Some(m) => m.first.mul_scalar(momentum) + grad,
-                    None => grad,
-                };
-                self.state.insert(
-                    name.to_string(),
-                    Moments {
-                        first: buf.clone(),
-                        second: None,
-                    },
-                );
-                param - buf.mul_scalar(lr)
-            }
-            OptimizerConfig::Adamw {
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
-                let (m, v) = match self.state.remove(name) {
-                    Some(Moments {
-                        first,
-                        second: Some(second),
-                    }) => (first, second),
-                    _ => (grad.zeros_like(), grad.zeros_like()),
-                };
-                let m = m.mul_scalar(beta1) + grad.clone().mul_scalar(1.0 - beta1);
-                let v = v.mul_scalar(beta2) + grad.square().mul_scalar(1.0 - beta2);
-                let bias1 = 1.0 - beta1.powi(t);
-                let bias2 = 1.0 - beta2.powi(t);
-                // torch.optim.AdamW: decay first, then the Adam step.
-                let param = if weight_decay != 0.0 && decays(name) {
-                    param.mul_scalar(1.0 - lr * weight_decay)
-                } else {
-                    param
-                };
-                let denom = v.clone().sqrt().div_scalar(bias2.sqrt()).add_scalar(eps);
-                let param = param - m.clone().div(denom).mul_scalar(lr / bias1);
-                self.state.insert(
-                    name.to_string(),
-                    Moments {
-                        first: m,
-                        second: Some(v),
-                    },
-                );
-                param
-            }
-        }
-    }
-}
-
-/// The L2 norm of all gradients together, as `torch.nn.utils.clip_grad_norm_` computes it:
-/// `[1]`, f32, left on the device (`None` when no parameter has a gradient).
-pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
-    model: &M,
-    grads: &GradientsParams,
-) -> Option<Tensor<AB::InnerBackend, 1>> {
-    struct SumSquares<'a, AB: AutodiffBackend> {
-        grads: &'a GradientsParams,
-        total: Option<Tensor<AB::InnerBackend, 1>>,
-    }
-    impl<AB: AutodiffBackend> ModuleVisitor<AB> for SumSquares<'_, AB> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-            if let Some(grad) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-                let sq = grad.cast(DType::F32).square().sum();
-                self.total = Some(match self.total.take() {
-                    Some(total) => total + sq,
-                    None => sq,
-                });
-            }
-        }
-    }
-    let mut visitor = SumSquares::<AB> { grads, total: None };
-    model.visit(&mut visitor);
-    visitor.total.map(Tensor::sqrt)
 }
 
 /// The factor clipping multiplies every gradient by, computed on the device from the `[1]`
@@ -356,9 +474,9 @@ pub fn clip_scale<B: Backend>(norm: Tensor<B, 1>, max_norm: f64) -> Option<Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::ElementConversion;
     use burn::backend::{Autodiff, Flex};
     use burn::module::Module;
+    use burn::tensor::ElementConversion;
 
     type AB = Autodiff<Flex>;
 
@@ -386,7 +504,7 @@ mod tests {
             for id in [model.weight.id, model.bias.id] {
                 grads.register::<Flex, 1>(id, Tensor::from_floats(g, &Default::default()));
             }
-            model = optimizer.step(model, &mut grads, lr, None);
+            (model, _) = optimizer.step(model, &mut grads, lr, 0.0);
         }
         model
     }
@@ -429,22 +547,86 @@ mod tests {
         assert_close(&values(&model.weight), &[0.486, -1.002, 1.943]);
     }
 
-    /// The clipping factor scales every gradient before the rule: SGD with the factor 0.5 moves
-    /// a parameter as far as SGD on halved gradients.
+    /// A step clips as `clip_grad_norm_` does: the global norm of `[3, 0, 0]` and `[0, 4, 0]`
+    /// is 5, returned before clipping; with `max_norm` 1 every gradient is scaled by
+    /// `1 / (5 + 1e-6)` (here SGD, lr 1, so the parameters move by exactly that), with 10 or 0
+    /// not at all. A parameter without a gradient does not move.
     #[test]
-    fn the_clip_factor_scales_the_gradients() {
+    fn steps_clip_to_the_global_norm_as_torch() {
         let device = Default::default();
-        let run = |grad: [f32; 3], scale: Option<f32>| {
+        let run = |max_norm: f64, with_bias: bool| {
             let model = toy();
             let mut optimizer = Optimizer::<Flex>::new(OptimizerConfig::Sgd { momentum: 0.0 });
             let mut grads = GradientsParams::new();
-            grads.register::<Flex, 1>(model.weight.id, Tensor::from_floats(grad, &device));
-            let scale = scale.map(|s| Tensor::<Flex, 1>::from_floats([s], &device));
-            values(&optimizer.step(model, &mut grads, 0.1, scale).weight)
+            grads.register::<Flex, 1>(
+                model.weight.id,
+                Tensor::from_floats([3.0, 0.0, 0.0], &device),
+            );
+            if with_bias {
+                grads.register::<Flex, 1>(
+                    model.bias.id,
+                    Tensor::from_floats([0.0, 4.0, 0.0], &device),
+                );
+            }
+            let (model, norm) = optimizer.step(model, &mut grads, 1.0, max_norm);
+            let norm = norm.expect("a gradient").into_scalar().elem::<f64>();
+            (values(&model.weight), values(&model.bias), norm)
         };
-        let clipped = run([0.2, -0.4, 0.6], Some(0.5));
-        assert_eq!(clipped, run([0.1, -0.2, 0.3], None));
-        assert_ne!(clipped, run([0.2, -0.4, 0.6], None));
+        let factor = (1.0 / (5.0 + 1e-6)) as f32;
+        let (weight, bias, norm) = run(1.0, true);
+        assert_eq!(norm, 5.0);
+        assert_close(&weight, &[0.5 - 3.0 * factor, -1.0, 2.0]);
+        assert_close(&bias, &[0.5, -1.0 - 4.0 * factor, 2.0]);
+        for max_norm in [10.0, 0.0] {
+            let (weight, bias, _) = run(max_norm, true);
+            assert_eq!(weight, [-2.5, -1.0, 2.0]);
+            assert_eq!(bias, [0.5, -5.0, 2.0]);
+        }
+        let (weight, bias, norm) = run(0.0, false);
+        assert_eq!((weight, norm), (vec![-2.5, -1.0, 2.0], 3.0));
+        assert_eq!(bias, [0.5, -1.0, 2.0]);
+
+        let norm = Tensor::<Flex, 1>::from_floats([5.0], &device);
+        let scale = clip_scale(norm.clone(), 1.0)
+            .unwrap()
+            .into_scalar()
+            .elem::<f64>();
+        assert!((scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-7, "{scale}");
+        assert!(clip_scale(norm, 0.0).is_none());
+    }
+
+    /// The moments of a parameter that has no gradient in a step are kept (as torch keeps
+    /// them) and taken up again when it has one: AdamW over steps where the bias sits one out
+    /// ends where a fresh optimizer that saw the bias's gradients alone would.
+    #[test]
+    fn moments_survive_a_step_without_the_gradient() {
+        let device = Default::default();
+        let g = |v: [f32; 3]| Tensor::<Flex, 1>::from_floats(v, &device);
+        let config = OptimizerConfig::default();
+        // Both parameters, then the weight alone, then both again.
+        let mut model = toy();
+        let mut optimizer = Optimizer::<Flex>::new(config);
+        for with_bias in [true, false, true] {
+            let mut grads = GradientsParams::new();
+            grads.register::<Flex, 1>(model.weight.id, g([0.1, -0.2, 0.3]));
+            if with_bias {
+                grads.register::<Flex, 1>(model.bias.id, g([-0.3, 0.2, 0.5]));
+            }
+            (model, _) = optimizer.step(model, &mut grads, 0.01, 0.0);
+        }
+        // The bias's own history: its two gradients at steps 1 and 3 (bias correction follows
+        // the global step count, as before).
+        let mut alone = toy();
+        let mut reference = Optimizer::<Flex>::new(config);
+        for with_bias in [true, false, true] {
+            let mut grads = GradientsParams::new();
+            if with_bias {
+                grads.register::<Flex, 1>(alone.bias.id, g([-0.3, 0.2, 0.5]));
+            }
+            (alone, _) = reference.step(alone, &mut grads, 0.01, 0.0);
+        }
+        assert_eq!(values(&model.bias), values(&alone.bias));
+        assert_ne!(values(&model.bias), values(&toy().bias));
     }
 
     #[test]
@@ -457,42 +639,21 @@ mod tests {
             model.weight.id,
             Tensor::from_floats([0.1f32, -0.2, 0.3], &Default::default()),
         );
-        model = optimizer.step(model, &mut grads, 0.01, None);
+        (model, _) = optimizer.step(model, &mut grads, 0.01, 0.0);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("optimizer.safetensors");
         optimizer.save(&path).unwrap();
         let loaded = Optimizer::<Flex>::load(config, &path, &Default::default()).unwrap();
         assert_eq!(loaded.steps_taken(), 1);
-        let (a, b) = (&optimizer.state["weight"], &loaded.state["weight"]);
+        let named = |o: &Optimizer<Flex>| o.named_moments().into_iter().collect::<HashMap<_, _>>();
+        let (a, b) = (&named(&optimizer)["weight"], &named(&loaded)["weight"]);
         assert_eq!(a.first.to_data(), b.first.to_data());
         assert_eq!(
             a.second.as_ref().unwrap().to_data(),
             b.second.as_ref().unwrap().to_data()
         );
+        assert_eq!(named(&loaded).len(), 1, "only the weight had a gradient");
         drop(model);
-    }
-
-    #[test]
-    fn global_norm_and_clip_follow_torch() {
-        let model = toy();
-        let mut grads = GradientsParams::new();
-        grads.register::<Flex, 1>(
-            model.weight.id,
-            Tensor::from_floats([3.0f32, 0.0, 0.0], &Default::default()),
-        );
-        grads.register::<Flex, 1>(
-            model.bias.id,
-            Tensor::from_floats([0.0f32, 4.0, 0.0], &Default::default()),
-        );
-        let norm = global_grad_norm(&model, &grads).expect("two gradients");
-        let read = |t: Tensor<Flex, 1>| t.into_scalar().elem::<f64>();
-        assert_eq!(read(norm.clone()), 5.0);
-        let scale = read(clip_scale(norm.clone(), 1.0).unwrap());
-        assert!((scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-7, "{scale}");
-        // torch clamps the factor at 1, so a norm under max_norm leaves the gradients as they are
-        assert_eq!(read(clip_scale(norm.clone(), 10.0).unwrap()), 1.0);
-        assert!(clip_scale(norm, 0.0).is_none());
-        assert!(global_grad_norm(&model, &GradientsParams::new()).is_none());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::config::{Precision, TrainConfig};
 use crate::error::TrainError;
 use crate::eval::{EvalMetrics, evaluate};
 use crate::metrics::{MetricsLog, StepMetrics};
-use crate::optim::{Optimizer, clip_scale, global_grad_norm};
+use crate::optim::Optimizer;
 use crate::schedule::Schedule;
 use crate::source::{self, LoadedModel};
 use crate::tensors::to_device;
@@ -209,15 +209,12 @@ where
         let mut grads = accumulator.grads();
         let queued_seconds = step_started.elapsed().as_secs_f64();
 
-        // Clipping and the update are queued without reading anything back: the device goes on
-        // from the backward pass to the update while the host queues it. The step's loss and
-        // norm are read once, afterwards (one wait for the device per step).
-        let norm = global_grad_norm(&model, &grads);
+        // The norm, clipping and the update are queued without reading anything back: the
+        // device goes on from the backward pass to the update while the host queues it. The
+        // step's loss and norm are read once, afterwards (one wait for the device per step).
         let lr = schedule.lr(state.step);
-        let grad_scale = norm
-            .clone()
-            .and_then(|norm| clip_scale(norm, config.optim.max_grad_norm));
-        model = optimizer.step(model, &mut grads, lr, grad_scale);
+        let norm;
+        (model, norm) = optimizer.step(model, &mut grads, lr, config.optim.max_grad_norm);
         let (loss, grad_norm) = read_scalars(step_loss, norm);
         // A non-finite value ends the run; the update it made stays in memory only (checkpoints
         // on disk are from earlier steps, and the error names the last one).
@@ -331,12 +328,6 @@ where
     })
 }
 
-/// The loss of a batch from its final hidden states: the fused lm_head + cross-entropy against
-/// the shifted labels, reduced as `opts` says (training sums, then normalises per step).
-///
-/// # Shapes
-/// - hidden: `[rows, len, hidden]`
-/// - labels: `[rows, len]`, unshifted
 /// The step's loss and gradient norm (0 for one that is absent), read back in one transfer.
 fn read_scalars<B: Backend>(loss: Option<Tensor<B, 1>>, norm: Option<Tensor<B, 1>>) -> (f64, f64) {
     let present: Vec<_> = [&loss, &norm]
@@ -357,6 +348,12 @@ fn read_scalars<B: Backend>(loss: Option<Tensor<B, 1>>, norm: Option<Tensor<B, 1
     (loss, take(&norm))
 }
 
+/// The loss of a batch from its final hidden states: the fused lm_head + cross-entropy against
+/// the shifted labels, reduced as `opts` says (training sums, then normalises per step).
+///
+/// # Shapes
+/// - hidden: `[rows, len, hidden]`
+/// - labels: `[rows, len]`, unshifted
 pub fn lm_head_loss<B: ChunkedCeBackend>(
     model: &Qwen2ForCausalLM<B>,
     hidden: Tensor<B, 3>,
