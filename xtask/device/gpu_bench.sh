@@ -19,9 +19,9 @@ BIN=/tmp/qwen-sft
 # BINARY picks a variant from `cargo xtask device-bundle --features F`: qwen-sft-cuda-unfused
 # (no kernel fusion), qwen-sft-cuda-autotune. GEMM picks the linear layers' body of our runs
 # (`--gemm`: cublaslt, the default, cublaslt-cached or burn); a measurement whose name says its body runs that
-# one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul. SOFTMAX picks the
-# attention's block softmax (`--attention-softmax`: tensor-ops, the default for now, or auto,
-# the kernels on CUDA).
+# one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul. KERNELS picks the
+# body of the model's own kernels, the attention's block softmax and the rotary embedding
+# (`--kernels`: tensor-ops, the default for now, or auto, the kernels on CUDA).
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -73,7 +73,7 @@ step() { # name timeout command...
 # of importance, so that a call cut short still brings back the main figures).
 ALL="forward_bf16 ours_b4_bf16 peer_amp_b4 peer_amp_b8 ours_b8_bf16 forward_f32"
 B=$BIN
-G="--gemm ${GEMM:-cublaslt} ${GEMM_MIN_GFLOP:+--gemm-min-gflop $GEMM_MIN_GFLOP} ${SOFTMAX:+--attention-softmax $SOFTMAX}"
+G="--gemm ${GEMM:-cublaslt} ${GEMM_MIN_GFLOP:+--gemm-min-gflop $GEMM_MIN_GFLOP} ${KERNELS:+--kernels $KERNELS}"
 for name in ${@:-$ALL}; do
   case $name in
     # The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].

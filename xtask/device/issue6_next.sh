@@ -8,14 +8,14 @@
 #   bash xtask/device/issue6_next.sh
 #
 # What each part answers:
-#  1. check_bf16_new: the block-softmax kernels (`--attention-softmax auto`, CUDA only) and the
+#  1. check_bf16_new: the model's kernels (block softmax and RoPE, `--kernels auto`) and the
 #     cached cuBLASLt plans (`--gemm cublaslt-cached`) against the reference path, logits and
 #     gradients, on the GPU (neither has run on CUDA yet);
 #  2. ours_b8_bf16_new, ours_b8_bf16 (the current defaults) and peer_amp_b8, same call: tokens/s,
 #     peak memory against the 30 GiB target, and `queued_seconds_mean` against
 #     `step_seconds_mean` (close together: the host, not the GPU, sets the pace);
 #  3. one setting changed at a time: the kernels with the uncached products, and the cached
-#     products with the tensor-op softmax;
+#     products with the tensor-op bodies;
 #  4. the attention chunk budget with the kernels (their bf16 tiles take half of what the plan
 #     assumes): 2 and 4 GiB;
 #  5. where nsys is installed, a timeline of three steps with the new settings, summarised by
@@ -26,18 +26,18 @@ O=${OUT:-/tmp/issue6}
 export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8}
 mkdir -p "$OUT" "$O"
 G=xtask/device/gpu_bench.sh
-NEW="GEMM=cublaslt-cached SOFTMAX=auto"
+NEW="GEMM=cublaslt-cached KERNELS=auto"
 {
   env $NEW TAG=new bash $G check_bf16 ours_b8_bf16
   bash $G ours_b8_bf16 peer_amp_b8
-  env GEMM=cublaslt SOFTMAX=auto TAG=kernels bash $G ours_b8_bf16
-  env GEMM=cublaslt-cached SOFTMAX=tensor-ops TAG=cached bash $G ours_b8_bf16
+  env GEMM=cublaslt KERNELS=auto TAG=kernels bash $G ours_b8_bf16
+  env GEMM=cublaslt-cached KERNELS=tensor-ops TAG=cached bash $G ours_b8_bf16
   env $NEW ATTN_MIB=2048 TAG=new_2g bash $G ours_b8_bf16
   env $NEW ATTN_MIB=4096 TAG=new_4g bash $G ours_b8_bf16
   if command -v nsys >/dev/null; then
     # gpu_bench.sh left the unpacked binary in /tmp and its cubecl.toml here.
     timeout 240 nsys profile -t cuda,nvtx --stats=true --force-overwrite true -o /tmp/nsys_b8 \
-      /tmp/qwen-sft --gemm cublaslt-cached --attention-softmax auto bench --preset 0.5b \
+      /tmp/qwen-sft --gemm cublaslt-cached --kernels auto bench --preset 0.5b \
       --seq-len 2048 --batch-size 8 --steps 3 --warmup-steps 2 --precision bf16 \
       > "$OUT/nsys_b8.txt" 2>&1
   fi

@@ -13,8 +13,10 @@
 //! - [`linear`] is the linear layers' matrix product behind a backend trait
 //!   ([`LinearBackend`], which `AttentionBackend` extends), on cuBLASLt for CUDA with the
 //!   `cublaslt` feature.
-//! - [`rowwise`] is RMSNorm and SwiGLU behind a backend trait ([`RowwiseBackend`], which
-//!   `AttentionBackend` also extends), each one autodiff node that keeps only its inputs.
+//! - [`rowwise`] is RMSNorm, SwiGLU and the rotary embedding behind a backend trait
+//!   ([`RowwiseBackend`], which `AttentionBackend` also extends), each one autodiff node that
+//!   keeps only its inputs.
+//! - [`kernels`] switches between the crate's CubeCL kernels and their tensor-op bodies.
 //! - [`load_pretrained`] and [`save_pretrained`] read and write model directories that
 //!   transformers and vLLM load as they are.
 
@@ -23,18 +25,20 @@ mod checkpoint;
 mod config;
 mod error;
 mod grads;
+pub mod kernels;
 pub mod linear;
 mod model;
 pub mod ops;
 pub mod rowwise;
 mod weights;
 
-pub use attention::{AttentionBackend, AttentionImpl, SoftmaxBody, set_softmax_body, softmax_body};
+pub use attention::{AttentionBackend, AttentionImpl};
 pub use checkpoint::{
     CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
 };
 pub use config::{AttentionKind, Family, Qwen2Config, RopeParameters};
 pub use error::{ConfigError, LoadError, SaveError};
+pub use kernels::{KernelBody, kernel_body, set_kernel_body};
 pub use linear::LinearBackend;
 pub use model::{
     Embedding, KvCache, LayerCache, Linear, Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM,

@@ -163,20 +163,38 @@ pub fn rotary_tables<B: Backend>(
 /// Rotary position embedding in the rotate_half convention used by Qwen (the two halves of
 /// the head, not interleaved pairs as `burn::nn::RotaryEncoding` rotates).
 ///
+/// The body is [`RowwiseBackend::rotary`]: the values of [`apply_rotary_reference`], and under
+/// autodiff one node that keeps only the tables (see [`crate::rowwise`]). Tables that need a
+/// gradient themselves take the reference ops.
+///
 /// # Shapes
 /// - x: `[batch, heads, seq, head_dim]`
 /// - cos, sin: `[batch, 1, seq, head_dim]`
-pub fn apply_rotary<B: Backend>(
+pub fn apply_rotary<B: RowwiseBackend>(
     x: Tensor<B, 4>,
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    let [_, _, _, head_dim] = x.dims();
-    let half = head_dim / 2;
-    let first = x.clone().narrow(3, 0, half);
-    let second = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![second.neg(), first], 3);
-    x * cos + rotated * sin
+    if cos.is_require_grad() || sin.is_require_grad() {
+        return apply_rotary_reference(x, cos, sin);
+    }
+    let primitive = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let y = B::rotary(primitive(x), primitive(cos), primitive(sin));
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// The reference body of [`apply_rotary`] in plain tensor ops (the node's forward ops), which
+/// autodiff differentiates op by op and in all three inputs. Kept for tests.
+///
+/// # Shapes
+/// - x: `[batch, heads, seq, head_dim]`
+/// - cos, sin: `[batch, 1, seq, head_dim]`
+pub fn apply_rotary_reference<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    crate::rowwise::rotary_forward(x, cos, sin)
 }
 
 /// Causal grouped-query attention, `softmax(q k^T / sqrt(head_dim)) v`, with the softmax in f32

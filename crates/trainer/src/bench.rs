@@ -50,8 +50,8 @@ pub struct BenchReport {
     pub checkpointing: crate::config::Checkpointing,
     /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
-    /// The attention's block softmax as it ran: `kernel` or `tensor-ops` (`--attention-softmax`).
-    pub attention_softmax: &'static str,
+    /// The model's own kernels as they ran: `kernel` or `tensor-ops` (`--kernels`).
+    pub kernels: &'static str,
     /// Products under this many GFLOP ran on burn's matmul (`--gemm-min-gflop`).
     pub gemm_min_gflop: f64,
     /// cuBLASLt products per timed step, and the host time per step spent waiting for burn's
@@ -226,7 +226,7 @@ where
         attention: bench.attention,
         checkpointing: bench.checkpointing,
         linear: B::gemm_name(),
-        attention_softmax: softmax_name::<B>(),
+        kernels: kernels_name::<B>(),
         gemm_min_gflop: qwen_gemm::gemm_min_flops() as f64 * 1e-9,
         gemm_calls_per_step: gemm.calls as f64 / timed_steps,
         gemm_wait_seconds_per_step: gemm.wait_seconds / timed_steps,
@@ -260,8 +260,8 @@ pub struct ForwardReport {
     pub precision: Precision,
     /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
-    /// The attention's block softmax as it ran: `kernel` or `tensor-ops` (`--attention-softmax`).
-    pub attention_softmax: &'static str,
+    /// The model's own kernels as they ran: `kernel` or `tensor-ops` (`--kernels`).
+    pub kernels: &'static str,
     pub init_seconds: f64,
     /// The first forward (kernel compilation and autotuning included).
     pub first_forward_seconds: f64,
@@ -324,7 +324,7 @@ pub fn forward<B: AttentionBackend>(
         seq_len,
         precision,
         linear: B::gemm_name(),
-        attention_softmax: softmax_name::<B>(),
+        kernels: kernels_name::<B>(),
         init_seconds,
         first_forward_seconds: first,
         forward_seconds_median: times[times.len() / 2],
@@ -470,11 +470,12 @@ pub fn linear<B: qwen_model::LinearBackend>(
     Ok(reports)
 }
 
-/// What the block softmax of `B`'s attention runs: `kernel` or `tensor-ops`.
-pub fn softmax_name<B: AttentionBackend>() -> &'static str {
+/// What the model's own kernels run on `B`: `kernel` or `tensor-ops` (one switch sets them
+/// all, [`qwen_model::kernels`]).
+pub fn kernels_name<B: AttentionBackend>() -> &'static str {
     if B::has_softmax_kernel() {
-        qwen_model::SoftmaxBody::Kernel.name()
+        qwen_model::KernelBody::Kernel.name()
     } else {
-        qwen_model::SoftmaxBody::TensorOps.name()
+        qwen_model::KernelBody::TensorOps.name()
     }
 }

@@ -4,7 +4,8 @@
 //! ```text
 //! batch -> fast:      chunked attention -> hidden -> fused lm_head + loss (as train) -> backward
 //!       -> reference: plain attention   -> hidden -> full logits -> plain cross-entropy -> backward
-//!                     (and burn's matmul in the linear layers, whatever `--gemm` picked)
+//!                     (and burn's matmul in the linear layers and tensor ops for the rest,
+//!                     whatever `--gemm` and `--kernels` picked)
 //!       -> max |fast - reference| / max |reference| of the logits, the loss, each gradient
 //! ```
 //!
@@ -29,6 +30,7 @@ use qwen_model::linear::{GemmBody, gemm_body, set_gemm_body};
 use qwen_model::{
     AttentionBackend, AttentionImpl, Qwen2Config, Qwen2ForCausalLM, named_parameters,
 };
+use qwen_model::{KernelBody, kernel_body, set_kernel_body};
 use serde::Serialize;
 
 use crate::config::Precision;
@@ -57,9 +59,9 @@ pub struct CheckReport {
     pub tokens: usize,
     /// The linear layers' body on the fast path; the reference path runs `burn`.
     pub gemm: &'static str,
-    /// The attention's block softmax on the fast path (`kernel` or `tensor-ops`); the reference
-    /// path runs the plain reference attention.
-    pub attention_softmax: &'static str,
+    /// The model's own kernels on the fast path (`kernel` or `tensor-ops`); the reference path
+    /// runs the plain reference attention and tensor ops.
+    pub kernels: &'static str,
     #[serde(flatten)]
     pub differences: Differences,
     pub tolerance: f64,
@@ -188,10 +190,14 @@ where
     // while the fast body is still the one set.
     B::sync(&device).expect("the device failed");
     let gemm = B::gemm_name();
+    let kernels = crate::bench::kernels_name::<B>();
+    let fast_kernels = kernel_body();
     set_gemm_body(GemmBody::Burn);
+    set_kernel_body(KernelBody::TensorOps);
     let reference = run_path(&model, PathKind::Reference, &device_batch, &loss_opts);
     B::sync(&device).expect("the device failed");
     set_gemm_body(fast_body);
+    set_kernel_body(fast_kernels);
     let reference = reference?;
     let differences = compare(&fast, &reference);
     Ok(CheckReport {
@@ -200,7 +206,7 @@ where
         rows: batch.rows,
         tokens: device_batch.tokens,
         gemm,
-        attention_softmax: crate::bench::softmax_name::<B>(),
+        kernels,
         pass: differences.within(tolerance),
         differences,
         tolerance,

@@ -38,11 +38,12 @@ struct Cli {
     /// (cuBLASLt pays host syncs per product, more than a small product takes).
     #[arg(long, global = true, default_value_t = qwen_gemm::DEFAULT_MIN_FLOPS as f64 * 1e-9)]
     gemm_min_gflop: f64,
-    /// The attention's block softmax: tensor-ops (burn's ops), auto (one kernel each way on
-    /// CUDA, tensor ops elsewhere) or kernel (on any CubeCL backend). The kernels are tested on
-    /// wgpu but not yet on a CUDA device, so they are not the default yet.
+    /// The model's own kernels (the attention's block softmax, the rotary embedding):
+    /// tensor-ops (burn's ops), auto (the kernels on CUDA, tensor ops elsewhere) or kernel (on
+    /// any CubeCL backend). The kernels are tested on wgpu but not yet on a CUDA device, so they
+    /// are not the default yet.
     #[arg(long, global = true, default_value = "tensor-ops")]
-    attention_softmax: qwen_model::SoftmaxBody,
+    kernels: qwen_model::KernelBody,
 }
 
 #[derive(Subcommand)]
@@ -319,7 +320,7 @@ fn main() -> Result<()> {
         cli.gemm_min_gflop
     );
     qwen_gemm::set_gemm_min_flops((cli.gemm_min_gflop * 1e9) as u64);
-    qwen_model::set_softmax_body(cli.attention_softmax);
+    qwen_model::set_kernel_body(cli.kernels);
     match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),

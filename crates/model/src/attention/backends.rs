@@ -16,7 +16,7 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-    use crate::attention::softmax::{self, CallSegments, ScoreBlock, SoftmaxBody};
+    use crate::attention::softmax::{self, CallSegments, ScoreBlock};
     use crate::attention::{AttentionBackend, SoftmaxBackward, SoftmaxForward, cube};
 
     impl<R, F, I, BT> AttentionBackend for CubeBackend<R, F, I, BT>
@@ -66,11 +66,7 @@ mod cube {
         }
 
         fn has_softmax_kernel() -> bool {
-            match softmax::softmax_body() {
-                SoftmaxBody::Auto => qwen_gemm::is_cuda::<R>(),
-                SoftmaxBody::Kernel => true,
-                SoftmaxBody::TensorOps => false,
-            }
+            crate::kernels::kernel_body().runs_kernels(qwen_gemm::is_cuda::<R>())
         }
     }
 }

@@ -60,10 +60,7 @@ pub mod softmax;
 
 pub use mask::AttentionMask;
 pub(crate) use mask::{forbidden_block, positions};
-pub use softmax::{
-    CallSegments, ScoreBlock, SoftmaxBackward, SoftmaxBody, SoftmaxForward, set_softmax_body,
-    softmax_body,
-};
+pub use softmax::{CallSegments, ScoreBlock, SoftmaxBackward, SoftmaxForward};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};

@@ -1,13 +1,12 @@
 //! The softmax of one block of the chunked attention, between its products: the two
 //! [`AttentionBackend`](super::AttentionBackend) methods `attention_softmax` and
-//! `attention_softmax_backward`, their tensor-op bodies, and the switch that picks a body.
+//! `attention_softmax_backward`, and their tensor-op bodies (the switch that picks a body for
+//! every kernel of the crate is [`crate::kernels`]).
 //!
 //! ```text
 //! forward:  x = q k^T (raw)  ->  s = mask(scale x)  ->  p = softmax(s), lse = logsumexp(s)
 //! backward: x again, lse     ->  p = exp(s - lse),  dS = scale p (dP - D)
 //! ```
-
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -91,60 +90,6 @@ pub struct SoftmaxBackward<B: Backend> {
     pub probs: FloatTensor<B>,
     /// `scale * p * (dP - D)`, the gradient of the raw scores, where asked for.
     pub grad_scores: Option<FloatTensor<B>>,
-}
-
-/// Which body runs the block softmax on a CubeCL backend.
-///
-/// The default stays [`TensorOps`](Self::TensorOps) until the kernels have been checked and
-/// measured on a CUDA device (they are tested on wgpu only so far); then it becomes
-/// [`Auto`](Self::Auto).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SoftmaxBody {
-    /// The kernels of `attention::cube` on CUDA, tensor ops on other runtimes (wgpu keeps the
-    /// reference path).
-    Auto,
-    /// The kernels on every CubeCL runtime (tests run them on wgpu this way).
-    Kernel,
-    /// Tensor ops everywhere.
-    #[default]
-    TensorOps,
-}
-
-impl SoftmaxBody {
-    /// Every body, in the order of their discriminants.
-    pub const ALL: [SoftmaxBody; 3] = [Self::Auto, Self::Kernel, Self::TensorOps];
-
-    /// The name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Kernel => "kernel",
-            Self::TensorOps => "tensor-ops",
-        }
-    }
-}
-
-impl std::str::FromStr for SoftmaxBody {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|body| body.name() == s)
-            .ok_or_else(|| format!("unknown softmax body `{s}`; use auto, kernel or tensor-ops"))
-    }
-}
-
-static SOFTMAX_BODY: AtomicU8 = AtomicU8::new(SoftmaxBody::TensorOps as u8);
-
-/// Sets the body of the attention's block softmax for the whole process.
-pub fn set_softmax_body(body: SoftmaxBody) {
-    SOFTMAX_BODY.store(body as u8, Ordering::Relaxed);
-}
-
-/// The body set by [`set_softmax_body`], the default until then.
-pub fn softmax_body() -> SoftmaxBody {
-    SoftmaxBody::ALL[usize::from(SOFTMAX_BODY.load(Ordering::Relaxed))]
 }
 
 /// The masked, scaled f32 scores of one block, `[batch, kv_heads, n_rep, rows, keys]`; the
@@ -245,27 +190,5 @@ pub fn backward_reference<B: Backend>(
     SoftmaxBackward {
         probs: primitive(probs.cast(dtype).reshape(block.grouped_shape())),
         grad_scores,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::SoftmaxBody;
-
-    #[test]
-    fn softmax_bodies_parse_by_name() {
-        for body in [
-            SoftmaxBody::Auto,
-            SoftmaxBody::Kernel,
-            SoftmaxBody::TensorOps,
-        ] {
-            assert_eq!(body.name().parse::<SoftmaxBody>(), Ok(body));
-        }
-        let err = "fused".parse::<SoftmaxBody>().unwrap_err();
-        assert!(
-            err.contains("`fused`") && err.contains("tensor-ops"),
-            "{err}"
-        );
-        assert_eq!(SoftmaxBody::default(), SoftmaxBody::TensorOps);
     }
 }

@@ -1,4 +1,5 @@
-//! `RowwiseBackend` for `Autodiff<B, C>`: one backward node per RMSNorm and per SwiGLU.
+//! `RowwiseBackend` for `Autodiff<B, C>`: one backward node per RMSNorm, per SwiGLU and per
+//! rotary embedding.
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -63,7 +64,30 @@ impl<B: RowwiseBackend> Backward<B, 2> for SwigluBackward {
     }
 }
 
-// Both nodes are marked compute-bound, as the attention's is: under a checkpointing strategy
+/// The backward step of the rotary embedding; its one parent is `x`.
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl<B: RowwiseBackend> Backward<B, 1> for RotaryBackward {
+    /// The inner backend's cos and sin tables (references to the tables every layer shares).
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // [batch, heads, seq, head_dim]
+        let (cos, sin) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::rotary_backward(grad, cos, sin));
+        }
+    }
+}
+
+// The nodes are marked compute-bound, as the attention's is: under a checkpointing strategy
 // their small state is kept rather than the forward re-run.
 impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
@@ -95,5 +119,30 @@ impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C>
             }
             OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate.primitive, up.primitive)),
         }
+    }
+
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        // Only `x` is a parent: the tables are constants here (see the trait method).
+        let prepared = RotaryBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let y = B::rotary(x.primitive, cos.primitive.clone(), sin.primitive.clone());
+                prep.finish((cos.primitive, sin.primitive), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::rotary(x.primitive, cos.primitive, sin.primitive))
+            }
+        }
+    }
+
+    fn has_rotary_kernel() -> bool {
+        B::has_rotary_kernel()
     }
 }

@@ -1,4 +1,5 @@
-//! RMSNorm and SwiGLU behind a backend trait, each one autodiff node that keeps only its inputs.
+//! RMSNorm, SwiGLU and the rotary embedding behind a backend trait, each one autodiff node that
+//! keeps only its inputs.
 //!
 //! ```text
 //! rms_norm: x [rows, h], w [h] -> y = (x_f32 * rstd) as dtype * w,  rstd = 1 / sqrt(mean(x_f32^2) + eps)
@@ -6,6 +7,9 @@
 //!                     dx = rstd * (g - n * mean(g * n)),  dw = sum_rows(dy * n as dtype)
 //! swiglu:   gate, up [rows, i] -> y = silu(gate) * up,  s = sigmoid(gate)
 //!           backward: du = dy * gate * s,  dgate = dy * up * s * (1 + gate * (1 - s))
+//! rotary:   x [b, h, s, d], cos, sin [b, 1, s, d] -> y = x * cos + rotate_half(x) * sin,
+//!           rotate_half([x1, x2]) = [-x2, x1] over the two halves of the last axis
+//!           backward: dx = dy * cos - rotate_half(dy * sin)   (the tables get no gradient)
 //! ```
 //!
 //! # What autodiff stores
@@ -18,12 +22,18 @@
 //!
 //! - RMSNorm: `x` in its own dtype, the `[rows, 1]` f32 `rstd` and the weight;
 //! - SwiGLU: `gate` and `up`;
+//! - the rotary embedding: nothing but the cos and sin tables, which every layer shares. Written
+//!   in plain ops its backward also runs the two `narrow`s' and the `cat`'s backward steps
+//!   (zero-filled tensors and slice assignments, per layer for q and k); the node's backward is
+//!   the forward's few ops again;
 //!
 //! and recomputes the rest (element-wise work) in the backward pass. The forward values are
 //! the plain ops' exactly; the gradients equal theirs up to float rounding (the tests below).
 
 mod autodiff;
 mod backends;
+#[cfg(feature = "cubecl")]
+mod cube;
 
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
@@ -97,6 +107,50 @@ pub trait RowwiseBackend: Backend {
             .into_primitive()
             .tensor()
     }
+
+    /// The rotary embedding `x * cos + rotate_half(x) * sin` (see the module docs). Not
+    /// differentiable on `Autodiff<B>`; use [`rotary`](Self::rotary) for that.
+    ///
+    /// # Shapes
+    /// - x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch, 1, seq, head_dim]` in `x`'s dtype
+    /// - output: as x
+    fn rotary_forward(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        rotary_forward::<Self>(float(x), float(cos), float(sin))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// The gradient of [`rotary_forward`](Self::rotary_forward) with respect to `x`.
+    fn rotary_backward(
+        grad: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        rotary_backward::<Self>(float(grad), float(cos), float(sin))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// Whether the two rotary methods run a kernel of their own rather than tensor ops (the
+    /// CubeCL backends under [`crate::kernels`]' setting).
+    fn has_rotary_kernel() -> bool {
+        false
+    }
+
+    /// The rotary embedding, differentiable in `x`: on `Autodiff<B>` one node keeping the
+    /// tables. The tables are constants to it (they get no gradient); callers with tables that
+    /// need one use the plain ops, as [`ops::apply_rotary`](crate::ops::apply_rotary) does.
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::rotary_forward(x, cos, sin)
+    }
 }
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -168,6 +222,34 @@ pub fn swiglu_backward<B: Backend>(
         d_silu * s * (gate * one_minus).add_scalar(1.0)
     });
     [dg, du]
+}
+
+/// `[x1, x2] -> [-x2, x1]` over the two halves of the last axis.
+fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let first = x.clone().narrow(3, 0, half);
+    let second = x.narrow(3, half, half);
+    Tensor::cat(vec![second.neg(), first], 3)
+}
+
+/// The body of [`RowwiseBackend::rotary_forward`], the same ops as
+/// [`ops::apply_rotary_reference`](crate::ops::apply_rotary_reference).
+pub fn rotary_forward<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    x.clone() * cos + rotate_half(x) * sin
+}
+
+/// The body of [`RowwiseBackend::rotary_backward`]: `rotate_half` is a signed permutation `R`,
+/// so the gradient of `R(x) * sin` is `R^T(dy * sin) = -R(dy * sin)`.
+pub fn rotary_backward<B: Backend>(
+    grad: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    grad.clone() * cos - rotate_half(grad * sin)
 }
 
 #[cfg(test)]
@@ -269,6 +351,57 @@ mod tests {
                 "{dtype:?}: dgate {eg}, dup {eu}"
             );
         }
+    }
+
+    /// The rotary node against autodiff of the plain ops, with tables whose two halves differ
+    /// (the backward may not assume the duplicated angles of `rotary_tables`), in f32 and bf16;
+    /// tables that need a gradient take the plain ops and get it.
+    #[test]
+    fn rotary_node_equals_plain_ops() {
+        let device = Default::default();
+        let shape = [2, 3, 5, 8];
+        let table = |seed: u64| {
+            Ad::seed(&device, seed);
+            Tensor::<Ad, 4>::random([2, 1, 5, 8], Distribution::Uniform(-1.0, 1.0), &device)
+        };
+        for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+            let (cos, sin) = (table(1).cast(dtype), table(2).cast(dtype));
+            Ad::seed(&device, 3);
+            let x = Tensor::<Ad, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+                .cast(dtype)
+                .detach()
+                .require_grad();
+            let upstream = Tensor::<Ad, 4>::random(shape, Distribution::Default, &device)
+                .cast(dtype)
+                .detach();
+            let run = |lean: bool| {
+                let x = x.clone();
+                let y = if lean {
+                    ops::apply_rotary(x.clone(), cos.clone(), sin.clone())
+                } else {
+                    ops::apply_rotary_reference(x.clone(), cos.clone(), sin.clone())
+                };
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                let flat = |t: Tensor<Flex, 4>| t.reshape([30, 8]);
+                (flat(y.inner()), flat(x.grad(&grads).unwrap()))
+            };
+            let (y, dx) = run(true);
+            let (y_ref, dx_ref) = run(false);
+            y.into_data()
+                .assert_approx_eq::<f32>(&y_ref.into_data(), Tolerance::absolute(0.0));
+            let error = max_rel(dx, dx_ref);
+            println!("{dtype:?}: dx {error:e}");
+            assert!(error < tolerance, "{dtype:?}: dx {error}");
+        }
+
+        // Tracked tables: the plain ops, so the tables' gradients exist.
+        let x = Tensor::<Ad, 4>::ones(shape, &device).require_grad();
+        let (cos, sin) = (table(4).require_grad(), table(5).require_grad());
+        let grads = ops::apply_rotary(x.clone(), cos.clone(), sin.clone())
+            .sum()
+            .backward();
+        assert!(x.grad(&grads).is_some() && cos.grad(&grads).is_some());
+        assert!(sin.grad(&grads).is_some());
     }
 
     /// Only the asked-for gradient flows: a frozen weight, or an `up` that needs none.

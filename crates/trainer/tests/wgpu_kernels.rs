@@ -1,7 +1,7 @@
-//! The attention's block-softmax kernels (`qwen_model::attention::cube`, one CubeCL kernel each
-//! way, used on CUDA) against the tensor-op bodies they replace, run on wgpu: the same CubeCL
-//! source, compiled for Mesa's software Vulkan in CI.
+//! The model's CubeCL kernels against the tensor-op bodies they replace, run on wgpu: the same
+//! CubeCL source as on CUDA, compiled for Mesa's software Vulkan in CI.
 //!
+//! The attention's block softmax (`qwen_model::attention::cube`, one kernel each way):
 //! - one block at a time: probabilities, log-sum-exp, and the backward's probabilities and
 //!   score gradient, over blocks with padding, packed segments, a window, a query offset and
 //!   rows that see no key;
@@ -10,7 +10,11 @@
 //! Both bodies run on the same backend in f32; the bound is 1e-5 of the largest entry (`exp`
 //! and the order of the row sums differ between a kernel and tensor ops).
 //!
-//! Run with `cargo test -p qwen-sft --features wgpu --test wgpu_softmax`.
+//! The rotary embedding (`qwen_model::rowwise`, one kernel each way): output and the gradient
+//! of `x` under autodiff, with `x` a `swap_dims` view as the model hands it in, and tables per
+//! batch row or shared.
+//!
+//! Run with `cargo test -p qwen-sft --features wgpu --test wgpu_kernels`.
 #![cfg(feature = "wgpu")]
 
 use std::sync::Mutex;
@@ -22,7 +26,7 @@ use qwen_model::attention::softmax::{backward_reference, forward_reference};
 use qwen_model::attention::{
     AttentionBackend, AttentionMask, AttentionPlan, CallSegments, ScoreBlock, chunked_attention,
 };
-use qwen_model::{SoftmaxBody, set_softmax_body};
+use qwen_model::{KernelBody, RowwiseBackend, set_kernel_body};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -30,7 +34,7 @@ type B = Wgpu;
 
 const TOLERANCE: f32 = 1e-5;
 
-/// The softmax body is set for the whole process: tests that set it take turns.
+/// The kernel body is set for the whole process: tests that set it take turns.
 static BODY: Mutex<()> = Mutex::new(());
 
 fn device() -> burn::backend::wgpu::WgpuDevice {
@@ -171,7 +175,7 @@ fn check_block(
     );
 
     // Forward: the kernel (through the backend's method) against the tensor ops.
-    set_softmax_body(SoftmaxBody::Kernel);
+    set_kernel_body(KernelBody::Kernel);
     assert!(B::has_softmax_kernel());
     let got = B::attention_softmax(primitive(scores.clone()), &segments, &block);
     let want = forward_reference::<B>(primitive(scores.clone()), &segments, &block);
@@ -258,15 +262,15 @@ fn block_softmax_kernels_match_tensor_ops() {
         window: None,
     };
     check_block(&tall, [8, 8], [0, 1100], [0, 8]);
-    set_softmax_body(SoftmaxBody::default());
+    set_kernel_body(KernelBody::default());
 }
 
 /// The chunked attention (several query chunks) under autodiff with each body: output and the
 /// gradients of q, k and v.
-fn attention_with(body: SoftmaxBody, call: &Call, seed: u64) -> Vec<Vec<f32>> {
+fn attention_with(body: KernelBody, call: &Call, seed: u64) -> Vec<Vec<f32>> {
     type AB = Autodiff<B>;
-    set_softmax_body(body);
-    assert_eq!(AB::has_softmax_kernel(), body == SoftmaxBody::Kernel);
+    set_kernel_body(body);
+    assert_eq!(AB::has_softmax_kernel(), body == KernelBody::Kernel);
     let (batch, heads, kv_heads, d) = (call.batch(), 4, 2, 16);
     // Host-side seeded values: the two bodies see the same inputs.
     let mut rng = StdRng::seed_from_u64(seed);
@@ -296,8 +300,8 @@ fn attention_with(body: SoftmaxBody, call: &Call, seed: u64) -> Vec<Vec<f32>> {
 fn chunked_attention_is_the_same_with_the_kernels() {
     let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
     for (call, seed) in [(packed_call(None), 1), (packed_call(Some(4)), 2)] {
-        let kernel = attention_with(SoftmaxBody::Kernel, &call, seed);
-        let tensor_ops = attention_with(SoftmaxBody::TensorOps, &call, seed);
+        let kernel = attention_with(KernelBody::Kernel, &call, seed);
+        let tensor_ops = attention_with(KernelBody::TensorOps, &call, seed);
         for (name, (got, want)) in ["output", "dq", "dk", "dv"]
             .iter()
             .zip(kernel.iter().zip(&tensor_ops))
@@ -310,5 +314,48 @@ fn chunked_attention_is_the_same_with_the_kernels() {
             );
         }
     }
-    set_softmax_body(SoftmaxBody::default());
+    set_kernel_body(KernelBody::default());
+}
+
+/// `apply_rotary` on `x` `[batch, heads, seq, head_dim]` (a `swap_dims` view) under autodiff
+/// with the given body: the output and the gradient of `x` for a fixed upstream gradient.
+fn rotary_with(body: KernelBody, table_batch: usize, seed: u64) -> [Vec<f32>; 2] {
+    type AB = Autodiff<B>;
+    let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
+    set_kernel_body(body);
+    assert_eq!(AB::has_rotary_kernel(), body == KernelBody::Kernel);
+    let (batch, heads, seq, d) = (2, 3, 5, 8);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut random = |shape: [usize; 4]| {
+        let n = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::<AB, 4>::from_data(TensorData::new(data, shape), &device())
+    };
+    // [batch, seq, heads, d] -> [batch, heads, seq, d], as the model splits its heads.
+    let x = random([batch, seq, heads, d]).require_grad();
+    let cos = random([table_batch, 1, seq, d]);
+    let sin = random([table_batch, 1, seq, d]);
+    let upstream = random([batch, heads, seq, d]);
+    let y = qwen_model::ops::apply_rotary(x.clone().swap_dims(1, 2), cos, sin);
+    let grads = (y.clone() * upstream).sum().backward();
+    let dx = x.grad(&grads).expect("x's gradient");
+    // Read before the body changes back: fusion runs the queued operations only now.
+    let out = [values(y.inner()), values(dx)];
+    set_kernel_body(KernelBody::default());
+    out
+}
+
+#[test]
+fn rotary_is_the_same_with_the_kernel() {
+    for (table_batch, seed) in [(2, 1), (1, 2)] {
+        let kernel = rotary_with(KernelBody::Kernel, table_batch, seed);
+        let tensor_ops = rotary_with(KernelBody::TensorOps, table_batch, seed);
+        for (what, got, want) in [
+            ("output", &kernel[0], &tensor_ops[0]),
+            ("dx", &kernel[1], &tensor_ops[1]),
+        ] {
+            let diff = relative_diff(got, want);
+            assert!(diff <= 1e-6, "tables of batch {table_batch}: {what} {diff}");
+        }
+    }
 }

@@ -1,0 +1,94 @@
+//! The switch between the crate's own CubeCL kernels and their tensor-op bodies.
+//!
+//! The kernels (the attention's block softmax, `attention::cube`, and the rotary embedding,
+//! `rowwise::cube`) are implementations for CubeCL backends behind the crate's backend traits;
+//! every one of them has a tensor-op body that runs on any backend and is its reference. One
+//! process-wide setting picks which runs, for all of them together.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Which body runs where a CubeCL backend has a kernel of this crate.
+///
+/// The default stays [`TensorOps`](Self::TensorOps) until the kernels have been checked and
+/// measured on a CUDA device (they are tested on wgpu only so far); then it becomes
+/// [`Auto`](Self::Auto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelBody {
+    /// The kernels on CUDA, tensor ops on other runtimes (wgpu keeps the reference path).
+    Auto,
+    /// The kernels on every CubeCL runtime (tests run them on wgpu this way).
+    Kernel,
+    /// Tensor ops everywhere.
+    #[default]
+    TensorOps,
+}
+
+impl KernelBody {
+    /// Every body, in the order of their discriminants.
+    pub const ALL: [KernelBody; 3] = [Self::Auto, Self::Kernel, Self::TensorOps];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Kernel => "kernel",
+            Self::TensorOps => "tensor-ops",
+        }
+    }
+
+    /// Whether a CubeCL runtime runs the kernels under this setting (`on_cuda`: whether the
+    /// runtime is CUDA's).
+    pub fn runs_kernels(self, on_cuda: bool) -> bool {
+        match self {
+            Self::Auto => on_cuda,
+            Self::Kernel => true,
+            Self::TensorOps => false,
+        }
+    }
+}
+
+impl std::str::FromStr for KernelBody {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|body| body.name() == s)
+            .ok_or_else(|| format!("unknown kernel body `{s}`; use auto, kernel or tensor-ops"))
+    }
+}
+
+static KERNEL_BODY: AtomicU8 = AtomicU8::new(KernelBody::TensorOps as u8);
+
+/// Sets the body of the crate's kernels for the whole process. Set it before queueing work: a
+/// lazy backend (burn's fusion) decides when it runs the queued operations, with the setting of
+/// that moment.
+pub fn set_kernel_body(body: KernelBody) {
+    KERNEL_BODY.store(body as u8, Ordering::Relaxed);
+}
+
+/// The body set by [`set_kernel_body`], the default until then.
+pub fn kernel_body() -> KernelBody {
+    KernelBody::ALL[usize::from(KERNEL_BODY.load(Ordering::Relaxed))]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KernelBody;
+
+    #[test]
+    fn kernel_bodies_parse_by_name() {
+        for body in KernelBody::ALL {
+            assert_eq!(body.name().parse::<KernelBody>(), Ok(body));
+        }
+        let err = "fused".parse::<KernelBody>().unwrap_err();
+        assert!(
+            err.contains("`fused`") && err.contains("tensor-ops"),
+            "{err}"
+        );
+        assert_eq!(KernelBody::default(), KernelBody::TensorOps);
+        assert!(KernelBody::Auto.runs_kernels(true) && !KernelBody::Auto.runs_kernels(false));
+        assert!(KernelBody::Kernel.runs_kernels(false));
+        assert!(!KernelBody::TensorOps.runs_kernels(true));
+    }
+}
