@@ -20,7 +20,7 @@ BIN=/tmp/qwen-sft
 # (no kernel fusion), qwen-sft-cuda-autotune. GEMM picks the linear layers' body of our runs
 # (`--gemm`: cublaslt, the default, cublaslt-cached or burn); a measurement whose name says its body runs that
 # one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul. KERNELS picks the
-# body of the model's own kernels, the attention's block softmax and the rotary embedding
+# body of the model's own kernels: the attention's block softmax, the rotary embedding, RMSNorm
 # (`--kernels`: tensor-ops, the default for now, or auto, the kernels on CUDA).
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.

@@ -8,7 +8,7 @@
 #   bash xtask/device/issue6_next.sh
 #
 # What each part answers:
-#  1. check_bf16_new: the model's kernels (block softmax and RoPE, `--kernels auto`) and the
+#  1. check_bf16_new: the model's kernels (block softmax, RoPE, RMSNorm: `--kernels auto`) and the
 #     cached cuBLASLt plans (`--gemm cublaslt-cached`) against the reference path, logits and
 #     gradients, on the GPU (neither has run on CUDA yet);
 #  2. ours_b8_bf16_new, ours_b8_bf16 (the current defaults) and peer_amp_b8, same call: tokens/s,

@@ -1,9 +1,9 @@
 //! The switch between the crate's own CubeCL kernels and their tensor-op bodies.
 //!
-//! The kernels (the attention's block softmax, `attention::cube`, and the rotary embedding,
-//! `rowwise::cube`) are implementations for CubeCL backends behind the crate's backend traits;
-//! every one of them has a tensor-op body that runs on any backend and is its reference. One
-//! process-wide setting picks which runs, for all of them together.
+//! The kernels (the attention's block softmax, `attention::cube`, and the rotary embedding and
+//! RMSNorm, `rowwise::cube`) are implementations for CubeCL backends behind the crate's backend
+//! traits; every one of them has a tensor-op body that runs on any backend and is its
+//! reference. One process-wide setting picks which runs, for all of them together.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

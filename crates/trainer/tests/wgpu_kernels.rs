@@ -12,7 +12,8 @@
 //!
 //! The rotary embedding (`qwen_model::rowwise`, one kernel each way): output and the gradient
 //! of `x` under autodiff, with `x` a `swap_dims` view as the model hands it in, and tables per
-//! batch row or shared.
+//! batch row or shared. RMSNorm (one kernel forward, one for the gradient of `x`): output and
+//! the gradients of `x` and the weight under autodiff.
 //!
 //! Run with `cargo test -p qwen-sft --features wgpu --test wgpu_kernels`.
 #![cfg(feature = "wgpu")]
@@ -323,7 +324,7 @@ fn rotary_with(body: KernelBody, table_batch: usize, seed: u64) -> [Vec<f32>; 2]
     type AB = Autodiff<B>;
     let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
     set_kernel_body(body);
-    assert_eq!(AB::has_rotary_kernel(), body == KernelBody::Kernel);
+    assert_eq!(AB::has_rowwise_kernels(), body == KernelBody::Kernel);
     let (batch, heads, seq, d) = (2, 3, 5, 8);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut random = |shape: [usize; 4]| {
@@ -357,5 +358,53 @@ fn rotary_is_the_same_with_the_kernel() {
             let diff = relative_diff(got, want);
             assert!(diff <= 1e-6, "tables of batch {table_batch}: {what} {diff}");
         }
+    }
+}
+
+/// `rms_norm` on `x` `[rows, hidden]` under autodiff with the given body: the output and the
+/// gradients of `x` and the weight for a fixed upstream gradient. `hidden` is above the cube's
+/// 256 units, so that some units take two entries of a row.
+fn rms_norm_with(body: KernelBody, seed: u64) -> [Vec<f32>; 3] {
+    type AB = Autodiff<B>;
+    let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
+    set_kernel_body(body);
+    assert_eq!(AB::has_rowwise_kernels(), body == KernelBody::Kernel);
+    let (rows, hidden) = (12, 300);
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Rows of different scales, so that `rstd` differs by row.
+    let x: Vec<f32> = (0..rows * hidden)
+        .map(|i| rng.random_range(-1.0..1.0) * (1 + i / hidden) as f32)
+        .collect();
+    let weight: Vec<f32> = (0..hidden).map(|_| rng.random_range(0.5..1.5)).collect();
+    let upstream: Vec<f32> = (0..rows * hidden)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let x =
+        Tensor::<AB, 2>::from_data(TensorData::new(x, [rows, hidden]), &device()).require_grad();
+    let weight =
+        Tensor::<AB, 1>::from_data(TensorData::new(weight, [hidden]), &device()).require_grad();
+    let upstream = Tensor::<AB, 2>::from_data(TensorData::new(upstream, [rows, hidden]), &device());
+    let y = qwen_model::ops::rms_norm(x.clone(), weight.clone(), 1e-6);
+    let grads = (y.clone() * upstream).sum().backward();
+    let out = [
+        values(y.inner()),
+        values(x.grad(&grads).expect("x's gradient")),
+        values(weight.grad(&grads).expect("the weight's gradient")),
+    ];
+    set_kernel_body(KernelBody::default());
+    out
+}
+
+#[test]
+fn rms_norm_is_the_same_with_the_kernels() {
+    let kernel = rms_norm_with(KernelBody::Kernel, 3);
+    let tensor_ops = rms_norm_with(KernelBody::TensorOps, 3);
+    for (what, got, want) in [
+        ("output", &kernel[0], &tensor_ops[0]),
+        ("dx", &kernel[1], &tensor_ops[1]),
+        ("dweight", &kernel[2], &tensor_ops[2]),
+    ] {
+        let diff = relative_diff(got, want);
+        assert!(diff <= 1e-5, "{what} {diff}");
     }
 }

@@ -24,7 +24,7 @@ use super::softmax::ScoreBlock;
 
 /// Units per cube: each strides over a row's keys (2048 at most in the benchmarks, so 8 each).
 /// A power of two, for the tree reductions.
-const CUBE_SIZE: usize = 256;
+pub(crate) const CUBE_SIZE: usize = 256;
 
 /// The largest cube count along one axis that every runtime takes.
 const MAX_CUBES_PER_AXIS: usize = 65_535;
@@ -145,7 +145,7 @@ fn scaled<E: Float>(scores: &Tensor<E>, geometry: &Geometry, row: &Row, j: usize
 /// Tree reduction of one value per unit over the cube, by maximum or by sum; every unit gets
 /// the result.
 #[cube]
-fn reduce_cube(value: f32, #[comptime] maximum: bool) -> f32 {
+pub(crate) fn reduce_cube(value: f32, #[comptime] maximum: bool) -> f32 {
     let mut shared = SharedMemory::<f32>::new(CUBE_SIZE);
     let unit = UNIT_POS_X as usize;
     shared[unit] = value;

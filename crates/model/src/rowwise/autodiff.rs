@@ -142,7 +142,7 @@ impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C>
         }
     }
 
-    fn has_rotary_kernel() -> bool {
-        B::has_rotary_kernel()
+    fn has_rowwise_kernels() -> bool {
+        B::has_rowwise_kernels()
     }
 }

@@ -1,6 +1,6 @@
 //! `RowwiseBackend` for the plain backends, each with the default (tensor-op) bodies except for
-//! the rotary embedding on CubeCL backends (`rowwise::cube`). One impl per backend family, as
-//! in `attention/backends.rs`.
+//! RMSNorm and the rotary embedding on CubeCL backends (`rowwise::cube`). One impl per backend
+//! family, as in `attention/backends.rs`.
 
 #[cfg(feature = "flex")]
 impl super::RowwiseBackend for burn::backend::Flex {}
@@ -14,7 +14,10 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-    use crate::rowwise::{RowwiseBackend, cube, float, rotary_backward, rotary_forward};
+    use crate::rowwise::{
+        RowwiseBackend, cube, float, rms_norm_backward, rms_norm_forward, rotary_backward,
+        rotary_forward,
+    };
 
     impl<R, F, I, BT> RowwiseBackend for CubeBackend<R, F, I, BT>
     where
@@ -24,12 +27,58 @@ mod cube {
         BT: BoolElement,
         Self: Backend<FloatTensorPrimitive = CubeTensor<R>>,
     {
+        fn rms_norm_forward(
+            x: CubeTensor<R>,
+            weight: CubeTensor<R>,
+            eps: f64,
+        ) -> (CubeTensor<R>, CubeTensor<R>) {
+            if !Self::has_rowwise_kernels() {
+                let (y, rstd) = rms_norm_forward::<Self>(float(x), float(weight), eps);
+                return (y.into_primitive().tensor(), rstd.into_primitive().tensor());
+            }
+            cube::rms_norm_forward(x, weight, eps)
+        }
+
+        fn rms_norm_backward(
+            x: CubeTensor<R>,
+            rstd: CubeTensor<R>,
+            weight: CubeTensor<R>,
+            grad: CubeTensor<R>,
+            [want_x, want_weight]: [bool; 2],
+        ) -> [Option<CubeTensor<R>>; 2] {
+            let tensor_ops = |request| {
+                let (x, rstd, weight, grad) =
+                    (x.clone(), rstd.clone(), weight.clone(), grad.clone());
+                rms_norm_backward::<Self>(
+                    float(x),
+                    float(rstd),
+                    float(weight),
+                    float(grad),
+                    request,
+                )
+            };
+            if !Self::has_rowwise_kernels() {
+                let (dx, dw) = tensor_ops([want_x, want_weight]);
+                return [
+                    dx.map(|t| t.into_primitive().tensor()),
+                    dw.map(|t| t.into_primitive().tensor()),
+                ];
+            }
+            // The weight's gradient is a sum over rows: tensor ops.
+            let dw = want_weight
+                .then(|| tensor_ops([false, true]).1)
+                .flatten()
+                .map(|t| t.into_primitive().tensor());
+            let dx = want_x.then(|| cube::rms_norm_backward_x(x, rstd, weight, grad));
+            [dx, dw]
+        }
+
         fn rotary_forward(
             x: CubeTensor<R>,
             cos: CubeTensor<R>,
             sin: CubeTensor<R>,
         ) -> CubeTensor<R> {
-            if !Self::has_rotary_kernel() {
+            if !Self::has_rowwise_kernels() {
                 let y = rotary_forward::<Self>(float(x), float(cos), float(sin));
                 return y.into_primitive().tensor();
             }
@@ -41,96 +90,197 @@ mod cube {
             cos: CubeTensor<R>,
             sin: CubeTensor<R>,
         ) -> CubeTensor<R> {
-            if !Self::has_rotary_kernel() {
+            if !Self::has_rowwise_kernels() {
                 let dx = rotary_backward::<Self>(float(grad), float(cos), float(sin));
                 return dx.into_primitive().tensor();
             }
             cube::rotary(grad, cos, sin, true)
         }
 
-        fn has_rotary_kernel() -> bool {
+        fn has_rowwise_kernels() -> bool {
             crate::kernels::kernel_body().runs_kernels(qwen_gemm::is_cuda::<R>())
         }
     }
 }
 
-/// Under fusion, a rotary embedding whose inner backend has a kernel runs as one custom
-/// operation (fusion ends its pending fused kernels there, then calls the inner backend's
-/// method); with tensor ops it stays ordinary fusion operations.
+/// Under fusion, RMSNorm and the rotary embedding, where the inner backend has kernels for them,
+/// run as one custom operation each (fusion ends its pending fused kernels there, then calls the
+/// inner backend's method); with tensor ops they stay ordinary fusion operations.
 #[cfg(feature = "fusion")]
 mod fusion {
     use std::marker::PhantomData;
 
+    use burn::tensor::DType;
     use burn::tensor::ops::FloatTensor;
     use burn_fusion::stream::{Operation, OperationStreams};
     use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-    use crate::rowwise::{RowwiseBackend, float, rotary_backward, rotary_forward};
+    use crate::rowwise::{
+        RowwiseBackend, float, rms_norm_backward, rms_norm_forward, rotary_backward, rotary_forward,
+    };
 
     type Handles<B> =
         HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
-    #[derive(Clone, Debug)]
-    struct Rotary<B> {
-        desc: CustomOpIr,
-        backward: bool,
-        _backend: PhantomData<B>,
+    /// Which inner method a custom operation runs, and its inputs and outputs.
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        /// `[x, weight] -> [y, rstd]`
+        RmsNorm { eps: f64 },
+        /// `[x, rstd, weight, grad] -> [dx]`
+        RmsNormBackwardX,
+        /// `[x, cos, sin] -> [y]`
+        Rotary { backward: bool },
     }
 
-    impl<B: FusionBackend + RowwiseBackend> Operation<B::FusionRuntime> for Rotary<B> {
-        fn execute(&self, handles: &mut Handles<B>) {
-            let ([x, cos, sin], [out]) = self.desc.as_fixed::<3, 1>();
-            let x = handles.get_float_tensor::<B>(x);
-            let cos = handles.get_float_tensor::<B>(cos);
-            let sin = handles.get_float_tensor::<B>(sin);
-            let y = if self.backward {
-                B::rotary_backward(x, cos, sin)
-            } else {
-                B::rotary_forward(x, cos, sin)
-            };
-            handles.register_float_tensor::<B>(&out.id, y);
+    impl Kind {
+        fn name(self) -> &'static str {
+            match self {
+                Self::RmsNorm { .. } => "qwen_model::rms_norm",
+                Self::RmsNormBackwardX => "qwen_model::rms_norm_backward_x",
+                Self::Rotary { backward: false } => "qwen_model::rotary",
+                Self::Rotary { backward: true } => "qwen_model::rotary_backward",
+            }
         }
     }
 
-    /// One custom operation running the inner backend's rotary method.
+    #[derive(Clone, Debug)]
+    struct RowOp<B> {
+        desc: CustomOpIr,
+        kind: Kind,
+        _backend: PhantomData<B>,
+    }
+
+    impl<B: FusionBackend + RowwiseBackend> Operation<B::FusionRuntime> for RowOp<B> {
+        fn execute(&self, handles: &mut Handles<B>) {
+            let mut inputs = self
+                .desc
+                .inputs
+                .iter()
+                .map(|ir| handles.get_float_tensor::<B>(ir));
+            let mut next = || inputs.next().expect("the op's inputs");
+            let outputs = match self.kind {
+                Kind::RmsNorm { eps } => {
+                    let (y, rstd) = B::rms_norm_forward(next(), next(), eps);
+                    vec![y, rstd]
+                }
+                Kind::RmsNormBackwardX => {
+                    let (x, rstd, weight, grad) = (next(), next(), next(), next());
+                    let [dx, _] = B::rms_norm_backward(x, rstd, weight, grad, [true, false]);
+                    vec![dx.expect("dx was asked for")]
+                }
+                Kind::Rotary { backward } => {
+                    let (x, cos, sin) = (next(), next(), next());
+                    vec![if backward {
+                        B::rotary_backward(x, cos, sin)
+                    } else {
+                        B::rotary_forward(x, cos, sin)
+                    }]
+                }
+            };
+            for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
+                handles.register_float_tensor::<B>(&ir.id, tensor);
+            }
+        }
+    }
+
+    /// One custom operation running `kind` on the inner backend; `outputs` are the shapes and
+    /// dtypes of its results.
     fn register<B: FusionBackend + RowwiseBackend>(
-        x: FloatTensor<Fusion<B>>,
-        cos: FloatTensor<Fusion<B>>,
-        sin: FloatTensor<Fusion<B>>,
-        backward: bool,
-    ) -> FloatTensor<Fusion<B>> {
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&x, &cos, &sin]);
-        let out = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype);
-        let name = if backward {
-            "qwen_model::rotary_backward"
-        } else {
-            "qwen_model::rotary"
-        };
-        let desc = CustomOpIr::new(name, &[x.into_ir(), cos.into_ir(), sin.into_ir()], &[out]);
-        let op = Rotary::<B> {
+        kind: Kind,
+        inputs: Vec<FloatTensor<Fusion<B>>>,
+        outputs: Vec<(Vec<usize>, DType)>,
+    ) -> Vec<FloatTensor<Fusion<B>>> {
+        let client = inputs[0].client.clone();
+        let streams = OperationStreams::with_inputs(&inputs);
+        let outputs: Vec<_> = outputs
+            .into_iter()
+            .map(|(shape, dtype)| {
+                TensorIr::uninit(client.create_empty_handle(), shape.into(), dtype)
+            })
+            .collect();
+        let inputs: Vec<_> = inputs.into_iter().map(|t| t.into_ir()).collect();
+        let desc = CustomOpIr::new(kind.name(), &inputs, &outputs);
+        let op = RowOp::<B> {
             desc: desc.clone(),
-            backward,
+            kind,
             _backend: PhantomData,
         };
-        let [out] = client
-            .register(streams, OperationIr::Custom(desc), op)
-            .outputs();
-        out
+        client.register(streams, OperationIr::Custom(desc), op)
     }
 
     impl<B: FusionBackend + RowwiseBackend> RowwiseBackend for Fusion<B> {
+        fn rms_norm_forward(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            eps: f64,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            if !B::has_rowwise_kernels() {
+                let (y, rstd) = rms_norm_forward::<Self>(float(x), float(weight), eps);
+                return (y.into_primitive().tensor(), rstd.into_primitive().tensor());
+            }
+            let shape = x.shape.as_slice().to_vec();
+            let outputs = vec![(shape.clone(), x.dtype), (vec![shape[0], 1], DType::F32)];
+            let mut out = register::<B>(Kind::RmsNorm { eps }, vec![x, weight], outputs);
+            let rstd = out.pop().expect("rstd");
+            (out.pop().expect("y"), rstd)
+        }
+
+        fn rms_norm_backward(
+            x: FloatTensor<Self>,
+            rstd: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            [want_x, want_weight]: [bool; 2],
+        ) -> [Option<FloatTensor<Self>>; 2] {
+            let tensor_ops = |request| {
+                let (x, rstd, weight, grad) =
+                    (x.clone(), rstd.clone(), weight.clone(), grad.clone());
+                rms_norm_backward::<Self>(
+                    float(x),
+                    float(rstd),
+                    float(weight),
+                    float(grad),
+                    request,
+                )
+            };
+            if !B::has_rowwise_kernels() {
+                let (dx, dw) = tensor_ops([want_x, want_weight]);
+                return [
+                    dx.map(|t| t.into_primitive().tensor()),
+                    dw.map(|t| t.into_primitive().tensor()),
+                ];
+            }
+            // The weight's gradient is a sum over rows: tensor ops, which fusion fuses as it can.
+            let dw = want_weight
+                .then(|| tensor_ops([false, true]).1)
+                .flatten()
+                .map(|t| t.into_primitive().tensor());
+            let dx = want_x.then(|| {
+                let outputs = vec![(x.shape.as_slice().to_vec(), x.dtype)];
+                let inputs = vec![x, rstd, weight, grad];
+                register::<B>(Kind::RmsNormBackwardX, inputs, outputs)
+                    .pop()
+                    .expect("dx")
+            });
+            [dx, dw]
+        }
+
         fn rotary_forward(
             x: FloatTensor<Self>,
             cos: FloatTensor<Self>,
             sin: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            if !B::has_rotary_kernel() {
+            if !B::has_rowwise_kernels() {
                 let y = rotary_forward::<Self>(float(x), float(cos), float(sin));
                 return y.into_primitive().tensor();
             }
-            register::<B>(x, cos, sin, false)
+            let outputs = vec![(x.shape.as_slice().to_vec(), x.dtype)];
+            let kind = Kind::Rotary { backward: false };
+            register::<B>(kind, vec![x, cos, sin], outputs)
+                .pop()
+                .expect("y")
         }
 
         fn rotary_backward(
@@ -138,15 +288,19 @@ mod fusion {
             cos: FloatTensor<Self>,
             sin: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            if !B::has_rotary_kernel() {
+            if !B::has_rowwise_kernels() {
                 let dx = rotary_backward::<Self>(float(grad), float(cos), float(sin));
                 return dx.into_primitive().tensor();
             }
-            register::<B>(grad, cos, sin, true)
+            let outputs = vec![(grad.shape.as_slice().to_vec(), grad.dtype)];
+            let kind = Kind::Rotary { backward: true };
+            register::<B>(kind, vec![grad, cos, sin], outputs)
+                .pop()
+                .expect("dx")
         }
 
-        fn has_rotary_kernel() -> bool {
-            B::has_rotary_kernel()
+        fn has_rowwise_kernels() -> bool {
+            B::has_rowwise_kernels()
         }
     }
 }

@@ -1,4 +1,12 @@
-//! The rotary embedding as one CubeCL kernel each way.
+//! The rotary embedding as one CubeCL kernel each way, and RMSNorm's forward and the
+//! gradient of its input as one kernel each.
+//!
+//! RMSNorm in tensor ops is four kernels forward (the squared mean fused into a reduction, then
+//! the two broadcast products alone) and several backward; here a cube takes one row, sums in
+//! shared memory (the attention kernels' reduction) and writes the row. The weight's gradient,
+//! a sum over rows, stays in tensor ops.
+//!
+//! The rotary embedding:
 //!
 //! In tensor ops it is six kernels per tensor and direction: burn's fuser leaves the negation,
 //! the two slice assignments of the `cat`, the two broadcast products and the sum each on its
@@ -11,15 +19,14 @@
 //! backward: y1 = x1 c1 + x2 s2,  y2 = x2 c2 - x1 s1      (dy c - rotate_half(dy s))
 //! ```
 
-use burn::tensor::Shape;
+use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-/// Units per cube.
-const CUBE_SIZE: u32 = 256;
+use crate::attention::cube::{CUBE_SIZE, reduce_cube};
 
 /// `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[batch or 1, 1, seq, head_dim]`;
 /// `out`: like `x`, contiguous.
@@ -106,7 +113,7 @@ pub fn rotary<R: CubeRuntime>(
     );
     let pairs = dims.iter().product::<usize>() / 2;
     let client = x.client.clone();
-    let cube_dim = CubeDim::new_1d(CUBE_SIZE);
+    let cube_dim = CubeDim::new_1d(CUBE_SIZE as u32);
     let dtype = x.dtype.into();
     rotary_kernel::launch::<R>(
         &client,
@@ -120,4 +127,173 @@ pub fn rotary<R: CubeRuntime>(
         dtype,
     );
     out
+}
+
+/// RMSNorm of one row per cube: `x` `[rows, hidden]` (any strides), `weight` `[hidden]`; writes
+/// `y` `[rows, hidden]` (contiguous) and `rstd` `[rows]`. The arithmetic of
+/// [`super::rms_norm_forward`]: the squares summed and the rows scaled in f32, the normalised
+/// row rounded to the activations' dtype, then multiplied by the weight in that dtype.
+#[cube(launch)]
+fn rms_norm_forward_kernel<E: Float>(
+    x: &Tensor<E>,
+    weight: &Tensor<E>,
+    y: &mut Tensor<E>,
+    rstd: &mut Tensor<f32>,
+    eps: f32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    if row >= x.shape(0) {
+        terminate!();
+    }
+    let hidden = x.shape(1);
+    let base = row * x.stride(0);
+    let mut local = 0.0f32;
+    let mut j = UNIT_POS_X as usize;
+    while j < hidden {
+        let v = f32::cast_from(x[base + j * x.stride(1)]);
+        local += v * v;
+        j += CUBE_DIM_X as usize;
+    }
+    let sum = reduce_cube(local, false);
+    let r = 1.0f32 / (sum / f32::cast_from(hidden) + eps).sqrt();
+    let mut j = UNIT_POS_X as usize;
+    while j < hidden {
+        let normed = E::cast_from(f32::cast_from(x[base + j * x.stride(1)]) * r);
+        y[row * hidden + j] = normed * weight[j * weight.stride(0)];
+        j += CUBE_DIM_X as usize;
+    }
+    if UNIT_POS_X == 0 {
+        rstd[row] = r;
+    }
+}
+
+/// The gradient of RMSNorm with respect to `x`, one row per cube (`x`, `grad` `[rows, hidden]`,
+/// `rstd` `[rows]` f32, `weight` `[hidden]`; `dx` contiguous), as
+/// [`super::rms_norm_backward`]: `g = (dy * w)` in the activations' dtype, then in f32
+/// `dx = rstd * (g - n * mean(g * n))` with `n = x * rstd`.
+#[cube(launch)]
+fn rms_norm_backward_kernel<E: Float>(
+    x: &Tensor<E>,
+    rstd: &Tensor<f32>,
+    weight: &Tensor<E>,
+    grad: &Tensor<E>,
+    dx: &mut Tensor<E>,
+    #[define(E)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    if row >= x.shape(0) {
+        terminate!();
+    }
+    let hidden = x.shape(1);
+    let r = rstd[row * rstd.stride(0)];
+    let xb = row * x.stride(0);
+    let gb = row * grad.stride(0);
+    let mut local = 0.0f32;
+    let mut j = UNIT_POS_X as usize;
+    while j < hidden {
+        let g = f32::cast_from(grad[gb + j * grad.stride(1)] * weight[j * weight.stride(0)]);
+        local += g * (f32::cast_from(x[xb + j * x.stride(1)]) * r);
+        j += CUBE_DIM_X as usize;
+    }
+    let dot = reduce_cube(local, false) / f32::cast_from(hidden);
+    let mut j = UNIT_POS_X as usize;
+    while j < hidden {
+        let g = f32::cast_from(grad[gb + j * grad.stride(1)] * weight[j * weight.stride(0)]);
+        let n = f32::cast_from(x[xb + j * x.stride(1)]) * r;
+        dx[row * hidden + j] = E::cast_from((g - n * dot) * r);
+        j += CUBE_DIM_X as usize;
+    }
+}
+
+/// One cube per row, over two grid axes where one would hold too many.
+fn row_cubes(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, 65_535);
+    CubeCount::Static(x as u32, rows.div_ceil(x).max(1) as u32, 1)
+}
+
+fn check_rows<R: CubeRuntime>(what: &str, x: &CubeTensor<R>, weight: &CubeTensor<R>) -> [usize; 2] {
+    let dims = x.meta.shape().as_slice();
+    let [rows, hidden] = dims[..] else {
+        panic!("{what}: x must be [rows, hidden], not {dims:?}")
+    };
+    assert_eq!(
+        weight.meta.shape().as_slice(),
+        &[hidden],
+        "{what}: the weight does not match x"
+    );
+    assert_eq!(
+        weight.dtype, x.dtype,
+        "{what}: the weight and x differ in dtype"
+    );
+    [rows, hidden]
+}
+
+/// RMSNorm forward: `y` in `x`'s dtype and `rstd` `[rows, 1]` f32; see
+/// [`super::rms_norm_forward`].
+pub fn rms_norm_forward<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let [rows, hidden] = check_rows("rms_norm", &x, &weight);
+    let empty = |shape: [usize; 2], dtype| {
+        empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new(shape), dtype)
+    };
+    let y = empty([rows, hidden], x.dtype);
+    let rstd = empty([rows, 1], DType::F32);
+    let client = x.client.clone();
+    let dtype = x.dtype.into();
+    rms_norm_forward_kernel::launch::<R>(
+        &client,
+        row_cubes(rows),
+        CubeDim::new_1d(CUBE_SIZE as u32),
+        x.into_tensor_arg(),
+        weight.into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        rstd.clone().into_tensor_arg(),
+        eps as f32,
+        dtype,
+    );
+    (y, rstd)
+}
+
+/// The gradient of RMSNorm with respect to `x`; see [`super::rms_norm_backward`].
+pub fn rms_norm_backward_x<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    rstd: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    grad: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let [rows, hidden] = check_rows("rms_norm backward", &x, &weight);
+    assert_eq!(
+        grad.meta.shape().as_slice(),
+        &[rows, hidden],
+        "rms_norm backward: grad"
+    );
+    assert_eq!(
+        rstd.meta.shape().as_slice(),
+        &[rows, 1],
+        "rms_norm backward: rstd"
+    );
+    let dx = empty_device_contiguous_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        Shape::new([rows, hidden]),
+        x.dtype,
+    );
+    let client = x.client.clone();
+    let dtype = x.dtype.into();
+    rms_norm_backward_kernel::launch::<R>(
+        &client,
+        row_cubes(rows),
+        CubeDim::new_1d(CUBE_SIZE as u32),
+        x.into_tensor_arg(),
+        rstd.into_tensor_arg(),
+        weight.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+        dtype,
+    );
+    dx
 }

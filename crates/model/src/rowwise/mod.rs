@@ -40,13 +40,14 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 
-/// A backend whose RMSNorm and SwiGLU are one autodiff node each.
+/// A backend whose RMSNorm, SwiGLU and rotary embedding are one autodiff node each.
 ///
 /// Implemented for `Autodiff<B, C>` whenever `B` implements it (the lean node), and, behind
 /// this crate's features, for the same backend families as
 /// [`AttentionBackend`](crate::AttentionBackend), which extends this trait. The default bodies
-/// are plain tensor ops; a fused kernel for one backend overrides the `_forward` and
-/// `_backward` methods there.
+/// are plain tensor ops; the CubeCL backends override RMSNorm's and the rotary embedding's
+/// `_forward` and `_backward` methods with kernels (`rowwise/cube.rs`) when
+/// [`crate::kernels`] says so.
 pub trait RowwiseBackend: Backend {
     /// RMSNorm of each row in f32, cast back to `x`'s dtype, scaled by `weight`; also returns
     /// `rstd = 1 / sqrt(mean(x^2) + eps)` for the backward. Not differentiable on
@@ -135,9 +136,10 @@ pub trait RowwiseBackend: Backend {
             .tensor()
     }
 
-    /// Whether the two rotary methods run a kernel of their own rather than tensor ops (the
-    /// CubeCL backends under [`crate::kernels`]' setting).
-    fn has_rotary_kernel() -> bool {
+    /// Whether RMSNorm (its forward and the gradient of `x`) and the rotary embedding run
+    /// kernels of their own rather than tensor ops (the CubeCL backends under
+    /// [`crate::kernels`]' setting).
+    fn has_rowwise_kernels() -> bool {
         false
     }
 
