@@ -14,10 +14,7 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-    use crate::rowwise::{
-        RowwiseBackend, cube, float, rms_norm_backward, rms_norm_forward, rotary_backward,
-        rotary_forward,
-    };
+    use crate::rowwise::{RowwiseBackend, cube, tensor_ops};
 
     impl<R, F, I, BT> RowwiseBackend for CubeBackend<R, F, I, BT>
     where
@@ -33,8 +30,7 @@ mod cube {
             eps: f64,
         ) -> (CubeTensor<R>, CubeTensor<R>) {
             if !Self::has_rowwise_kernels() {
-                let (y, rstd) = rms_norm_forward::<Self>(float(x), float(weight), eps);
-                return (y.into_primitive().tensor(), rstd.into_primitive().tensor());
+                return tensor_ops::rms_norm_forward::<Self>(x, weight, eps);
             }
             cube::rms_norm_forward(x, weight, eps)
         }
@@ -46,29 +42,16 @@ mod cube {
             grad: CubeTensor<R>,
             [want_x, want_weight]: [bool; 2],
         ) -> [Option<CubeTensor<R>>; 2] {
-            let tensor_ops = |request| {
-                let (x, rstd, weight, grad) =
-                    (x.clone(), rstd.clone(), weight.clone(), grad.clone());
-                rms_norm_backward::<Self>(
-                    float(x),
-                    float(rstd),
-                    float(weight),
-                    float(grad),
-                    request,
-                )
-            };
             if !Self::has_rowwise_kernels() {
-                let (dx, dw) = tensor_ops([want_x, want_weight]);
-                return [
-                    dx.map(|t| t.into_primitive().tensor()),
-                    dw.map(|t| t.into_primitive().tensor()),
-                ];
+                let request = [want_x, want_weight];
+                return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
             }
             // The weight's gradient is a sum over rows: tensor ops.
-            let dw = want_weight
-                .then(|| tensor_ops([false, true]).1)
-                .flatten()
-                .map(|t| t.into_primitive().tensor());
+            let dw = want_weight.then(|| {
+                let (x, rstd, weight, grad) =
+                    (x.clone(), rstd.clone(), weight.clone(), grad.clone());
+                tensor_ops::rms_norm_weight_grad::<Self>(x, rstd, weight, grad)
+            });
             let dx = want_x.then(|| cube::rms_norm_backward_x(x, rstd, weight, grad));
             [dx, dw]
         }
@@ -79,8 +62,7 @@ mod cube {
             sin: CubeTensor<R>,
         ) -> CubeTensor<R> {
             if !Self::has_rowwise_kernels() {
-                let y = rotary_forward::<Self>(float(x), float(cos), float(sin));
-                return y.into_primitive().tensor();
+                return tensor_ops::rotary_forward::<Self>(x, cos, sin);
             }
             cube::rotary(x, cos, sin, false)
         }
@@ -91,8 +73,7 @@ mod cube {
             sin: CubeTensor<R>,
         ) -> CubeTensor<R> {
             if !Self::has_rowwise_kernels() {
-                let dx = rotary_backward::<Self>(float(grad), float(cos), float(sin));
-                return dx.into_primitive().tensor();
+                return tensor_ops::rotary_backward::<Self>(grad, cos, sin);
             }
             cube::rotary(grad, cos, sin, true)
         }
@@ -116,9 +97,7 @@ mod fusion {
     use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-    use crate::rowwise::{
-        RowwiseBackend, float, rms_norm_backward, rms_norm_forward, rotary_backward, rotary_forward,
-    };
+    use crate::rowwise::{RowwiseBackend, tensor_ops};
 
     type Handles<B> =
         HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
@@ -217,8 +196,7 @@ mod fusion {
             eps: f64,
         ) -> (FloatTensor<Self>, FloatTensor<Self>) {
             if !B::has_rowwise_kernels() {
-                let (y, rstd) = rms_norm_forward::<Self>(float(x), float(weight), eps);
-                return (y.into_primitive().tensor(), rstd.into_primitive().tensor());
+                return tensor_ops::rms_norm_forward::<Self>(x, weight, eps);
             }
             let shape = x.shape.as_slice().to_vec();
             let outputs = vec![(shape.clone(), x.dtype), (vec![shape[0], 1], DType::F32)];
@@ -234,29 +212,16 @@ mod fusion {
             grad: FloatTensor<Self>,
             [want_x, want_weight]: [bool; 2],
         ) -> [Option<FloatTensor<Self>>; 2] {
-            let tensor_ops = |request| {
-                let (x, rstd, weight, grad) =
-                    (x.clone(), rstd.clone(), weight.clone(), grad.clone());
-                rms_norm_backward::<Self>(
-                    float(x),
-                    float(rstd),
-                    float(weight),
-                    float(grad),
-                    request,
-                )
-            };
             if !B::has_rowwise_kernels() {
-                let (dx, dw) = tensor_ops([want_x, want_weight]);
-                return [
-                    dx.map(|t| t.into_primitive().tensor()),
-                    dw.map(|t| t.into_primitive().tensor()),
-                ];
+                let request = [want_x, want_weight];
+                return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
             }
             // The weight's gradient is a sum over rows: tensor ops, which fusion fuses as it can.
-            let dw = want_weight
-                .then(|| tensor_ops([false, true]).1)
-                .flatten()
-                .map(|t| t.into_primitive().tensor());
+            let dw = want_weight.then(|| {
+                let (x, rstd, weight, grad) =
+                    (x.clone(), rstd.clone(), weight.clone(), grad.clone());
+                tensor_ops::rms_norm_weight_grad::<Self>(x, rstd, weight, grad)
+            });
             let dx = want_x.then(|| {
                 let outputs = vec![(x.shape.as_slice().to_vec(), x.dtype)];
                 let inputs = vec![x, rstd, weight, grad];
@@ -273,8 +238,7 @@ mod fusion {
             sin: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
             if !B::has_rowwise_kernels() {
-                let y = rotary_forward::<Self>(float(x), float(cos), float(sin));
-                return y.into_primitive().tensor();
+                return tensor_ops::rotary_forward::<Self>(x, cos, sin);
             }
             let outputs = vec![(x.shape.as_slice().to_vec(), x.dtype)];
             let kind = Kind::Rotary { backward: false };
@@ -289,8 +253,7 @@ mod fusion {
             sin: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
             if !B::has_rowwise_kernels() {
-                let dx = rotary_backward::<Self>(float(grad), float(cos), float(sin));
-                return dx.into_primitive().tensor();
+                return tensor_ops::rotary_backward::<Self>(grad, cos, sin);
             }
             let outputs = vec![(grad.shape.as_slice().to_vec(), grad.dtype)];
             let kind = Kind::Rotary { backward: true };

@@ -61,8 +61,7 @@ pub trait RowwiseBackend: Backend {
         weight: FloatTensor<Self>,
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, rstd) = rms_norm_forward::<Self>(float(x), float(weight), eps);
-        (y.into_primitive().tensor(), rstd.into_primitive().tensor())
+        tensor_ops::rms_norm_forward::<Self>(x, weight, eps)
     }
 
     /// The gradients of [`rms_norm_forward`](Self::rms_norm_forward) with respect to `x` and
@@ -74,12 +73,7 @@ pub trait RowwiseBackend: Backend {
         grad: FloatTensor<Self>,
         request: [bool; 2],
     ) -> [Option<FloatTensor<Self>>; 2] {
-        let (dx, dw) =
-            rms_norm_backward::<Self>(float(x), float(rstd), float(weight), float(grad), request);
-        [
-            dx.map(|t| t.into_primitive().tensor()),
-            dw.map(|t| t.into_primitive().tensor()),
-        ]
+        tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request)
     }
 
     /// The differentiable RMSNorm: on `Autodiff<B>` one node keeping `x`, `rstd` and `weight`.
@@ -120,9 +114,7 @@ pub trait RowwiseBackend: Backend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        rotary_forward::<Self>(float(x), float(cos), float(sin))
-            .into_primitive()
-            .tensor()
+        tensor_ops::rotary_forward::<Self>(x, cos, sin)
     }
 
     /// The gradient of [`rotary_forward`](Self::rotary_forward) with respect to `x`.
@@ -131,9 +123,7 @@ pub trait RowwiseBackend: Backend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        rotary_backward::<Self>(float(grad), float(cos), float(sin))
-            .into_primitive()
-            .tensor()
+        tensor_ops::rotary_backward::<Self>(grad, cos, sin)
     }
 
     /// Whether RMSNorm (its forward and the gradient of `x`) and the rotary embedding run
@@ -157,6 +147,76 @@ pub trait RowwiseBackend: Backend {
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// The tensor-op bodies of [`RowwiseBackend`]'s kernel methods on primitives: the trait's
+/// defaults, and what a backend with kernels runs when [`crate::kernels`] says tensor ops.
+pub(crate) mod tensor_ops {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::ops::FloatTensor;
+
+    use super::float;
+
+    pub fn rms_norm_forward<B: Backend>(
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        eps: f64,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let (y, rstd) = super::rms_norm_forward::<B>(float(x), float(weight), eps);
+        (y.into_primitive().tensor(), rstd.into_primitive().tensor())
+    }
+
+    pub fn rms_norm_backward<B: Backend>(
+        x: FloatTensor<B>,
+        rstd: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        request: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let (dx, dw) = super::rms_norm_backward::<B>(
+            float(x),
+            float(rstd),
+            float(weight),
+            float(grad),
+            request,
+        );
+        [
+            dx.map(|t| t.into_primitive().tensor()),
+            dw.map(|t| t.into_primitive().tensor()),
+        ]
+    }
+
+    pub fn rotary_forward<B: Backend>(
+        x: FloatTensor<B>,
+        cos: FloatTensor<B>,
+        sin: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        super::rotary_forward::<B>(float(x), float(cos), float(sin))
+            .into_primitive()
+            .tensor()
+    }
+
+    pub fn rotary_backward<B: Backend>(
+        grad: FloatTensor<B>,
+        cos: FloatTensor<B>,
+        sin: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        super::rotary_backward::<B>(float(grad), float(cos), float(sin))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// The gradient of RMSNorm's weight alone, for a backend whose kernel computes `dx`.
+    #[cfg(any(feature = "cubecl", feature = "fusion"))]
+    pub fn rms_norm_weight_grad<B: Backend>(
+        x: FloatTensor<B>,
+        rstd: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let [_, dw] = rms_norm_backward::<B>(x, rstd, weight, grad, [false, true]);
+        dw.expect("the weight's gradient was asked for")
+    }
 }
 
 /// The body of [`RowwiseBackend::rms_norm_forward`], the same ops as
