@@ -201,7 +201,7 @@ pub fn apply_rotary_reference<B: Backend>(
 /// as transformers does.
 ///
 /// The body is [`chunked_attention`] unless the mask asks for the reference
-/// ([`AttentionImpl`](crate::attention::AttentionImpl)): query chunks under a
+/// ([`AttentionImpl`]): query chunks under a
 /// memory budget, keys and values never repeated, and under autodiff one backward node that
 /// stores only `q`, `k`, `v`, the output and a `[batch, heads, q_len]` log-sum-exp per layer
 /// (see [`crate::attention`]). It equals [`attention_reference`] except on rows that see no key

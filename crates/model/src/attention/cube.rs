@@ -12,6 +12,9 @@
 //! `lse = m + ln l`; backward `p = exp(s - lse)`, `dS = (p (dP - D)) scale`. A forbidden key
 //! gets `p = 0`; a row that sees no key gets `p = 0` everywhere and `lse = +inf` (passed in as a
 //! run-time scalar: some shading languages have no infinite literal).
+//!
+//! The grid of a cube per row (`row_id`, `cube_count`) and the cube's shared-memory reduction
+//! (`reduce_cube`) serve the row-wise kernels (`rowwise::cube`) too.
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeRuntime;
@@ -73,7 +76,7 @@ struct Row {
 
 /// The index of this cube's row; past the last row where the grid overshoots.
 #[cube]
-fn row_id() -> usize {
+pub(crate) fn row_id() -> usize {
     CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize
 }
 
@@ -273,7 +276,7 @@ fn softmax_backward_kernel<E: Float, I: Int>(
 }
 
 /// The grid of one cube per row, split over two axes where one would hold too many.
-fn cube_count(rows: usize) -> CubeCount {
+pub(crate) fn cube_count(rows: usize) -> CubeCount {
     let x = rows.clamp(1, MAX_CUBES_PER_AXIS);
     let y = rows.div_ceil(x).max(1);
     CubeCount::Static(x as u32, y as u32, 1)

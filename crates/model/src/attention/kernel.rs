@@ -1,7 +1,7 @@
 //! The reference bodies of the chunked attention, written with plain tensor ops.
 //!
 //! They run on whatever backend they are given; a backend with a fused kernel overrides
-//! [`AttentionBackend`](super::AttentionBackend)'s methods instead of changing these.
+//! [`AttentionBackend`]'s methods instead of changing these.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;

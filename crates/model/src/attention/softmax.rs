@@ -60,7 +60,7 @@ impl ScoreBlock {
     }
 }
 
-/// The segment ids of the whole call, and the positions of [`positions`](super::positions),
+/// The segment ids of the whole call, and the positions of `attention::positions`,
 /// from which each block's mask is built.
 #[derive(Debug, Clone)]
 pub struct CallSegments<B: Backend> {

@@ -26,7 +26,7 @@ use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use crate::attention::cube::{CUBE_SIZE, reduce_cube};
+use crate::attention::cube::{CUBE_SIZE, cube_count, reduce_cube, row_id};
 
 /// `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[batch or 1, 1, seq, head_dim]`;
 /// `out`: like `x`, contiguous.
@@ -142,7 +142,7 @@ fn rms_norm_forward_kernel<E: Float>(
     eps: f32,
     #[define(E)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let row = row_id();
     if row >= x.shape(0) {
         terminate!();
     }
@@ -181,7 +181,7 @@ fn rms_norm_backward_kernel<E: Float>(
     dx: &mut Tensor<E>,
     #[define(E)] _dtype: StorageType,
 ) {
-    let row = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let row = row_id();
     if row >= x.shape(0) {
         terminate!();
     }
@@ -204,12 +204,6 @@ fn rms_norm_backward_kernel<E: Float>(
         dx[row * hidden + j] = E::cast_from((g - n * dot) * r);
         j += CUBE_DIM_X as usize;
     }
-}
-
-/// One cube per row, over two grid axes where one would hold too many.
-fn row_cubes(rows: usize) -> CubeCount {
-    let x = rows.clamp(1, 65_535);
-    CubeCount::Static(x as u32, rows.div_ceil(x).max(1) as u32, 1)
 }
 
 fn check_rows<R: CubeRuntime>(what: &str, x: &CubeTensor<R>, weight: &CubeTensor<R>) -> [usize; 2] {
@@ -246,7 +240,7 @@ pub fn rms_norm_forward<R: CubeRuntime>(
     let dtype = x.dtype.into();
     rms_norm_forward_kernel::launch::<R>(
         &client,
-        row_cubes(rows),
+        cube_count(rows),
         CubeDim::new_1d(CUBE_SIZE as u32),
         x.into_tensor_arg(),
         weight.into_tensor_arg(),
@@ -286,7 +280,7 @@ pub fn rms_norm_backward_x<R: CubeRuntime>(
     let dtype = x.dtype.into();
     rms_norm_backward_kernel::launch::<R>(
         &client,
-        row_cubes(rows),
+        cube_count(rows),
         CubeDim::new_1d(CUBE_SIZE as u32),
         x.into_tensor_arg(),
         rstd.into_tensor_arg(),
