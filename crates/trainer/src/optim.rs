@@ -212,7 +212,9 @@ impl<B: Backend> Optimizer<B> {
             let zeros = || Tensor::<B, 1>::zeros([slot.numel], device);
             let own = self.parked.remove(&slot.name);
             firsts.push(own.as_ref().map_or_else(zeros, |m| m.first.clone()));
-            seconds.push(own.and_then(|m| m.second).unwrap_or_else(zeros));
+            if with_second {
+                seconds.push(own.and_then(|m| m.second).unwrap_or_else(zeros));
+            }
         }
         Some(Moments {
             first: Tensor::cat(firsts, 0),

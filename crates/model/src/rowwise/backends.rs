@@ -40,20 +40,19 @@ mod cube {
             rstd: CubeTensor<R>,
             weight: CubeTensor<R>,
             grad: CubeTensor<R>,
-            [want_x, want_weight]: [bool; 2],
+            request: [bool; 2],
         ) -> [Option<CubeTensor<R>>; 2] {
             if !Self::has_rowwise_kernels() {
-                let request = [want_x, want_weight];
                 return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
             }
-            // The weight's gradient is a sum over rows: tensor ops.
-            let dw = want_weight.then(|| {
-                let (x, rstd, weight, grad) =
-                    (x.clone(), rstd.clone(), weight.clone(), grad.clone());
-                tensor_ops::rms_norm_weight_grad::<Self>(x, rstd, weight, grad)
-            });
-            let dx = want_x.then(|| cube::rms_norm_backward_x(x, rstd, weight, grad));
-            [dx, dw]
+            tensor_ops::rms_norm_backward_with_dx_kernel::<Self>(
+                x,
+                rstd,
+                weight,
+                grad,
+                request,
+                cube::rms_norm_backward_x,
+            )
         }
 
         fn rotary_forward(
@@ -189,6 +188,16 @@ mod fusion {
         client.register(streams, OperationIr::Custom(desc), op)
     }
 
+    /// [`register`] for an operation with one result shaped and typed as its first input.
+    fn register_like_first<B: FusionBackend + RowwiseBackend>(
+        kind: Kind,
+        inputs: Vec<FloatTensor<Fusion<B>>>,
+    ) -> FloatTensor<Fusion<B>> {
+        let output = (inputs[0].shape.as_slice().to_vec(), inputs[0].dtype);
+        let mut out = register::<B>(kind, inputs, vec![output]);
+        out.pop().expect("the op's result")
+    }
+
     impl<B: FusionBackend + RowwiseBackend> RowwiseBackend for Fusion<B> {
         fn rms_norm_forward(
             x: FloatTensor<Self>,
@@ -210,26 +219,21 @@ mod fusion {
             rstd: FloatTensor<Self>,
             weight: FloatTensor<Self>,
             grad: FloatTensor<Self>,
-            [want_x, want_weight]: [bool; 2],
+            request: [bool; 2],
         ) -> [Option<FloatTensor<Self>>; 2] {
             if !B::has_rowwise_kernels() {
-                let request = [want_x, want_weight];
                 return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
             }
-            // The weight's gradient is a sum over rows: tensor ops, which fusion fuses as it can.
-            let dw = want_weight.then(|| {
-                let (x, rstd, weight, grad) =
-                    (x.clone(), rstd.clone(), weight.clone(), grad.clone());
-                tensor_ops::rms_norm_weight_grad::<Self>(x, rstd, weight, grad)
-            });
-            let dx = want_x.then(|| {
-                let outputs = vec![(x.shape.as_slice().to_vec(), x.dtype)];
-                let inputs = vec![x, rstd, weight, grad];
-                register::<B>(Kind::RmsNormBackwardX, inputs, outputs)
-                    .pop()
-                    .expect("dx")
-            });
-            [dx, dw]
+            tensor_ops::rms_norm_backward_with_dx_kernel::<Self>(
+                x,
+                rstd,
+                weight,
+                grad,
+                request,
+                |x, rstd, weight, grad| {
+                    register_like_first::<B>(Kind::RmsNormBackwardX, vec![x, rstd, weight, grad])
+                },
+            )
         }
 
         fn rotary_forward(
@@ -240,11 +244,7 @@ mod fusion {
             if !B::has_rowwise_kernels() {
                 return tensor_ops::rotary_forward::<Self>(x, cos, sin);
             }
-            let outputs = vec![(x.shape.as_slice().to_vec(), x.dtype)];
-            let kind = Kind::Rotary { backward: false };
-            register::<B>(kind, vec![x, cos, sin], outputs)
-                .pop()
-                .expect("y")
+            register_like_first::<B>(Kind::Rotary { backward: false }, vec![x, cos, sin])
         }
 
         fn rotary_backward(
@@ -255,11 +255,7 @@ mod fusion {
             if !B::has_rowwise_kernels() {
                 return tensor_ops::rotary_backward::<Self>(grad, cos, sin);
             }
-            let outputs = vec![(grad.shape.as_slice().to_vec(), grad.dtype)];
-            let kind = Kind::Rotary { backward: true };
-            register::<B>(kind, vec![grad, cos, sin], outputs)
-                .pop()
-                .expect("dx")
+            register_like_first::<B>(Kind::Rotary { backward: true }, vec![grad, cos, sin])
         }
 
         fn has_rowwise_kernels() -> bool {

@@ -206,16 +206,29 @@ pub(crate) mod tensor_ops {
             .tensor()
     }
 
-    /// The gradient of RMSNorm's weight alone, for a backend whose kernel computes `dx`.
+    /// RMSNorm's backward for a backend with a kernel for the gradient of `x`: `dx` from
+    /// `dx_kernel(x, rstd, weight, grad)`, the weight's gradient (a sum over rows) in tensor ops.
     #[cfg(any(feature = "cubecl", feature = "fusion"))]
-    pub fn rms_norm_weight_grad<B: Backend>(
+    pub fn rms_norm_backward_with_dx_kernel<B: Backend>(
         x: FloatTensor<B>,
         rstd: FloatTensor<B>,
         weight: FloatTensor<B>,
         grad: FloatTensor<B>,
-    ) -> FloatTensor<B> {
-        let [_, dw] = rms_norm_backward::<B>(x, rstd, weight, grad, [false, true]);
-        dw.expect("the weight's gradient was asked for")
+        [want_x, want_weight]: [bool; 2],
+        dx_kernel: impl FnOnce(
+            FloatTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+        ) -> FloatTensor<B>,
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let dw = want_weight.then(|| {
+            let (x, rstd, weight, grad) = (x.clone(), rstd.clone(), weight.clone(), grad.clone());
+            let [_, dw] = rms_norm_backward::<B>(x, rstd, weight, grad, [false, true]);
+            dw.expect("the weight's gradient was asked for")
+        });
+        let dx = want_x.then(|| dx_kernel(x, rstd, weight, grad));
+        [dx, dw]
     }
 }
 
