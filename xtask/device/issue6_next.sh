@@ -20,11 +20,13 @@
 #     assumes): 2 and 4 GiB;
 #  5. where nsys is installed, a timeline of three steps with the new settings, summarised by
 #     nsys (kernel times, CUDA API times): whether the GPU waits for the host between kernels.
-# Results: $OUT/results.tar.xz (JSON and logs); the CubeCL cache is not packed (SAVE_CACHE=0).
+#  6. one profiled step with the new settings (CUBECL_PROFILE=basic: every kernel timed, one sync
+#     each): the per-op breakdown, summarised with profile_summary.py.
+# Results: JSON and logs straight into $OUT, so a call cut short still brings back what finished;
+# the CubeCL cache is not packed (SAVE_CACHE=0).
 set -u
-O=${OUT:-/tmp/issue6}
-export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8}
-mkdir -p "$OUT" "$O"
+export OUT=${OUT:-/tmp/issue6} SAVE_CACHE=0 STEPS=${STEPS:-8}
+mkdir -p "$OUT"
 G=xtask/device/gpu_bench.sh
 NEW="GEMM=cublaslt-cached KERNELS=auto"
 {
@@ -41,6 +43,7 @@ NEW="GEMM=cublaslt-cached KERNELS=auto"
       --seq-len 2048 --batch-size 8 --steps 3 --warmup-steps 2 --precision bf16 \
       > "$OUT/nsys_b8.txt" 2>&1
   fi
+  env $NEW CUBECL_PROFILE=basic STEPS=2 TAG=new_profile bash $G ours_b8_bf16
+  python3 xtask/device/profile_summary.py "$OUT/ours_b8_bf16_new_profile.log" 40 > "$OUT/profile_new_b8.md"
 } > "$OUT/run.log" 2>&1
-tar -cJf "$O/results.tar.xz" -C "$OUT" .
 grep -h -o '"tokens_per_second":[0-9.]*\|"peak_delta_gib":[0-9.]*\|"queued_seconds_mean":[0-9.]*' "$OUT"/*.json
