@@ -22,11 +22,13 @@
 #     nsys (kernel times, CUDA API times): whether the GPU waits for the host between kernels.
 #  6. one profiled step with the new settings (CUBECL_PROFILE=basic: every kernel timed, one sync
 #     each): the per-op breakdown, summarised with profile_summary.py.
-# Results: JSON and logs straight into $OUT, so a call cut short still brings back what finished;
-# the CubeCL cache is not packed (SAVE_CACHE=0).
+# Results: $OUT/results.tar.xz (the device returns at most 8 files), packed also when the call
+# is cut short (trap); the CubeCL cache is not packed (SAVE_CACHE=0).
 set -u
-export OUT=${OUT:-/tmp/issue6} SAVE_CACHE=0 STEPS=${STEPS:-8}
-mkdir -p "$OUT"
+O=${OUT:-/tmp/issue6}
+export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8}
+mkdir -p "$OUT" "$O"
+trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
 G=xtask/device/gpu_bench.sh
 NEW="GEMM=cublaslt-cached KERNELS=auto"
 {

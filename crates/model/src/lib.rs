@@ -29,6 +29,7 @@ pub mod kernels;
 pub mod linear;
 mod model;
 pub mod ops;
+pub mod reduce;
 pub mod rowwise;
 mod weights;
 

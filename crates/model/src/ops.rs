@@ -36,11 +36,12 @@ pub fn linear<B: LinearBackend, const D: usize>(
     // [rows, in] @ [out, in]^T -> [rows, out], on the backend's own kernel where it has one.
     let x = x.reshape([rows, in_features]).into_primitive().tensor();
     let w = weight.into_primitive().tensor();
-    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::dense_cast(x, w)));
+    let y = B::dense_cast(x, w);
     let y = match bias {
-        Some(bias) => y + bias.cast(dtype).unsqueeze::<2>(),
+        Some(bias) => B::add_bias(y, bias.cast(dtype).into_primitive().tensor()),
         None => y,
     };
+    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y));
     let mut out_dims = dims;
     out_dims[D - 1] = out_features;
     y.reshape(out_dims)

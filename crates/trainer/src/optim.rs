@@ -159,7 +159,9 @@ impl<B: Backend> Optimizer<B> {
         }
         // [total], f32
         let grad = Tensor::cat(parts, 0);
-        let norm = grad.clone().square().sum().sqrt();
+        // One sum over every parameter, in two stages (qwen_model::reduce): burn's one-stage sum
+        // of the 0.5b preset's 494M values took about 10 ms on the H200.
+        let norm = qwen_model::reduce::sum_all(grad.clone().square()).sqrt();
         let grad = match clip_scale(norm.clone(), max_grad_norm) {
             Some(scale) => grad * scale, // [total] * [1]
             None => grad,

@@ -10,7 +10,7 @@ use burn::backend::autodiff::{
 use burn::tensor::TensorMetadata;
 use burn::tensor::ops::FloatTensor;
 
-use super::{LinearBackend, cast_to};
+use super::{LinearBackend, bias_grad, cast_to};
 
 /// The backward step of `x @ cast(w)^T` (of `x @ w^T` where `w` is already in `x`'s dtype, the
 /// casts then being no-ops); its parents are `[x, w]`.
@@ -44,6 +44,32 @@ impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
     }
 }
 
+/// The backward step of `y + bias`; its parents are `[y, bias]`.
+#[derive(Debug)]
+struct AddBiasBackward;
+
+impl<B: LinearBackend> Backward<B, 2> for AddBiasBackward {
+    type State = ();
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_y, node_bias] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // [rows, out]
+        let grad_bias = node_bias.is_some().then(|| bias_grad::<B>(grad.clone()));
+        crate::grads::register::<B, 2>(
+            grads,
+            [
+                (node_y.map(|n| n.id), Some(grad)),
+                (node_bias.map(|n| n.id), grad_bias),
+            ],
+        );
+    }
+}
+
 /// `forward(x, w)` on the inner backend, with [`LinearBackward`] keeping `x` and `w`.
 fn tracked<B: LinearBackend, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
@@ -70,5 +96,12 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
 
     fn dense_cast(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         tracked::<B, C>(x, w, B::dense_cast)
+    }
+
+    fn add_bias(y: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        AddBiasBackward
+            .prepare::<C>([y.node.clone(), bias.node.clone()])
+            .compute_bound()
+            .stateless(B::add_bias(y.primitive, bias.primitive))
     }
 }

@@ -17,7 +17,7 @@ mod autodiff;
 mod backends;
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, FloatDType, TensorMetadata};
+use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 pub use qwen_gemm::{GemmBackend, GemmBody, gemm_body, gemm_reference, set_gemm_body};
 
 /// A backend whose linear layers can run on a kernel of its own.
@@ -47,6 +47,29 @@ pub trait LinearBackend: GemmBackend {
         let w = cast_to::<Self>(w, x.dtype());
         Self::dense(x, w)
     }
+
+    /// `y + bias`, the bias broadcast over the rows. On `Autodiff<B>` one node whose bias
+    /// gradient, a sum over every row, is [`sum_rows`](crate::reduce::sum_rows) in f32:
+    /// autodiff of the broadcast add would sum in one stage, which CubeCL gives one thread per
+    /// column (see [`crate::reduce`]).
+    ///
+    /// # Shapes
+    /// - `y`: `[rows, out]`, `bias`: `[out]`, same dtype
+    /// - output: `[rows, out]`
+    fn add_bias(y: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = bias.shape().num_elements();
+        Self::float_add(y, Self::float_reshape(bias, Shape::new([1, out])))
+    }
+}
+
+/// The gradient of [`LinearBackend::add_bias`]'s bias: `grad` `[rows, out]` summed over rows in
+/// f32, as `[out]` in `grad`'s dtype.
+pub(crate) fn bias_grad<B: burn::tensor::backend::Backend>(grad: FloatTensor<B>) -> FloatTensor<B> {
+    let dtype = grad.dtype();
+    let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
+    let [_, out] = grad.dims();
+    let sum = crate::reduce::sum_rows(grad.cast(FloatDType::F32)).reshape([out]);
+    sum.cast(dtype).into_primitive().tensor()
 }
 
 /// `t` in `dtype`, untouched where it already is.
@@ -113,6 +136,54 @@ mod tests {
             y.into_data().assert_approx_eq(&y_ref.into_data(), exact);
             dx.into_data().assert_approx_eq(&dx_ref.into_data(), exact);
             dw.into_data().assert_approx_eq(&dw_ref.into_data(), exact);
+        }
+    }
+
+    /// The bias node against autodiff of the broadcast add, on enough rows that the bias
+    /// gradient takes the two-stage sum, with the bias in f32 and in bf16 behind a cast.
+    #[test]
+    fn add_bias_gradients_equal_the_broadcast_add() {
+        let device = Default::default();
+        <Flex as burn::tensor::backend::Backend>::seed(&device, 3);
+        for dtype in [DType::F32, DType::BF16] {
+            let y = Tensor::<Ad, 2>::random([1024, 6], Distribution::Default, &device)
+                .cast(dtype)
+                .detach()
+                .require_grad();
+            let b = Tensor::<Ad, 1>::random([6], Distribution::Default, &device).require_grad();
+            let g = Tensor::<Ad, 2>::random([1024, 6], Distribution::Default, &device)
+                .cast(dtype)
+                .detach();
+            let run = |ours: bool| {
+                let bias = b.clone().cast(dtype);
+                let out = if ours {
+                    Tensor::<Ad, 2>::from_primitive(TensorPrimitive::Float(Ad::add_bias(
+                        y.clone().into_primitive().tensor(),
+                        bias.into_primitive().tensor(),
+                    )))
+                } else {
+                    y.clone() + bias.unsqueeze::<2>()
+                };
+                let grads = (out.clone() * g.clone()).sum().backward();
+                (
+                    out.inner(),
+                    y.grad(&grads).unwrap(),
+                    b.grad(&grads).unwrap(),
+                )
+            };
+            let (out, dy, db) = run(true);
+            let (out_ref, dy_ref, db_ref) = run(false);
+            assert_eq!(db.dtype(), DType::F32);
+            let exact = Tolerance::<f32>::absolute(0.0);
+            out.into_data()
+                .assert_approx_eq(&out_ref.into_data(), exact);
+            dy.into_data().assert_approx_eq(&dy_ref.into_data(), exact);
+            // The sums differ in the order of their additions (and, in bf16, in summing in f32).
+            let tol = match dtype {
+                DType::F32 => Tolerance::<f32>::rel_abs(1e-5, 1e-4),
+                _ => Tolerance::<f32>::rel_abs(1e-2, 0.25),
+            };
+            db.into_data().assert_approx_eq(&db_ref.into_data(), tol);
         }
     }
 

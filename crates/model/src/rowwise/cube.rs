@@ -12,7 +12,8 @@
 //! the two slice assignments of the `cat`, the two broadcast products and the sum each on its
 //! own (docs/BENCHMARKS.md, "Kernel launches per training step"). Here a unit takes one pair
 //! `(i, i + half)` of one row, reads `x` through its strides (the model hands in a
-//! `swap_dims` view) and the tables through theirs, and writes both results, computing in f32:
+//! `swap_dims` view) and the tables through theirs, and writes both results, computing in f32
+//! with each product rounded to the activations' dtype, as the tensor ops round it:
 //!
 //! ```text
 //! forward:  y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2      (x c + rotate_half(x) s)
@@ -27,6 +28,13 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use crate::attention::cube::{CUBE_SIZE, cube_count, reduce_cube, row_id};
+
+/// `v` rounded to `E` and back: a no-op for f32. A product of two values of `E` (bf16, f16) is
+/// exact in f32, so this is the product that a multiplication in `E` returns.
+#[cube]
+fn in_dtype<E: Float>(v: f32) -> f32 {
+    f32::cast_from(E::cast_from(v))
+}
 
 /// `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[batch or 1, 1, seq, head_dim]`;
 /// `out`: like `x`, contiguous.
@@ -66,11 +74,13 @@ fn rotary_kernel<E: Float>(
     let s1 = f32::cast_from(sin[t + i * sin.stride(3)]);
     let s2 = f32::cast_from(sin[t + (i + half) * sin.stride(3)]);
 
-    let mut y1 = x1 * c1 - x2 * s1;
-    let mut y2 = x2 * c2 + x1 * s2;
+    // Each product rounded to E before the sum, as the tensor ops (one op each) round them, so
+    // that bf16 gives the reference's values and not merely closer ones.
+    let mut y1 = in_dtype::<E>(x1 * c1) - in_dtype::<E>(x2 * s1);
+    let mut y2 = in_dtype::<E>(x2 * c2) + in_dtype::<E>(x1 * s2);
     if comptime!(backward) {
-        y1 = x1 * c1 + x2 * s2;
-        y2 = x2 * c2 - x1 * s1;
+        y1 = in_dtype::<E>(x1 * c1) + in_dtype::<E>(x2 * s2);
+        y2 = in_dtype::<E>(x2 * c2) - in_dtype::<E>(x1 * s1);
     }
     let o = ((b * heads + h) * seq + s) * 2 * half;
     out[o + i] = E::cast_from(y1);

@@ -260,8 +260,10 @@ pub fn rms_norm_backward<B: Backend>(
     // [rows, hidden] in f32, recomputed
     let normed = x.cast(FloatDType::F32) * rstd.clone();
     let dw = want_weight.then(|| {
-        // [1, hidden], summed in the activations' dtype as autodiff of the plain ops does
-        (grad.clone() * normed.clone().cast(dtype)).sum_dim(0)
+        // [1, hidden]: the products in the activations' dtype, as autodiff of the plain ops has
+        // them, summed over rows in f32 and in two stages (crate::reduce)
+        crate::reduce::sum_rows((grad.clone() * normed.clone().cast(dtype)).cast(FloatDType::F32))
+            .cast(dtype)
     });
     let dx = want_x.then(|| {
         let g = (grad * weight.unsqueeze::<2>()).cast(FloatDType::F32);
