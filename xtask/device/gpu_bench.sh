@@ -21,7 +21,7 @@ BIN=/tmp/qwen-sft
 # (`--gemm`: cublaslt, the default, cublaslt-cached or burn); a measurement whose name says its body runs that
 # one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul. KERNELS picks the
 # body of the model's own kernels: the attention's block softmax, the rotary embedding, RMSNorm
-# (`--kernels`: tensor-ops, the default for now, or auto, the kernels on CUDA).
+# (`--kernels`: auto, the default, the kernels on CUDA; or tensor-ops).
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do

@@ -39,10 +39,9 @@ struct Cli {
     #[arg(long, global = true, default_value_t = qwen_gemm::DEFAULT_MIN_FLOPS as f64 * 1e-9)]
     gemm_min_gflop: f64,
     /// The model's own kernels (the attention's block softmax, the rotary embedding, RMSNorm):
-    /// tensor-ops (burn's ops), auto (the kernels on CUDA, tensor ops elsewhere) or kernel (on
-    /// any CubeCL backend). The kernels are tested on wgpu but not yet on a CUDA device, so they
-    /// are not the default yet.
-    #[arg(long, global = true, default_value = "tensor-ops")]
+    /// auto (the kernels on CUDA, tensor ops elsewhere), tensor-ops (burn's ops everywhere) or
+    /// kernel (on any CubeCL backend, wgpu too).
+    #[arg(long, global = true, default_value = "auto")]
     kernels: qwen_model::KernelBody,
 }
 

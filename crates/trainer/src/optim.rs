@@ -83,26 +83,54 @@ struct Slot {
     numel: usize,
 }
 
-/// The moments of the last step's parameters, end to end in one buffer each, in the order of
-/// `slots`.
+/// The moments of one group of the last step's parameters, end to end in one buffer each, in
+/// the order of `slots`.
 #[derive(Debug, Clone)]
 struct FlatMoments<B: Backend> {
     slots: Vec<Slot>,
     moments: Moments<B>,
 }
 
+/// About how many values a group of the update holds (512 MiB per f32 buffer). Parameters are
+/// stepped a group at a time, so that the step's own buffers (the clipped gradient, the new
+/// moments, the step itself) exist for one group, not for the whole model: for the whole
+/// 1.5b preset they were some 25 GiB at once (docs/BENCHMARKS.md). A parameter larger than
+/// this is a group of its own.
+const GROUP_VALUES: usize = 1 << 27;
+
+/// Consecutive runs of `sizes` of at most `limit` values each (one item may exceed it alone),
+/// as index ranges.
+fn group_ranges(sizes: &[usize], limit: usize) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let (mut start, mut values) = (0, 0);
+    for (i, &n) in sizes.iter().enumerate() {
+        if i > start && values + n > limit {
+            ranges.push(start..i);
+            (start, values) = (i, 0);
+        }
+        values += n;
+    }
+    if start < sizes.len() {
+        ranges.push(start..sizes.len());
+    }
+    ranges
+}
+
 /// The optimizer and its state: every parameter's moments, plus the step count.
 ///
-/// A step works on flat buffers: the gradients are copied end to end into one f32 buffer, the
-/// global norm is one reduction over it, and the rule (clip, moments, the step size) runs over
-/// all parameters at once, leaving one subtraction per parameter. Written per parameter, the
-/// same update took about seven kernels per parameter tensor (norm, clip, moments, update),
-/// some 2,000 a step for the 0.5b preset's 291 tensors (docs/BENCHMARKS.md).
+/// A step works on flat buffers, one per group of parameters ([`GROUP_VALUES`]): each group's
+/// gradients are copied end to end into one f32 buffer, the global norm sums one reduction per
+/// group, and the rule (clip, moments, the step size) runs over a group at once, leaving one
+/// subtraction per parameter. Written per parameter, the same update took about seven kernels
+/// per parameter tensor (norm, clip, moments, update), some 2,000 a step for the 0.5b preset's
+/// 291 tensors (docs/BENCHMARKS.md).
 pub struct Optimizer<B: Backend> {
     config: OptimizerConfig,
     step: u64,
-    /// The moments of the last step's parameters.
-    flat: Option<FlatMoments<B>>,
+    /// The moments of the last step's parameters, group by group.
+    flat: Vec<FlatMoments<B>>,
+    /// [`GROUP_VALUES`], smaller in tests.
+    group_values: usize,
     /// The moments of parameters outside `flat`: loaded from a checkpoint and not stepped
     /// since, or without a gradient in the last step (kept, as torch keeps them).
     parked: HashMap<String, Moments<B>>,
@@ -113,7 +141,8 @@ impl<B: Backend> Optimizer<B> {
         Self {
             config,
             step: 0,
-            flat: None,
+            flat: Vec::new(),
+            group_values: GROUP_VALUES,
             parked: HashMap::new(),
         }
     }
@@ -143,70 +172,120 @@ impl<B: Backend> Optimizer<B> {
         let mut gather = Gather::<AB> {
             grads,
             path: Vec::new(),
-            slots: Vec::new(),
+            params: Vec::new(),
             parts: Vec::new(),
-            placed: HashMap::new(),
         };
         model.visit(&mut gather);
-        let Gather {
-            slots,
-            parts,
-            placed,
-            ..
-        } = gather;
+        let Gather { params, parts, .. } = gather;
         if parts.is_empty() {
             return (model, None);
         }
-        // [total], f32
-        let grad = Tensor::cat(parts, 0);
-        // One sum over every parameter, in two stages (qwen_model::reduce): burn's one-stage sum
-        // of the 0.5b preset's 494M values took about 10 ms on the H200.
-        let norm = qwen_model::reduce::sum_all(grad.clone().square()).sqrt();
-        let grad = match clip_scale(norm.clone(), max_grad_norm) {
-            Some(scale) => grad * scale, // [total] * [1]
-            None => grad,
-        };
-        let moments = self.moments_for(&slots, &grad.device());
-        let (delta, moments) = self.rule(grad, moments, lr);
-        self.flat = moments.map(|moments| FlatMoments { slots, moments });
+        let sizes: Vec<usize> = params.iter().map(|p| p.numel).collect();
+        let ranges = group_ranges(&sizes, self.group_values);
+        // Each group's gradients end to end, [group values] f32, and their sum of squares.
+        let mut parts = parts.into_iter();
+        let grads: Vec<Tensor<B, 1>> = ranges
+            .iter()
+            .map(|range| Tensor::cat(parts.by_ref().take(range.len()).collect(), 0))
+            .collect();
+        // One sum per group, in two stages (qwen_model::reduce): burn's one-stage sum of the
+        // 0.5b preset's 494M values took about 10 ms on the H200.
+        let squares = grads
+            .iter()
+            .map(|g| qwen_model::reduce::sum_all(g.clone().square()));
+        let norm = Tensor::cat(squares.collect(), 0).sum().sqrt();
+        let scale = clip_scale(norm.clone(), max_grad_norm);
         let decay = match self.config {
             OptimizerConfig::Adamw { weight_decay, .. } if weight_decay != 0.0 => {
                 Some(1.0 - lr * weight_decay)
             }
             _ => None,
         };
-        let mut apply = Apply::<AB> {
-            delta,
-            placed,
-            decay,
-        };
-        (model.map(&mut apply), Some(norm))
+        let groups: Vec<Vec<Slot>> = ranges
+            .iter()
+            .map(|range| slots_of(&params[range.clone()]))
+            .collect();
+        let mut moments = self.moments_for(&groups, &norm.device()).into_iter();
+        let mut model = model;
+        for ((grad, slots), range) in grads.into_iter().zip(groups).zip(ranges) {
+            let grad = match &scale {
+                Some(scale) => grad * scale.clone(), // [values] * [1]
+                None => grad,
+            };
+            let (delta, new_moments) = self.rule(grad, moments.next().flatten(), lr);
+            let placed = params[range]
+                .iter()
+                .zip(&slots)
+                .map(|(param, slot)| {
+                    let placed = Placed {
+                        offset: slot.offset,
+                        numel: slot.numel,
+                        decays: param.decays,
+                    };
+                    (param.id, placed)
+                })
+                .collect();
+            if let Some(new_moments) = new_moments {
+                self.flat.push(FlatMoments {
+                    slots,
+                    moments: new_moments,
+                });
+            }
+            model = model.map(&mut Apply::<AB> {
+                delta,
+                placed,
+                decay,
+            });
+        }
+        (model, Some(norm))
     }
 
-    /// The flat moments for `slots`: the last step's when the parameters are the same, else
-    /// put together from each parameter's own (zeros for a parameter's first step). `None`
-    /// for plain SGD, which keeps none.
-    fn moments_for(&mut self, slots: &[Slot], device: &B::Device) -> Option<Moments<B>> {
+    /// The flat moments of each group of `groups`: the last step's where the groups are the
+    /// same, else put together from each parameter's own (zeros for a parameter's first step).
+    /// `None` for plain SGD, which keeps none. Leaves `self.flat` empty, for the step to fill.
+    fn moments_for(&mut self, groups: &[Vec<Slot>], device: &B::Device) -> Vec<Option<Moments<B>>> {
         let (with_first, with_second) = match self.config {
             OptimizerConfig::Sgd { momentum } => (momentum != 0.0, false),
             OptimizerConfig::Adamw { .. } => (true, true),
         };
+        let previous = std::mem::take(&mut self.flat);
         if !with_first {
-            return None;
+            return groups.iter().map(|_| None).collect();
         }
-        if let Some(flat) = self.flat.take() {
-            if flat.slots == slots {
-                return Some(flat.moments);
-            }
+        let same = previous.len() == groups.len()
+            && previous
+                .iter()
+                .zip(groups)
+                .all(|(flat, slots)| &flat.slots == slots);
+        if same {
+            return previous
+                .into_iter()
+                .map(|flat| Some(flat.moments))
+                .collect();
+        }
+        for flat in previous {
             self.parked.extend(split(flat));
         }
+        groups
+            .iter()
+            .map(|slots| Some(self.gather_moments(slots, with_second, device)))
+            .collect()
+    }
+
+    /// One group's flat moments from each parameter's parked ones (zeros for those without).
+    fn gather_moments(
+        &mut self,
+        slots: &[Slot],
+        with_second: bool,
+        device: &B::Device,
+    ) -> Moments<B> {
         let total = slots.last().map_or(0, |s| s.offset + s.numel);
         if slots.iter().all(|s| !self.parked.contains_key(&s.name)) {
             let zeros = || Tensor::<B, 1>::zeros([total], device);
-            return Some(Moments {
+            return Moments {
                 first: zeros(),
                 second: with_second.then(zeros),
-            });
+            };
         }
         let mut firsts = Vec::new();
         let mut seconds = Vec::new();
@@ -218,10 +297,10 @@ impl<B: Backend> Optimizer<B> {
                 seconds.push(own.and_then(|m| m.second).unwrap_or_else(zeros));
             }
         }
-        Some(Moments {
+        Moments {
             first: Tensor::cat(firsts, 0),
             second: with_second.then(|| Tensor::cat(seconds, 0)),
-        })
+        }
     }
 
     /// The rule over the flat (clipped) gradient: what to subtract from every parameter
@@ -272,7 +351,7 @@ impl<B: Backend> Optimizer<B> {
 
     /// Every parameter's moments by name: slices of the flat buffers, then the parked ones.
     fn named_moments(&self) -> Vec<(String, Moments<B>)> {
-        let mut named: Vec<_> = self.flat.clone().map(split).unwrap_or_default();
+        let mut named: Vec<_> = self.flat.iter().cloned().flat_map(split).collect();
         named.extend(self.parked.iter().map(|(n, m)| (n.clone(), m.clone())));
         named
     }
@@ -355,7 +434,8 @@ impl<B: Backend> Optimizer<B> {
         Ok(Self {
             config,
             step,
-            flat: None,
+            flat: Vec::new(),
+            group_values: GROUP_VALUES,
             parked,
         })
     }
@@ -378,7 +458,7 @@ fn split<B: Backend>(flat: FlatMoments<B>) -> Vec<(String, Moments<B>)> {
         .collect()
 }
 
-/// Where a parameter's values sit in the flat buffers, and whether AdamW decays it.
+/// Where a parameter's values sit in its group's flat buffers, and whether AdamW decays it.
 #[derive(Debug, Clone, Copy)]
 struct Placed {
     offset: usize,
@@ -386,14 +466,38 @@ struct Placed {
     decays: bool,
 }
 
-/// Takes every parameter's gradient out of `grads`, flattened to f32, and gives it its slot.
+/// A parameter that has a gradient this step.
+struct Stepped {
+    id: ParamId,
+    name: String,
+    numel: usize,
+    decays: bool,
+}
+
+/// The slots of `params` end to end in one group's buffers.
+fn slots_of(params: &[Stepped]) -> Vec<Slot> {
+    let mut offset = 0;
+    params
+        .iter()
+        .map(|p| {
+            let slot = Slot {
+                name: p.name.clone(),
+                offset,
+                numel: p.numel,
+            };
+            offset += p.numel;
+            slot
+        })
+        .collect()
+}
+
+/// Takes every parameter's gradient out of `grads`, flattened to f32, in visiting order.
 struct Gather<'a, AB: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     path: Vec<String>,
-    slots: Vec<Slot>,
-    /// `[numel]` f32 each, in slot order.
+    params: Vec<Stepped>,
+    /// `[numel]` f32 each, in the order of `params`.
     parts: Vec<Tensor<AB::InnerBackend, 1>>,
-    placed: HashMap<ParamId, Placed>,
 }
 
 impl<AB: AutodiffBackend> ModuleVisitor<AB> for Gather<'_, AB> {
@@ -410,29 +514,21 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for Gather<'_, AB> {
             return;
         };
         let name = self.path.join(".");
-        let numel = grad.shape().num_elements();
-        let offset = self.slots.last().map_or(0, |s| s.offset + s.numel);
-        self.placed.insert(
-            param.id,
-            Placed {
-                offset,
-                numel,
-                decays: decays(&name),
-            },
-        );
-        self.slots.push(Slot {
+        self.params.push(Stepped {
+            id: param.id,
+            numel: grad.shape().num_elements(),
+            decays: decays(&name),
             name,
-            offset,
-            numel,
         });
         self.parts
             .push(grad.flatten::<1>(0, D - 1).cast(DType::F32));
     }
 }
 
-/// Subtracts each parameter's part of the step's `delta`, after AdamW's decay where it applies.
+/// Subtracts each parameter's part of one group's `delta`, after AdamW's decay where it
+/// applies; parameters of other groups pass unchanged.
 struct Apply<AB: AutodiffBackend> {
-    /// `[total]` f32
+    /// `[group values]` f32
     delta: Tensor<AB::InnerBackend, 1>,
     placed: HashMap<ParamId, Placed>,
     /// `1 - lr * weight_decay`, for the parameters that decay.
@@ -658,6 +754,63 @@ mod tests {
         );
         assert_eq!(named(&loaded).len(), 1, "only the weight had a gradient");
         drop(model);
+    }
+
+    #[test]
+    fn groups_are_consecutive_runs_under_the_limit() {
+        assert_eq!(group_ranges(&[3, 3, 3], 6), vec![0..2, 2..3]);
+        assert_eq!(group_ranges(&[3, 9, 1, 1], 6), vec![0..1, 1..2, 2..4]);
+        assert_eq!(group_ranges(&[7], 6), vec![0..1]);
+        assert_eq!(group_ranges(&[], 6), Vec::<std::ops::Range<usize>>::new());
+    }
+
+    /// Stepping a group at a time changes nothing: one parameter per group against one group
+    /// for both, over AdamW steps with clipping (the global norm spans the groups) and a step
+    /// where the bias sits out (its moments are parked and taken up again).
+    #[test]
+    fn groups_step_as_one_flat_buffer_does() {
+        let device = Default::default();
+        let g = |v: [f32; 3]| Tensor::<Flex, 1>::from_floats(v, &device);
+        let run = |group_values: usize| {
+            let mut model = toy();
+            let mut optimizer = Optimizer::<Flex>::new(OptimizerConfig::default());
+            optimizer.group_values = group_values;
+            let mut norms = Vec::new();
+            for (step, with_bias) in [true, true, false, true].into_iter().enumerate() {
+                let mut grads = GradientsParams::new();
+                let s = step as f32;
+                grads.register::<Flex, 1>(model.weight.id, g([0.1 * s, -0.2, 0.3]));
+                if with_bias {
+                    grads.register::<Flex, 1>(model.bias.id, g([-0.3, 0.2 + s, 0.5]));
+                }
+                let (stepped, norm) = optimizer.step(model, &mut grads, 0.01, 0.5);
+                model = stepped;
+                norms.push(norm.unwrap().into_scalar().elem::<f32>());
+            }
+            let moments: Vec<_> = ["weight", "bias"]
+                .iter()
+                .map(|name| {
+                    let named: HashMap<_, _> = optimizer.named_moments().into_iter().collect();
+                    let m = &named[*name];
+                    let data = |t: &Tensor<Flex, 1>| t.to_data().to_vec::<f32>().unwrap();
+                    (data(&m.first), data(m.second.as_ref().unwrap()))
+                })
+                .collect();
+            (
+                values(&model.weight),
+                values(&model.bias),
+                norms,
+                moments,
+                optimizer.flat.len(),
+            )
+        };
+        let (weight, bias, norms, moments, groups) = run(3);
+        assert_eq!(groups, 2);
+        let (weight_1, bias_1, norms_1, moments_1, groups_1) = run(GROUP_VALUES);
+        assert_eq!(groups_1, 1);
+        assert_eq!(norms, norms_1);
+        assert!(norms[1] > 0.5, "clipping took part: {norms:?}");
+        assert_eq!((weight, bias, moments), (weight_1, bias_1, moments_1));
     }
 
     #[test]

@@ -225,6 +225,34 @@ fn check_fast_path_agrees_on_the_fixture() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"pass\":false"));
 }
 
+/// In bf16 the check also measures both paths against the reference path in f32, and passes on
+/// either criterion.
+#[test]
+fn check_fast_path_in_bf16_measures_both_paths_against_f32() {
+    let model = fixtures().join("model/tied_f32");
+    let check = [
+        "check-fast-path",
+        "--model",
+        s(&model),
+        "--precision",
+        "bf16",
+    ];
+    let out = ok(&qwen_sft(&check));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["pass"], true, "{report}");
+    let against = &report["against_f32"];
+    for path in ["fast", "reference"] {
+        let rel = against[path]["grad_rel_max"].as_f64().unwrap();
+        // bf16 against f32: rounding shows, but nothing like a wrong gradient.
+        assert!(rel > 1e-4 && rel < 0.2, "{path}: {report}");
+    }
+    let within = ["logits_rel", "loss_rel", "grad_rel_max"]
+        .iter()
+        .all(|key| report[key].as_f64().unwrap() <= report["tolerance"].as_f64().unwrap());
+    let no_farther = against["fast_no_farther"].as_bool().unwrap();
+    assert!(within || no_farther, "{report}");
+}
+
 #[test]
 fn bench_linear_times_every_gemm_of_a_step() {
     let out = ok(&qwen_sft(&[
