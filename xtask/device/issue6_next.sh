@@ -14,9 +14,8 @@
 #     GPU, sets the pace);
 #  3. one profiled step (CUBECL_PROFILE=basic: every kernel timed, one sync each), summarised by
 #     profile_summary.py: the per-op breakdown;
-#  4. the 50-step loss curve of the fast path against the reference path (issue 6's 1% rule);
-#  5. the 1.5b preset at batch 4 and its peer;
-#  6. the same b8 run with the tensor-op bodies: what the kernels alone are worth.
+#  4. the 1.5b preset at batch 4 and its peer;
+#  5. the 50-step loss curve of the fast path against the reference path (issue 6's 1% rule).
 # Results: $OUT/results.tar.xz (the device returns at most 8 files), packed also when the call
 # is cut short (trap), and the profile summary beside it; the CubeCL cache is not packed.
 set -u
@@ -29,10 +28,9 @@ G=xtask/device/gpu_bench.sh
   bash $G check_bf16 ours_b8_bf16 peer_amp_b8
   env CUBECL_PROFILE=basic STEPS=2 TAG=profile bash $G ours_b8_bf16
   python3 xtask/device/profile_summary.py "$OUT/ours_b8_bf16_profile.log" 40 > "$O/profile_b8.md"
+  bash $G ours_1p5b_b4 peer_amp_1p5b_b4
   bash $G curve_fast_b4 curve_ref_b4
   python3 xtask/peer/compare_curves.py "$OUT/curve_fast_b4.json" "$OUT/curve_ref_b4.json" > "$OUT/curve_compare.json"
-  bash $G ours_1p5b_b4 peer_amp_1p5b_b4
-  env KERNELS=tensor-ops TAG=tensor_ops bash $G ours_b8_bf16
   command -v nsys ncu
 } > "$OUT/run.log" 2>&1
 cat "$O/profile_b8.md" "$OUT/curve_compare.json"

@@ -249,13 +249,21 @@ fn block_softmax_kernels_match_tensor_ops() {
     check_block(&call, [1, 1], [2, 4], [0, call.offset() + 6]);
     // Keys from 2 on, with a window of 3.
     check_block(&packed_call(Some(3)), [2, 2], [3, 5], [2, k_len - 2]);
-    // More keys than a cube has units (each strides over several).
+    // More keys than a cube has units (each strides over several): cubes of 64 units.
     let long = Call {
         key_segments: vec![[vec![1; 300], vec![2; 300], vec![0; 100]].concat()],
         q_len: 700,
         window: Some(500),
     };
     check_block(&long, [1, 2], [0, 700], [0, 700]);
+    // Cubes of 32, 64 and 128 units (the kernels take about 16 keys a unit): the last rows
+    // against 1,500 keys.
+    let wide = Call {
+        key_segments: vec![[vec![1; 900], vec![2; 600]].concat()],
+        q_len: 1500,
+        window: None,
+    };
+    check_block(&wide, [1, 2], [1490, 10], [0, 1500]);
     // More rows (batch x heads x rows = 70,400) than one axis of the grid takes.
     let tall = Call {
         key_segments: vec![vec![1; 1100]],

@@ -25,9 +25,18 @@ use burn_cubecl::tensor::CubeTensor;
 
 use super::softmax::ScoreBlock;
 
-/// Units per cube: each strides over a row's keys (2048 at most in the benchmarks, so 8 each).
-/// A power of two, for the tree reductions.
+/// The most units per cube, and the size of the reduction's shared buffer. A power of two, for
+/// the tree reductions.
 pub(crate) const CUBE_SIZE: usize = 256;
+
+/// Units per cube for a softmax row of `keys` keys: about 16 keys each, a power of two from 32
+/// to [`CUBE_SIZE`]. A cube per row makes a step's attention millions of cubes, each two tree
+/// reductions long: with 256 units for rows of about a thousand keys, units were mostly waiting
+/// at the reductions' barriers (docs/BENCHMARKS.md).
+fn softmax_cube_dim(keys: usize) -> CubeDim {
+    let units = keys.div_ceil(16).next_power_of_two().clamp(32, CUBE_SIZE);
+    CubeDim::new_1d(units as u32)
+}
 
 /// The largest cube count along one axis that every runtime takes.
 const MAX_CUBES_PER_AXIS: usize = 65_535;
@@ -153,7 +162,8 @@ pub(crate) fn reduce_cube(value: f32, #[comptime] maximum: bool) -> f32 {
     let unit = UNIT_POS_X as usize;
     shared[unit] = value;
     sync_cube();
-    // A run-time counter (the cube's size, which is CUBE_SIZE): a comptime one cannot change.
+    // A run-time counter (the cube's size, a power of two up to CUBE_SIZE): a comptime one
+    // cannot change.
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {
         if unit < stride {
@@ -199,7 +209,7 @@ fn softmax_forward_kernel<E: Float, I: Int>(
         if allowed::<I>(key_segments, &geometry, &row, j) {
             local_max = max(local_max, scaled::<E>(scores, &geometry, &row, j));
         }
-        j += CUBE_SIZE;
+        j += CUBE_DIM_X as usize;
     }
     let row_max = reduce_cube(local_max, true);
     let empty = row_max == lowest;
@@ -210,7 +220,7 @@ fn softmax_forward_kernel<E: Float, I: Int>(
         if allowed::<I>(key_segments, &geometry, &row, j) {
             local_sum += (scaled::<E>(scores, &geometry, &row, j) - row_max).exp();
         }
-        j += CUBE_SIZE;
+        j += CUBE_DIM_X as usize;
     }
     let sum = reduce_cube(local_sum, false);
 
@@ -222,7 +232,7 @@ fn softmax_forward_kernel<E: Float, I: Int>(
             p = (scaled::<E>(scores, &geometry, &row, j) - row_max).exp() / sum;
         }
         probs[out_base + j] = E::cast_from(p);
-        j += CUBE_SIZE;
+        j += CUBE_DIM_X as usize;
     }
     if unit == 0 {
         let mut value = empty_lse;
@@ -271,7 +281,7 @@ fn softmax_backward_kernel<E: Float, I: Int>(
             let dp = f32::cast_from(grad_probs[grouped_offset::<E>(grad_probs, &row, j)]);
             grad_scores[out_base + j] = E::cast_from(p * (dp - row_delta) * geometry.scale);
         }
-        j += CUBE_SIZE;
+        j += CUBE_DIM_X as usize;
     }
 }
 
@@ -352,7 +362,7 @@ pub fn softmax_forward<R: CubeRuntime>(
     softmax_forward_kernel::launch::<R>(
         &client,
         cube_count(total_rows),
-        CubeDim::new_1d(CUBE_SIZE as u32),
+        softmax_cube_dim(block.keys),
         scores.into_tensor_arg(),
         query_segments.into_tensor_arg(),
         key_segments.into_tensor_arg(),
@@ -405,7 +415,7 @@ pub fn softmax_backward<R: CubeRuntime>(
     softmax_backward_kernel::launch::<R>(
         &client,
         cube_count(total_rows),
-        CubeDim::new_1d(CUBE_SIZE as u32),
+        softmax_cube_dim(block.keys),
         scores.into_tensor_arg(),
         grad_probs.into_tensor_arg(),
         lse.into_tensor_arg(),
