@@ -13,8 +13,9 @@
 //! bias gradient is summed in f32 where autodiff of the plain ops sums in bf16), and a bf16
 //! reference is itself a few percent from the exact values on a small random model. So a bf16
 //! check also runs the reference path in f32, and the fast path passes when it is within the
-//! tolerance of the bf16 reference, or when it is no farther from the f32 reference than the
-//! bf16 reference is, figure by figure and parameter by parameter (up to [`F32_SLACK`]).
+//! tolerance of the bf16 reference, or when, figure by figure and parameter by parameter, it is
+//! within the tolerance of the f32 reference or no farther from it than the bf16 reference is
+//! (up to [`F32_SLACK`]).
 //!
 //! The logits are compared at real tokens only: the two attention bodies give padding rows
 //! different (unused) outputs, see [`qwen_model::attention`].
@@ -83,9 +84,29 @@ pub struct CheckReport {
 pub struct AgainstF32 {
     pub fast: Differences,
     pub reference: Differences,
-    /// Whether the fast path is no farther from f32 than the bf16 reference path is (times
-    /// [`F32_SLACK`]) in the logits, the loss and every parameter's gradient.
+    /// The figure (`logits`, `loss` or a parameter's name) where the fast path comes closest
+    /// to failing, with both paths' figures there.
+    pub closest_figure: String,
+    pub closest_fast: f64,
+    pub closest_reference: f64,
+    /// Whether in the logits, the loss and every parameter's gradient the fast path is within
+    /// the tolerance of f32, or no farther from it than the bf16 reference path is (times
+    /// [`F32_SLACK`]).
     pub fast_no_farther: bool,
+}
+
+impl AgainstF32 {
+    fn new(fast: Differences, reference: Differences, tolerance: f64) -> Self {
+        let (ratio, closest, ours, theirs) = fast.closest_to(&reference, F32_SLACK, tolerance);
+        Self {
+            fast_no_farther: ratio <= 1.0,
+            closest_figure: closest,
+            closest_fast: ours,
+            closest_reference: theirs,
+            fast,
+            reference,
+        }
+    }
 }
 
 /// How much farther from the f32 path than the bf16 reference the fast path may be: rounding
@@ -102,9 +123,9 @@ pub struct Differences {
     /// infinitely far.
     pub grad_rel_max: f64,
     pub grad_rel_worst_param: String,
-    /// Each parameter's figure, in `named_parameters` order.
+    /// Each parameter's name and figure, in `named_parameters` order.
     #[serde(skip)]
-    pub grad_rel: Vec<f64>,
+    pub grad_rel: Vec<(String, f64)>,
 }
 
 impl Differences {
@@ -115,23 +136,38 @@ impl Differences {
             .all(|&rel| rel <= tolerance)
     }
 
-    /// Whether every figure of `self` is at most `slack` times `other`'s (NaN is not): the
-    /// logits, the loss, and each parameter's gradient against the same parameter's.
-    pub fn no_farther_than(&self, other: &Differences, slack: f64) -> bool {
-        let pairs = [
-            (self.logits_rel, other.logits_rel),
-            (self.loss_rel, other.loss_rel),
+    /// Each figure of `self` (the logits, the loss, each parameter's gradient) against the
+    /// same figure of `other`, as `ours / max(slack * theirs, floor)`: the largest of these
+    /// ratios (infinite for NaN, or when the parameters differ), the figure's name, and both
+    /// figures there. At most 1: no figure farther than `slack` times `other`'s, or than
+    /// `floor`.
+    pub fn closest_to(
+        &self,
+        other: &Differences,
+        slack: f64,
+        floor: f64,
+    ) -> (f64, String, f64, f64) {
+        if self.grad_rel.len() != other.grad_rel.len() {
+            return (f64::INFINITY, "parameters".into(), f64::NAN, f64::NAN);
+        }
+        let figures = [
+            ("logits".to_string(), self.logits_rel, other.logits_rel),
+            ("loss".to_string(), self.loss_rel, other.loss_rel),
         ];
-        self.grad_rel.len() == other.grad_rel.len()
-            && pairs
-                .into_iter()
-                .chain(
-                    self.grad_rel
-                        .iter()
-                        .copied()
-                        .zip(other.grad_rel.iter().copied()),
-                )
-                .all(|(ours, theirs)| ours <= slack * theirs)
+        let grads = self
+            .grad_rel
+            .iter()
+            .zip(&other.grad_rel)
+            .map(|((name, ours), (_, theirs))| (name.clone(), *ours, *theirs));
+        figures
+            .into_iter()
+            .chain(grads)
+            .map(|(name, ours, theirs)| {
+                let ratio = nan_last(ours / (slack * theirs).max(floor));
+                (ratio, name, ours, theirs)
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .expect("the logits and the loss are always there")
     }
 }
 
@@ -253,11 +289,7 @@ where
     let differences = compare(&fast, &reference);
     let against_f32 = reference_f32.map(|f32_path| {
         let (fast, reference) = (compare(&fast, &f32_path), compare(&reference, &f32_path));
-        AgainstF32 {
-            fast_no_farther: fast.no_farther_than(&reference, F32_SLACK),
-            fast,
-            reference,
-        }
+        AgainstF32::new(fast, reference, tolerance)
     });
     let pass =
         differences.within(tolerance) || against_f32.as_ref().is_some_and(|a| a.fast_no_farther);
@@ -369,20 +401,22 @@ fn named_grads<B: AutodiffBackend>(
 
 /// How far `fast` is from `reference`.
 pub fn compare<B: AutodiffBackend>(fast: &PathOutput<B>, reference: &PathOutput<B>) -> Differences {
-    let grad_rel: Vec<f64> = fast
+    let grad_rel: Vec<(String, f64)> = fast
         .grads
         .iter()
         .zip(&reference.grads)
-        .map(|((_, a), (_, b))| match (a, b) {
-            (Some(a), Some(b)) => relative(a.clone(), b.clone()),
-            (None, None) => 0.0,
-            _ => f64::INFINITY,
+        .map(|((name, a), (_, b))| {
+            let rel = match (a, b) {
+                (Some(a), Some(b)) => relative(a.clone(), b.clone()),
+                (None, None) => 0.0,
+                _ => f64::INFINITY,
+            };
+            (name.clone(), rel)
         })
         .collect();
     let worst = grad_rel
         .iter()
-        .zip(&fast.grads)
-        .map(|(&rel, (name, _))| (rel, name.clone()))
+        .map(|(name, rel)| (*rel, name.clone()))
         // NaN counts as the worst.
         .max_by(|x, y| nan_last(x.0).total_cmp(&nan_last(y.0)));
     let (grad_rel_max, grad_rel_worst_param) = worst.unwrap_or_default();
@@ -442,20 +476,32 @@ mod tests {
             loss_rel: loss,
             grad_rel_max: grads.iter().copied().fold(0.0, f64::max),
             grad_rel_worst_param: String::new(),
-            grad_rel: grads.to_vec(),
+            grad_rel: grads
+                .iter()
+                .enumerate()
+                .map(|(i, &g)| (format!("p{i}"), g))
+                .collect(),
         }
     }
 
     /// Parameter by parameter, not max against max: a gradient that is twice as far as the
-    /// reference's on the same parameter fails even below the reference's worst figure.
+    /// reference's on the same parameter fails even below the reference's worst figure, unless
+    /// it is within the floor.
     #[test]
-    fn no_farther_compares_each_figure_with_its_own() {
+    fn closest_to_compares_each_figure_with_its_own() {
         let reference = differences(0.02, 1e-4, &[0.03, 0.004]);
-        assert!(differences(0.025, 1e-4, &[0.04, 0.005]).no_farther_than(&reference, 1.5));
-        assert!(!differences(0.02, 1e-4, &[0.01, 0.009]).no_farther_than(&reference, 1.5));
-        assert!(!differences(0.04, 1e-4, &[0.03, 0.004]).no_farther_than(&reference, 1.5));
-        assert!(!differences(0.02, 1e-4, &[0.03]).no_farther_than(&reference, 1.5));
-        assert!(!differences(f64::NAN, 1e-4, &[0.03, 0.004]).no_farther_than(&reference, 1.5));
+        let ratio = |d: Differences, floor: f64| d.closest_to(&reference, 1.5, floor);
+        assert!(ratio(differences(0.025, 1e-4, &[0.04, 0.005]), 0.0).0 <= 1.0);
+        let (r, name, ours, theirs) = ratio(differences(0.02, 1e-4, &[0.01, 0.009]), 0.0);
+        assert!(r > 1.0);
+        assert_eq!((name.as_str(), ours, theirs), ("p1", 0.009, 0.004));
+        // ... but 0.009 is within a floor of 0.01.
+        assert!(ratio(differences(0.02, 1e-4, &[0.01, 0.009]), 0.01).0 <= 1.0);
+        let (r, name, ..) = ratio(differences(0.04, 1e-4, &[0.03, 0.004]), 0.0);
+        assert!(r > 1.0 && name == "logits");
+        assert!(ratio(differences(0.02, 1e-4, &[0.03]), 0.0).0.is_infinite());
+        let (r, name, ..) = ratio(differences(f64::NAN, 1e-4, &[0.03, 0.004]), 1.0);
+        assert!(r.is_infinite() && name == "logits");
     }
 
     /// The same fast path on the fixture model and on a copy whose final norm is scaled by 1.5:
