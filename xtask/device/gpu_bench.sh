@@ -21,7 +21,8 @@ BIN=/tmp/qwen-sft
 # (`--gemm`: cublaslt, the default, cublaslt-cached or burn); a measurement whose name says its body runs that
 # one whatever GEMM is. GEMM_MIN_GFLOP keeps smaller products on burn's matmul. KERNELS picks the
 # body of the model's own kernels: the attention's block softmax, the rotary embedding, RMSNorm
-# (`--kernels`: auto, the default, the kernels on CUDA; or tensor-ops).
+# (`--kernels`: auto, the default, the kernels on CUDA; or tensor-ops). KERNELS_OFF keeps some of
+# them on tensor ops (`--kernels-off`, comma-separated: softmax, rotary, rms-norm).
 python3 -c "import lzma; open('$BIN', 'wb').write(lzma.open('.device/${BINARY:-qwen-sft}.xz').read())" && chmod +x "$BIN"
 # cudarc loads libcuda and NVRTC at run time.
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -73,7 +74,7 @@ step() { # name timeout command...
 # of importance, so that a call cut short still brings back the main figures).
 ALL="forward_bf16 ours_b4_bf16 peer_amp_b4 peer_amp_b8 ours_b8_bf16 forward_f32"
 B=$BIN
-G="--gemm ${GEMM:-cublaslt} ${GEMM_MIN_GFLOP:+--gemm-min-gflop $GEMM_MIN_GFLOP} ${KERNELS:+--kernels $KERNELS}"
+G="--gemm ${GEMM:-cublaslt} ${GEMM_MIN_GFLOP:+--gemm-min-gflop $GEMM_MIN_GFLOP} ${KERNELS:+--kernels $KERNELS} ${KERNELS_OFF:+--kernels-off $KERNELS_OFF}"
 for name in ${@:-$ALL}; do
   case $name in
     # The model's real-size check: Qwen2.5-0.5B shapes, forward on [1, 2048].

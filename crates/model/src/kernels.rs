@@ -72,9 +72,97 @@ pub fn kernel_body() -> KernelBody {
     KernelBody::ALL[usize::from(KERNEL_BODY.load(Ordering::Relaxed))]
 }
 
+/// One of the crate's kernels, for turning it off alone ([`set_kernels_off`]): to find which
+/// one a difference comes from, or to work around one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The attention's block softmax, both directions.
+    Softmax,
+    /// The rotary embedding, both directions.
+    Rotary,
+    /// RMSNorm's forward and the gradient of its input.
+    RmsNorm,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 3] = [Self::Softmax, Self::Rotary, Self::RmsNorm];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Softmax => "softmax",
+            Self::Rotary => "rotary",
+            Self::RmsNorm => "rms-norm",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+impl std::str::FromStr for Kernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kernel| kernel.name() == s)
+            .ok_or_else(|| format!("unknown kernel `{s}`; use softmax, rotary or rms-norm"))
+    }
+}
+
+static KERNELS_OFF: AtomicU8 = AtomicU8::new(0);
+
+/// Keeps `kernels` on their tensor-op bodies whatever [`KernelBody`] is set (none by default),
+/// for the whole process; read, like the body, when a lazy backend runs its queue.
+pub fn set_kernels_off(kernels: &[Kernel]) {
+    let mask = kernels.iter().fold(0, |mask, kernel| mask | kernel.bit());
+    KERNELS_OFF.store(mask, Ordering::Relaxed);
+}
+
+/// The kernels turned off by [`set_kernels_off`].
+pub fn kernels_off() -> Vec<Kernel> {
+    let mask = KERNELS_OFF.load(Ordering::Relaxed);
+    Kernel::ALL
+        .into_iter()
+        .filter(|kernel| mask & kernel.bit() != 0)
+        .collect()
+}
+
+/// Whether `kernel` runs on a CubeCL runtime (`on_cuda`: whether it is CUDA's) under the body
+/// and the kernels turned off now.
+pub fn kernel_runs(kernel: Kernel, on_cuda: bool) -> bool {
+    kernel_body().runs_kernels(on_cuda) && KERNELS_OFF.load(Ordering::Relaxed) & kernel.bit() == 0
+}
+
 #[cfg(test)]
 mod tests {
-    use super::KernelBody;
+    use super::{Kernel, KernelBody};
+
+    #[test]
+    fn kernels_turn_off_one_at_a_time() {
+        for kernel in Kernel::ALL {
+            assert_eq!(kernel.name().parse::<Kernel>(), Ok(kernel));
+        }
+        assert!(
+            "rmsnorm"
+                .parse::<Kernel>()
+                .unwrap_err()
+                .contains("rms-norm")
+        );
+        // The switches are process-wide: this test alone sets them.
+        super::set_kernels_off(&[Kernel::Rotary]);
+        assert_eq!(super::kernels_off(), vec![Kernel::Rotary]);
+        assert!(!super::kernel_runs(Kernel::Rotary, true));
+        assert!(super::kernel_runs(Kernel::Softmax, true));
+        assert!(
+            !super::kernel_runs(Kernel::Softmax, false),
+            "auto: CUDA only"
+        );
+        super::set_kernels_off(&[]);
+        assert!(super::kernel_runs(Kernel::Rotary, true));
+    }
 
     #[test]
     fn kernel_bodies_parse_by_name() {

@@ -39,7 +39,7 @@ pub use checkpoint::{
 };
 pub use config::{AttentionKind, Family, Qwen2Config, RopeParameters};
 pub use error::{ConfigError, LoadError, SaveError};
-pub use kernels::{KernelBody, kernel_body, set_kernel_body};
+pub use kernels::{Kernel, KernelBody, kernel_body, kernels_off, set_kernel_body, set_kernels_off};
 pub use linear::LinearBackend;
 pub use model::{
     Embedding, KvCache, LayerCache, Linear, Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM,

@@ -51,7 +51,7 @@ pub struct BenchReport {
     /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
     /// The model's own kernels as they ran: `kernel` or `tensor-ops` (`--kernels`).
-    pub kernels: &'static str,
+    pub kernels: String,
     /// Products under this many GFLOP ran on burn's matmul (`--gemm-min-gflop`).
     pub gemm_min_gflop: f64,
     /// cuBLASLt products per timed step, and the host time per step spent waiting for burn's
@@ -261,7 +261,7 @@ pub struct ForwardReport {
     /// The body of every matrix product: linear layers, attention, loss (`qwen_gemm::GemmBody::name`).
     pub linear: &'static str,
     /// The model's own kernels as they ran: `kernel` or `tensor-ops` (`--kernels`).
-    pub kernels: &'static str,
+    pub kernels: String,
     pub init_seconds: f64,
     /// The first forward (kernel compilation and autotuning included).
     pub first_forward_seconds: f64,
@@ -471,11 +471,15 @@ pub fn linear<B: qwen_model::LinearBackend>(
 }
 
 /// What the model's own kernels run on `B`: `kernel` or `tensor-ops` (one switch sets them
-/// all, [`qwen_model::kernels`]).
-pub fn kernels_name<B: AttentionBackend>() -> &'static str {
-    if B::has_softmax_kernel() {
-        qwen_model::KernelBody::Kernel.name()
-    } else {
-        qwen_model::KernelBody::TensorOps.name()
+/// all, [`qwen_model::kernels`]), and the kernels turned off, as in `kernel (off: rotary)`.
+pub fn kernels_name<B: AttentionBackend + qwen_model::RowwiseBackend>() -> String {
+    if !B::has_rowwise_kernels() {
+        return qwen_model::KernelBody::TensorOps.name().to_string();
+    }
+    let off: Vec<&str> = qwen_model::kernels_off().iter().map(|k| k.name()).collect();
+    let kernel = qwen_model::KernelBody::Kernel.name();
+    match off.is_empty() {
+        true => kernel.to_string(),
+        false => format!("{kernel} (off: {})", off.join(", ")),
     }
 }

@@ -69,7 +69,7 @@ pub struct CheckReport {
     pub gemm: &'static str,
     /// The model's own kernels on the fast path (`kernel` or `tensor-ops`); the reference path
     /// runs the plain reference attention and tensor ops.
-    pub kernels: &'static str,
+    pub kernels: String,
     #[serde(flatten)]
     pub differences: Differences,
     pub tolerance: f64,

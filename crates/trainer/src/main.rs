@@ -43,6 +43,10 @@ struct Cli {
     /// kernel (on any CubeCL backend, wgpu too).
     #[arg(long, global = true, default_value = "auto")]
     kernels: qwen_model::KernelBody,
+    /// Kernels to keep on their tensor-op bodies whatever `--kernels` says, comma-separated:
+    /// softmax, rotary, rms-norm (to find which one a difference comes from).
+    #[arg(long, global = true, value_delimiter = ',')]
+    kernels_off: Vec<qwen_model::Kernel>,
 }
 
 #[derive(Subcommand)]
@@ -320,6 +324,7 @@ fn main() -> Result<()> {
     );
     qwen_gemm::set_gemm_min_flops((cli.gemm_min_gflop * 1e9) as u64);
     qwen_model::set_kernel_body(cli.kernels);
+    qwen_model::set_kernels_off(&cli.kernels_off);
     match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),

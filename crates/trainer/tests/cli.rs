@@ -225,6 +225,20 @@ fn check_fast_path_agrees_on_the_fixture() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"pass\":false"));
 }
 
+#[test]
+fn an_unknown_kernel_to_turn_off_is_refused() {
+    let model = fixtures().join("model/tied_f32");
+    let args = [
+        "--kernels-off",
+        "rotary,rmsnorm",
+        "check-fast-path",
+        "--model",
+        s(&model),
+    ];
+    let e = err(&qwen_sft(&args));
+    assert!(e.contains("rmsnorm") && e.contains("rms-norm"), "{e}");
+}
+
 /// In bf16 the check also measures both paths against the reference path in f32, and passes on
 /// either criterion.
 #[test]

@@ -66,7 +66,7 @@ mod cube {
         }
 
         fn has_softmax_kernel() -> bool {
-            crate::kernels::kernel_body().runs_kernels(qwen_gemm::is_cuda::<R>())
+            crate::kernels::kernel_runs(crate::kernels::Kernel::Softmax, qwen_gemm::is_cuda::<R>())
         }
     }
 }

@@ -14,7 +14,13 @@ mod cube {
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
+    use crate::kernels::{Kernel, kernel_runs};
     use crate::rowwise::{RowwiseBackend, cube, tensor_ops};
+
+    /// Whether `kernel` runs on runtime `R` now (the body, and the kernels turned off).
+    fn runs<R: CubeRuntime>(kernel: Kernel) -> bool {
+        kernel_runs(kernel, qwen_gemm::is_cuda::<R>())
+    }
 
     impl<R, F, I, BT> RowwiseBackend for CubeBackend<R, F, I, BT>
     where
@@ -29,7 +35,7 @@ mod cube {
             weight: CubeTensor<R>,
             eps: f64,
         ) -> (CubeTensor<R>, CubeTensor<R>) {
-            if !Self::has_rowwise_kernels() {
+            if !runs::<R>(Kernel::RmsNorm) {
                 return tensor_ops::rms_norm_forward::<Self>(x, weight, eps);
             }
             cube::rms_norm_forward(x, weight, eps)
@@ -42,7 +48,7 @@ mod cube {
             grad: CubeTensor<R>,
             request: [bool; 2],
         ) -> [Option<CubeTensor<R>>; 2] {
-            if !Self::has_rowwise_kernels() {
+            if !runs::<R>(Kernel::RmsNorm) {
                 return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
             }
             tensor_ops::rms_norm_backward_with_dx_kernel::<Self>(
@@ -60,7 +66,7 @@ mod cube {
             cos: CubeTensor<R>,
             sin: CubeTensor<R>,
         ) -> CubeTensor<R> {
-            if !Self::has_rowwise_kernels() {
+            if !runs::<R>(Kernel::Rotary) {
                 return tensor_ops::rotary_forward::<Self>(x, cos, sin);
             }
             cube::rotary(x, cos, sin, false)
@@ -71,7 +77,7 @@ mod cube {
             cos: CubeTensor<R>,
             sin: CubeTensor<R>,
         ) -> CubeTensor<R> {
-            if !Self::has_rowwise_kernels() {
+            if !runs::<R>(Kernel::Rotary) {
                 return tensor_ops::rotary_backward::<Self>(grad, cos, sin);
             }
             cube::rotary(grad, cos, sin, true)
