@@ -9,13 +9,16 @@
 //!       -> max |fast - reference| / max |reference| of the logits, the loss, each gradient
 //! ```
 //!
-//! In bf16 the two paths round at different places (a kernel sums a row in another order, a
-//! bias gradient is summed in f32 where autodiff of the plain ops sums in bf16), and a bf16
-//! reference is itself a few percent from the exact values on a small random model. So a bf16
-//! check also runs the reference path in f32, and the fast path passes when it is within the
-//! tolerance of the bf16 reference, or when, figure by figure and parameter by parameter, it is
-//! within the tolerance of the f32 reference or no farther from it than the bf16 reference is
-//! (up to [`F32_SLACK`]).
+//! In bf16 the two paths round at different places, and a bf16 path is itself 5-12% from the
+//! f32 values on the small random fixture model. The model's kernels round op by op, as
+//! PyTorch's eager bf16 does; burn's fusion keeps a fused chain of tensor ops in f32 and rounds
+//! once. On CUDA the fast path therefore equals the reference exactly in a build without
+//! fusion, and is 3% from it with fusion, where the reference is the one that rounds
+//! differently (docs/BENCHMARKS.md). So a bf16 check also runs the reference path in f32, and
+//! the fast path passes when it is within the tolerance of the bf16 reference, or when, figure
+//! by figure and parameter by parameter, it is no farther from the f32 path than the bf16
+//! reference is (up to [`F32_SLACK`]) or than the bf16 reference's worst figure (bf16's own
+//! error on this model; never below the tolerance).
 //!
 //! The logits are compared at real tokens only: the two attention bodies give padding rows
 //! different (unused) outputs, see [`qwen_model::attention`].
@@ -89,15 +92,23 @@ pub struct AgainstF32 {
     pub closest_figure: String,
     pub closest_fast: f64,
     pub closest_reference: f64,
-    /// Whether in the logits, the loss and every parameter's gradient the fast path is within
-    /// the tolerance of f32, or no farther from it than the bf16 reference path is (times
-    /// [`F32_SLACK`]).
+    /// Whether in the logits, the loss and every parameter's gradient the fast path is no
+    /// farther from f32 than the bf16 reference path is (times [`F32_SLACK`]), or than the
+    /// reference's worst figure (at least the tolerance).
     pub fast_no_farther: bool,
 }
 
 impl AgainstF32 {
     fn new(fast: Differences, reference: Differences, tolerance: f64) -> Self {
-        let (ratio, closest, ours, theirs) = fast.closest_to(&reference, F32_SLACK, tolerance);
+        // bf16's own error on this model and batch: the reference's worst figure.
+        let floor = [
+            reference.logits_rel,
+            reference.loss_rel,
+            reference.grad_rel_max,
+        ]
+        .into_iter()
+        .fold(tolerance, f64::max);
+        let (ratio, closest, ours, theirs) = fast.closest_to(&reference, F32_SLACK, floor);
         Self {
             fast_no_farther: ratio <= 1.0,
             closest_figure: closest,
@@ -527,5 +538,25 @@ mod tests {
         assert!(d.loss_rel > 0.0, "{d:?}");
         assert!(d.grad_rel_max > 0.1, "{d:?}");
         assert!(!d.within(default_tolerance(Precision::Bf16)));
+
+        // In bf16, against the f32 path: the bf16 reference passes as a fast path would, the
+        // perturbed copy fails.
+        let tolerance = default_tolerance(Precision::Bf16);
+        let f32_path = run_path(&model, PathKind::Reference, &batch, &opts).unwrap();
+        let bf16 = |m: &Qwen2ForCausalLM<AB>, kind| {
+            run_path(
+                &m.clone().with_compute_dtype(DType::BF16),
+                kind,
+                &batch,
+                &opts,
+            )
+            .unwrap()
+        };
+        let reference = compare(&bf16(&model, PathKind::Reference), &f32_path);
+        let fast = compare(&bf16(&model, PathKind::Fast), &f32_path);
+        let wrong = compare(&bf16(&perturbed, PathKind::Fast), &f32_path);
+        assert!(AgainstF32::new(fast, reference.clone(), tolerance).fast_no_farther);
+        let caught = AgainstF32::new(wrong, reference, tolerance);
+        assert!(!caught.fast_no_farther, "{caught:?}");
     }
 }
