@@ -51,11 +51,18 @@ impl std::str::FromStr for KernelBody {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|body| body.name() == s)
+        by_name(Self::ALL, Self::name, s)
             .ok_or_else(|| format!("unknown kernel body `{s}`; use auto, kernel or tensor-ops"))
     }
+}
+
+/// The item of `all` whose `name` is `s`.
+fn by_name<T: Copy, const N: usize>(
+    all: [T; N],
+    name: fn(T) -> &'static str,
+    s: &str,
+) -> Option<T> {
+    all.into_iter().find(|&item| name(item) == s)
 }
 
 static KERNEL_BODY: AtomicU8 = AtomicU8::new(KernelBody::Auto as u8);
@@ -105,9 +112,7 @@ impl std::str::FromStr for Kernel {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|kernel| kernel.name() == s)
+        by_name(Self::ALL, Self::name, s)
             .ok_or_else(|| format!("unknown kernel `{s}`; use softmax, rotary or rms-norm"))
     }
 }

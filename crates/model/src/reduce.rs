@@ -30,7 +30,7 @@ fn row_parts(rows: usize) -> Option<usize> {
         return None;
     }
     let root = rows.isqrt();
-    let parts = (1..=root).rev().find(|d| rows % d == 0)?;
+    let parts = (1..=root).rev().find(|&d| rows.is_multiple_of(d))?;
     (parts >= 16).then_some(parts)
 }
 

@@ -184,18 +184,31 @@ fn inspect_marks_supervised_spans() {
     assert!(out.contains("supervised tokens"), "{out}");
 }
 
+/// `check-fast-path` on the fixture model in `precision` (and `extra` arguments): the output and
+/// the JSON report.
+fn check_fast_path(precision: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    let model = fixtures().join("model/tied_f32");
+    let args = [
+        &[
+            "check-fast-path",
+            "--model",
+            s(&model),
+            "--precision",
+            precision,
+        ],
+        extra,
+    ]
+    .concat();
+    let output = qwen_sft(&args);
+    let line = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let report = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    (output, report)
+}
+
 #[test]
 fn check_fast_path_agrees_on_the_fixture() {
-    let model = fixtures().join("model/tied_f32");
-    let check = [
-        "check-fast-path",
-        "--model",
-        s(&model),
-        "--precision",
-        "f32",
-    ];
-    let out = ok(&qwen_sft(&check));
-    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (output, report) = check_fast_path("f32", &[]);
+    ok(&output);
     assert_eq!(report["pass"], true, "{report}");
     assert_eq!(report["gemm"], "burn", "{report}");
     assert_eq!(report["precision"], "f32");
@@ -219,10 +232,10 @@ fn check_fast_path_agrees_on_the_fixture() {
     );
 
     // Past the tolerance: the same line, then a failure.
-    let output = qwen_sft(&[&check[..], &["--tolerance", "0"]].concat());
+    let (output, report) = check_fast_path("f32", &["--tolerance", "0"]);
     let e = err(&output);
     assert!(e.contains("tolerance") || e.contains("differs"), "{e}");
-    assert!(String::from_utf8_lossy(&output.stdout).contains("\"pass\":false"));
+    assert_eq!(report["pass"], false, "{report}");
 }
 
 #[test]
@@ -243,16 +256,8 @@ fn an_unknown_kernel_to_turn_off_is_refused() {
 /// either criterion.
 #[test]
 fn check_fast_path_in_bf16_measures_both_paths_against_f32() {
-    let model = fixtures().join("model/tied_f32");
-    let check = [
-        "check-fast-path",
-        "--model",
-        s(&model),
-        "--precision",
-        "bf16",
-    ];
-    let out = ok(&qwen_sft(&check));
-    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (output, report) = check_fast_path("bf16", &[]);
+    ok(&output);
     assert_eq!(report["pass"], true, "{report}");
     let against = &report["against_f32"];
     for path in ["fast", "reference"] {
