@@ -1,26 +1,24 @@
 #!/usr/bin/env bash
-# Issue 6's open measurements (docs/ARCHITECTURE.md, "GPU speed", "What is next"), in order of
-# importance, for one device call of at most 600 s. Every measurement is gpu_bench.sh's; this only
+# Issue 6's next device call (docs/ARCHITECTURE.md, "GPU speed", "What is next"), in order of
+# importance, for one call of at most 600 s. Every measurement is gpu_bench.sh's; this only
 # picks the settings and tags the runs, so that a call cut short still brings back the first
 # figures. Build first (`cargo xtask device-bundle`), then, with the device tool and carry
 # [".device"]:
 #
 #   bash xtask/device/issue6_next.sh
 #
-# What each part answers, with the model's kernels (`--kernels auto`, KERNELS below):
-#  1. check_bf16: the fast path against the reference path, logits and gradients, on the GPU;
-#  2. ours_b8_bf16 and peer_amp_b8, same call: tokens/s, peak memory against the 30 GiB target,
-#     and `queued_seconds_mean` against `step_seconds_mean` (close together: the host, not the
-#     GPU, sets the pace);
-#  3. one profiled step (CUBECL_PROFILE=basic: every kernel timed, one sync each), summarised by
-#     profile_summary.py: the per-op breakdown;
+# What each part answers (the defaults: `--kernels auto`, `--gemm cublaslt`):
+#  1. check_bf16 with the final rule of check-fast-path (the f32 comparison's floor, never run
+#     on the GPU in session 12), with the per-parameter figures in the report;
+#  2. ours_b8_bf16 and peer_amp_b8, same call: tokens/s and peak memory against the targets;
+#  3. one profiled step (CUBECL_PROFILE=basic), summarised by profile_summary.py;
 #  4. the 1.5b preset at batch 4 and its peer;
 #  5. the 50-step loss curve of the fast path against the reference path (issue 6's 1% rule).
 # Results: $OUT/results.tar.xz (the device returns at most 8 files), packed also when the call
 # is cut short (trap), and the profile summary beside it; the CubeCL cache is not packed.
 set -u
 O=${OUT:-/tmp/issue6}
-export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8} KERNELS=${KERNELS:-auto}
+export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8}
 mkdir -p "$OUT" "$O"
 trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
 G=xtask/device/gpu_bench.sh
@@ -31,9 +29,8 @@ G=xtask/device/gpu_bench.sh
   bash $G ours_1p5b_b4 peer_amp_1p5b_b4
   bash $G curve_fast_b4 curve_ref_b4
   python3 xtask/peer/compare_curves.py "$OUT/curve_fast_b4.json" "$OUT/curve_ref_b4.json" > "$OUT/curve_compare.json"
-  command -v nsys ncu
 } > "$OUT/run.log" 2>&1
 cat "$O/profile_b8.md" "$OUT/curve_compare.json"
 cd "$OUT" && for f in *.json; do python3 -c "
-import json,sys; d=json.load(open('$f'))
+import json; d=json.load(open('$f'))
 print('$f', {k: d.get(k) for k in ('tokens_per_second','step_seconds_mean','queued_seconds_mean','peak_delta_gib','pass','logits_rel','grad_rel_max','max_relative_diff') if k in d})"; done
