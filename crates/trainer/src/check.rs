@@ -92,6 +92,8 @@ pub struct AgainstF32 {
     pub closest_figure: String,
     pub closest_fast: f64,
     pub closest_reference: f64,
+    /// Every parameter's figure: its name, the fast path's, the reference's.
+    pub per_parameter: Vec<(String, f64, f64)>,
     /// Whether in the logits, the loss and every parameter's gradient the fast path is no
     /// farther from f32 than the bf16 reference path is (times [`F32_SLACK`]), or than the
     /// reference's worst figure (at least the tolerance).
@@ -109,7 +111,14 @@ impl AgainstF32 {
         .into_iter()
         .fold(tolerance, f64::max);
         let (ratio, closest, ours, theirs) = fast.closest_to(&reference, F32_SLACK, floor);
+        let per_parameter = fast
+            .grad_rel
+            .iter()
+            .zip(&reference.grad_rel)
+            .map(|((name, ours), (_, theirs))| (name.clone(), *ours, *theirs))
+            .collect();
         Self {
+            per_parameter,
             fast_no_farther: ratio <= 1.0,
             closest_figure: closest,
             closest_fast: ours,

@@ -265,6 +265,12 @@ fn check_fast_path_in_bf16_measures_both_paths_against_f32() {
         // bf16 against f32: rounding shows, but nothing like a wrong gradient.
         assert!(rel > 1e-4 && rel < 0.2, "{path}: {report}");
     }
+    let params = against["per_parameter"].as_array().unwrap();
+    assert!(params.len() > 10, "{report}");
+    assert!(
+        params[0][0].as_str().unwrap().starts_with("model."),
+        "{report}"
+    );
     let within = ["logits_rel", "loss_rel", "grad_rel_max"]
         .iter()
         .all(|key| report[key].as_f64().unwrap() <= report["tolerance"].as_f64().unwrap());
