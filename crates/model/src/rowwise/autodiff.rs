@@ -145,4 +145,8 @@ impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C>
     fn has_rowwise_kernels() -> bool {
         B::has_rowwise_kernels()
     }
+
+    fn rowwise_kernel_runs(kernel: crate::Kernel) -> bool {
+        B::rowwise_kernel_runs(kernel)
+    }
 }

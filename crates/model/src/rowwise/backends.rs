@@ -17,11 +17,6 @@ mod cube {
     use crate::kernels::{Kernel, kernel_runs};
     use crate::rowwise::{RowwiseBackend, cube, tensor_ops};
 
-    /// Whether `kernel` runs on runtime `R` now (the body, and the kernels turned off).
-    fn runs<R: CubeRuntime>(kernel: Kernel) -> bool {
-        kernel_runs(kernel, qwen_gemm::is_cuda::<R>())
-    }
-
     impl<R, F, I, BT> RowwiseBackend for CubeBackend<R, F, I, BT>
     where
         R: CubeRuntime,
@@ -35,7 +30,7 @@ mod cube {
             weight: CubeTensor<R>,
             eps: f64,
         ) -> (CubeTensor<R>, CubeTensor<R>) {
-            if !runs::<R>(Kernel::RmsNorm) {
+            if !Self::rowwise_kernel_runs(Kernel::RmsNorm) {
                 return tensor_ops::rms_norm_forward::<Self>(x, weight, eps);
             }
             cube::rms_norm_forward(x, weight, eps)
@@ -48,7 +43,7 @@ mod cube {
             grad: CubeTensor<R>,
             request: [bool; 2],
         ) -> [Option<CubeTensor<R>>; 2] {
-            if !runs::<R>(Kernel::RmsNorm) {
+            if !Self::rowwise_kernel_runs(Kernel::RmsNorm) {
                 return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
             }
             tensor_ops::rms_norm_backward_with_dx_kernel::<Self>(
@@ -66,7 +61,7 @@ mod cube {
             cos: CubeTensor<R>,
             sin: CubeTensor<R>,
         ) -> CubeTensor<R> {
-            if !runs::<R>(Kernel::Rotary) {
+            if !Self::rowwise_kernel_runs(Kernel::Rotary) {
                 return tensor_ops::rotary_forward::<Self>(x, cos, sin);
             }
             cube::rotary(x, cos, sin, false)
@@ -77,7 +72,7 @@ mod cube {
             cos: CubeTensor<R>,
             sin: CubeTensor<R>,
         ) -> CubeTensor<R> {
-            if !runs::<R>(Kernel::Rotary) {
+            if !Self::rowwise_kernel_runs(Kernel::Rotary) {
                 return tensor_ops::rotary_backward::<Self>(grad, cos, sin);
             }
             cube::rotary(grad, cos, sin, true)
@@ -85,6 +80,10 @@ mod cube {
 
         fn has_rowwise_kernels() -> bool {
             crate::kernels::kernel_body().runs_kernels(qwen_gemm::is_cuda::<R>())
+        }
+
+        fn rowwise_kernel_runs(kernel: Kernel) -> bool {
+            kernel_runs(kernel, qwen_gemm::is_cuda::<R>())
         }
     }
 }
@@ -102,6 +101,7 @@ mod fusion {
     use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
+    use crate::kernels::Kernel;
     use crate::rowwise::{RowwiseBackend, tensor_ops};
 
     type Handles<B> =
@@ -210,7 +210,7 @@ mod fusion {
             weight: FloatTensor<Self>,
             eps: f64,
         ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-            if !B::has_rowwise_kernels() {
+            if !B::rowwise_kernel_runs(Kernel::RmsNorm) {
                 return tensor_ops::rms_norm_forward::<Self>(x, weight, eps);
             }
             let shape = x.shape.as_slice().to_vec();
@@ -227,7 +227,7 @@ mod fusion {
             grad: FloatTensor<Self>,
             request: [bool; 2],
         ) -> [Option<FloatTensor<Self>>; 2] {
-            if !B::has_rowwise_kernels() {
+            if !B::rowwise_kernel_runs(Kernel::RmsNorm) {
                 return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
             }
             tensor_ops::rms_norm_backward_with_dx_kernel::<Self>(
@@ -247,7 +247,7 @@ mod fusion {
             cos: FloatTensor<Self>,
             sin: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            if !B::has_rowwise_kernels() {
+            if !B::rowwise_kernel_runs(Kernel::Rotary) {
                 return tensor_ops::rotary_forward::<Self>(x, cos, sin);
             }
             register_like_first::<B>(Kind::Rotary { backward: false }, vec![x, cos, sin])
@@ -258,7 +258,7 @@ mod fusion {
             cos: FloatTensor<Self>,
             sin: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            if !B::has_rowwise_kernels() {
+            if !B::rowwise_kernel_runs(Kernel::Rotary) {
                 return tensor_ops::rotary_backward::<Self>(grad, cos, sin);
             }
             register_like_first::<B>(Kind::Rotary { backward: true }, vec![grad, cos, sin])
@@ -266,6 +266,10 @@ mod fusion {
 
         fn has_rowwise_kernels() -> bool {
             B::has_rowwise_kernels()
+        }
+
+        fn rowwise_kernel_runs(kernel: Kernel) -> bool {
+            B::rowwise_kernel_runs(kernel)
         }
     }
 }

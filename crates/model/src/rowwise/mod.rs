@@ -133,6 +133,14 @@ pub trait RowwiseBackend: Backend {
         false
     }
 
+    /// Whether this one of the kernels ([`Kernel::Rotary`](crate::Kernel::Rotary) or
+    /// [`Kernel::RmsNorm`](crate::Kernel::RmsNorm)) runs now: the body of
+    /// [`has_rowwise_kernels`](Self::has_rowwise_kernels), less the kernels turned off
+    /// ([`crate::kernels::set_kernels_off`]).
+    fn rowwise_kernel_runs(_kernel: crate::Kernel) -> bool {
+        false
+    }
+
     /// The rotary embedding, differentiable in `x`: on `Autodiff<B>` one node keeping the
     /// tables. The tables are constants to it (they get no gradient); callers with tables that
     /// need one use the plain ops, as [`ops::apply_rotary`](crate::ops::apply_rotary) does.
