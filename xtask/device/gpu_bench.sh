@@ -101,6 +101,9 @@ for name in ${@:-$ALL}; do
     # Issue 6's rule: the fast path (chunked attention, the chosen linear body) against the
     # reference path (plain attention, burn's matmul), logits and gradients.
     check_bf16)   step $name ${CHECK_LIMIT:-120} $B check-fast-path $G --model tests/fixtures/model/tied_f32 --precision bf16 ;;
+    # The fused attention against the chunked one and f32 at 0.5b's and 1.5b's attention sizes.
+    check_attn_64)  step $name 120 $B check-attention --heads 14 --kv-heads 2 --head-dim 64 --seq-len 2048 --batch-size 2 ;;
+    check_attn_128) step $name 120 $B check-attention --heads 12 --kv-heads 2 --head-dim 128 --seq-len 2048 --batch-size 2 ;;
     check_f32)    step $name 120 $B check-fast-path $G --model tests/fixtures/model/tied_f32 --precision f32 --tolerance 1e-3 ;;
     *) echo "unknown measurement: $name" ;;
   esac

@@ -43,17 +43,11 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig, MatmulShared};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
-use burn_cubecl::cubecl::Runtime;
-use cubecl_common::device::Device;
-use cubecl_common::device_handle::DeviceHandle;
-use cubecl_common::stream_id::StreamId;
 use cudarc::driver::sys::CUstream;
 
 #[cfg(doc)]
 use crate::gemm_shape;
 use crate::{BatchedLayout, GemmBody, record_call};
-
-type CudaServer = <CudaRuntime as Runtime>::Server;
 
 type Tensor = CubeTensor<CudaRuntime>;
 
@@ -270,20 +264,12 @@ fn cublaslt_present() -> bool {
     })
 }
 
-/// Queues `product` as a task on cubecl's device thread, which runs it on cubecl's own stream
-/// between the kernels queued before and after it (the patched cubecl-cuda,
-/// `vendor/README.md`). The bindings may be dropped once the product is queued, as cubecl drops
-/// its own kernels' bindings after launch: cubecl hands freed memory only to work queued later
-/// on the same stream, which runs after the product.
+/// Queues `product` on burn's own CUDA stream ([`crate::on_burn_stream`]), between the kernels
+/// queued before and after it.
 fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product) {
-    let bindings = [a, b, c].map(|t| t.handle.clone().binding()).to_vec();
-    let stream_id = StreamId::current();
     let index = on.device.index;
-    DeviceHandle::<CudaServer>::new(on.device.to_id()).submit(move |server: &mut CudaServer| {
+    crate::on_burn_stream(on, &[a, b, c], move |stream, addresses| {
         let started = Instant::now();
-        let (stream, addresses) = server
-            .stream_for_external_work(stream_id, bindings)
-            .unwrap_or_else(|err| panic!("{}: cubecl's stream: {err:?}", product.what()));
         let ran = with_blas(index, StreamKind::Cubecl(stream as usize), |blas| {
             product.launch(blas, [addresses[0], addresses[1], addresses[2]]);
         });

@@ -19,8 +19,12 @@ mod backends;
 #[cfg(feature = "cublaslt")]
 mod cublaslt;
 mod layout;
+#[cfg(feature = "cublaslt")]
+mod stream;
 
 pub use layout::BatchedLayout;
+#[cfg(feature = "cublaslt")]
+pub use stream::on_burn_stream;
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 

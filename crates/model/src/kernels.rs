@@ -89,10 +89,14 @@ pub enum Kernel {
     Rotary,
     /// RMSNorm's forward and the gradient of its input.
     RmsNorm,
+    /// The fused attention (CUDA only, `attention::flash`): both passes in tensor-core kernels
+    /// that keep the scores on chip. Off, the chunked attention runs, with the block softmax
+    /// kernel unless that is off too.
+    Flash,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 3] = [Self::Softmax, Self::Rotary, Self::RmsNorm];
+    pub const ALL: [Kernel; 4] = [Self::Softmax, Self::Rotary, Self::RmsNorm, Self::Flash];
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -100,6 +104,7 @@ impl Kernel {
             Self::Softmax => "softmax",
             Self::Rotary => "rotary",
             Self::RmsNorm => "rms-norm",
+            Self::Flash => "flash",
         }
     }
 
@@ -113,7 +118,7 @@ impl std::str::FromStr for Kernel {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         by_name(Self::ALL, Self::name, s)
-            .ok_or_else(|| format!("unknown kernel `{s}`; use softmax, rotary or rms-norm"))
+            .ok_or_else(|| format!("unknown kernel `{s}`; use softmax, rotary, rms-norm or flash"))
     }
 }
 

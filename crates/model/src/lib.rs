@@ -33,7 +33,7 @@ pub mod reduce;
 pub mod rowwise;
 mod weights;
 
-pub use attention::{AttentionBackend, AttentionImpl};
+pub use attention::{AttentionBackend, AttentionImpl, fused_attention_passes};
 pub use checkpoint::{
     CheckpointSource, SaveDtype, SaveOptions, load_pretrained, named_parameters, save_pretrained,
 };

@@ -52,6 +52,9 @@ pub struct BenchReport {
     pub linear: &'static str,
     /// The model's own kernels as they ran: `kernel` or `tensor-ops` (`--kernels`).
     pub kernels: String,
+    /// Attention passes (forward or backward, per layer) per timed step that ran the fused
+    /// kernels (`qwen_model::attention::flash`, CUDA); the rest ran the chunked attention.
+    pub fused_attention_passes_per_step: f64,
     /// Products under this many GFLOP ran on burn's matmul (`--gemm-min-gflop`).
     pub gemm_min_gflop: f64,
     /// cuBLASLt products per timed step, and the host time per step spent waiting for burn's
@@ -131,6 +134,7 @@ struct Timer {
     warmup: u64,
     /// cuBLASLt's totals when the timed steps begin.
     gemm_at_warmup: qwen_gemm::GemmStats,
+    fused_at_warmup: u64,
     setup_seconds: Option<f64>,
     timed: Vec<StepMetrics>,
     losses: Vec<f64>,
@@ -153,6 +157,7 @@ impl Observer for Timer {
         if m.step == self.warmup {
             self.setup_seconds = Some(self.started.elapsed().as_secs_f64());
             self.gemm_at_warmup = qwen_gemm::gemm_stats();
+            self.fused_at_warmup = qwen_model::fused_attention_passes();
         }
         if m.step > self.warmup {
             self.timed.push(m.clone());
@@ -200,6 +205,7 @@ where
         started: Instant::now(),
         warmup: bench.warmup_steps,
         gemm_at_warmup: qwen_gemm::gemm_stats(),
+        fused_at_warmup: qwen_model::fused_attention_passes(),
         setup_seconds: None,
         timed: Vec::new(),
         losses: Vec::new(),
@@ -227,6 +233,9 @@ where
         checkpointing: bench.checkpointing,
         linear: B::gemm_name(),
         kernels: kernels_name::<B>(),
+        fused_attention_passes_per_step: (qwen_model::fused_attention_passes()
+            - timer.fused_at_warmup) as f64
+            / timed_steps,
         gemm_min_gflop: qwen_gemm::gemm_min_flops() as f64 * 1e-9,
         gemm_calls_per_step: gemm.calls as f64 / timed_steps,
         gemm_wait_seconds_per_step: gemm.wait_seconds / timed_steps,

@@ -454,7 +454,7 @@ fn nan_last(x: f64) -> f64 {
 }
 
 /// `max |a - b| / max |b|`, in f32.
-fn relative<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+pub(crate) fn relative<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
     let b = b.cast(DType::F32);
     let max_abs = |t: Tensor<B, D>| t.abs().max().into_scalar().elem::<f64>();
     ratio(max_abs(a.cast(DType::F32) - b.clone()), max_abs(b))

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod bench;
 pub mod check;
+pub mod check_attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

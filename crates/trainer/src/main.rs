@@ -77,6 +77,28 @@ enum Command {
     /// The fast path (chunked attention, fused loss) against the reference on one packed batch:
     /// logits, loss and gradients as JSON; fails beyond the tolerance.
     CheckFastPath(CheckArgs),
+    /// The attention alone at a model's sizes: the fused kernels (CUDA) against the chunked
+    /// attention and f32, output and gradients as JSON; fails beyond the tolerance or when the
+    /// fused kernels did not run.
+    CheckAttention(CheckAttentionArgs),
+}
+
+#[derive(Args)]
+struct CheckAttentionArgs {
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    /// Query heads (14 in Qwen2.5-0.5B, 12 in 1.5B).
+    #[arg(long, default_value_t = 14)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// 64 (0.5B) or 128 (1.5B and up).
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 3e-2)]
+    tolerance: f64,
 }
 
 #[derive(Args)]
@@ -362,6 +384,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::CheckFastPath(args) => check_fast_path(args),
+        Command::CheckAttention(args) => check_attention(args),
     }
 }
 
@@ -794,6 +817,40 @@ fn bench(args: BenchArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn check_attention(args: CheckAttentionArgs) -> Result<()> {
+    let shape = qwen_sft::check_attention::AttentionShape {
+        batch: args.batch_size,
+        heads: args.heads,
+        kv_heads: args.kv_heads,
+        seq: args.seq_len,
+        head_dim: args.head_dim,
+    };
+    anyhow::ensure!(
+        shape.kv_heads > 0 && shape.heads.is_multiple_of(shape.kv_heads),
+        "--heads {} is not a multiple of --kv-heads {}",
+        shape.heads,
+        shape.kv_heads
+    );
+    let report = qwen_sft::check_attention::check_attention::<Training>(
+        shape,
+        args.tolerance,
+        BACKEND_NAME,
+        &backend::device(),
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    anyhow::ensure!(
+        report.fused_passes == 2,
+        "the fused attention did not run ({} of 2 passes): it runs on CUDA, in bf16, for head sizes 64 and 128",
+        report.fused_passes
+    );
+    anyhow::ensure!(
+        report.pass,
+        "the fused attention differs from the chunked one by more than {} (relative), and is farther from f32",
+        args.tolerance
+    );
     Ok(())
 }
 

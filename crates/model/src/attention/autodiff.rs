@@ -56,6 +56,15 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         B::has_softmax_kernel()
     }
 
+    fn has_fused_attention(
+        q: &burn::tensor::Shape,
+        k: &burn::tensor::Shape,
+        dtype: burn::tensor::DType,
+        params: &AttentionParams,
+    ) -> bool {
+        B::has_fused_attention(q, k, dtype, params)
+    }
+
     fn causal_attention(
         inputs: AttentionInputs<Self>,
         params: &AttentionParams,

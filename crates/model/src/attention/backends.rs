@@ -1,5 +1,6 @@
 //! `AttentionBackend` for the plain backends, each with the default (tensor-op) kernels, except
-//! for the block softmax on CubeCL backends (`attention::cube`).
+//! for the block softmax on CubeCL backends (`attention::cube`) and the fused attention on
+//! CUDA (`attention::flash`).
 //!
 //! A blanket `impl<B: Backend>` would overlap the one for `Autodiff<B, C>`, so each backend
 //! family gets its own impl behind a feature of this crate.
@@ -13,11 +14,16 @@ impl super::AttentionBackend for burn::backend::NdArray {}
 #[cfg(feature = "cubecl")]
 mod cube {
     use burn::tensor::backend::Backend;
+    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::{DType, Shape};
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
     use crate::attention::softmax::{self, CallSegments, ScoreBlock};
-    use crate::attention::{AttentionBackend, SoftmaxBackward, SoftmaxForward, cube};
+    use crate::attention::{
+        AttentionBackend, AttentionForward, AttentionGradRequest, AttentionGrads, AttentionInputs,
+        AttentionParams, SoftmaxBackward, SoftmaxForward, cube, kernel,
+    };
 
     impl<R, F, I, BT> AttentionBackend for CubeBackend<R, F, I, BT>
     where
@@ -68,6 +74,87 @@ mod cube {
         fn has_softmax_kernel() -> bool {
             crate::kernels::kernel_runs(crate::kernels::Kernel::Softmax, qwen_gemm::is_cuda::<R>())
         }
+
+        #[cfg_attr(not(feature = "flash"), allow(unused_variables))]
+        fn has_fused_attention(
+            q: &Shape,
+            k: &Shape,
+            dtype: DType,
+            params: &AttentionParams,
+        ) -> bool {
+            #[cfg(feature = "flash")]
+            {
+                let cuda = qwen_gemm::is_cuda::<R>();
+                cuda && crate::kernels::kernel_runs(crate::kernels::Kernel::Flash, cuda)
+                    && crate::attention::flash::takes(q, k, dtype, params)
+            }
+            #[cfg(not(feature = "flash"))]
+            false
+        }
+
+        fn causal_attention_forward(
+            inputs: AttentionInputs<Self>,
+            params: &AttentionParams,
+        ) -> AttentionForward<Self> {
+            #[cfg(feature = "flash")]
+            if Self::has_fused_attention(
+                inputs.q.meta.shape(),
+                inputs.k.meta.shape(),
+                inputs.q.dtype,
+                params,
+            ) && let Some((output, lse)) = crate::attention::flash::forward::<R>(
+                [
+                    &inputs.q,
+                    &inputs.k,
+                    &inputs.v,
+                    &inputs.query_segments,
+                    &inputs.key_segments,
+                ],
+                params,
+            ) {
+                return AttentionForward { output, lse };
+            }
+            kernel::forward::<Self>(inputs, params)
+        }
+
+        fn causal_attention_backward(
+            inputs: AttentionInputs<Self>,
+            forward: AttentionForward<Self>,
+            grad_output: FloatTensor<Self>,
+            params: &AttentionParams,
+            request: AttentionGradRequest,
+        ) -> AttentionGrads<Self> {
+            #[cfg(feature = "flash")]
+            if Self::has_fused_attention(
+                inputs.q.meta.shape(),
+                inputs.k.meta.shape(),
+                inputs.q.dtype,
+                params,
+            ) && let Some([grad_q, grad_k, grad_v]) = crate::attention::flash::backward::<R>(
+                [
+                    &inputs.q,
+                    &inputs.k,
+                    &inputs.v,
+                    &inputs.query_segments,
+                    &inputs.key_segments,
+                ],
+                &forward.output,
+                &forward.lse,
+                &grad_output,
+                params,
+            ) {
+                use burn::tensor::ops::FloatTensorOps;
+                crate::attention::count_fused_pass();
+                // dQ is accumulated in f32; the gradients come back in the inputs' dtype.
+                let dtype = burn::tensor::FloatDType::from(inputs.q.dtype);
+                return AttentionGrads {
+                    q: request.q.then(|| Self::float_cast(grad_q, dtype)),
+                    k: request.k.then_some(grad_k),
+                    v: request.v.then_some(grad_v),
+                };
+            }
+            kernel::backward::<Self>(inputs, forward, grad_output, params, request)
+        }
     }
 }
 
@@ -85,7 +172,10 @@ mod fusion {
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
     use crate::attention::softmax::{self, CallSegments, ScoreBlock};
-    use crate::attention::{AttentionBackend, SoftmaxBackward, SoftmaxForward};
+    use crate::attention::{
+        AttentionBackend, AttentionForward, AttentionGradRequest, AttentionGrads, AttentionInputs,
+        AttentionParams, SoftmaxBackward, SoftmaxForward, kernel,
+    };
 
     type Handles<B> =
         HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
@@ -163,7 +253,164 @@ mod fusion {
         }
     }
 
+    /// The inner backend's attention inputs, from the first five inputs of a custom op.
+    fn inner_inputs<B: FusionBackend>(
+        handles: &mut Handles<B>,
+        irs: &[TensorIr],
+    ) -> AttentionInputs<B> {
+        let [q, k, v, query_segments, key_segments, ..] = irs else {
+            unreachable!("an attention op starts with q, k, v and the two segment tensors")
+        };
+        AttentionInputs {
+            q: handles.get_float_tensor::<B>(q),
+            k: handles.get_float_tensor::<B>(k),
+            v: handles.get_float_tensor::<B>(v),
+            query_segments: handles.get_int_tensor::<B>(query_segments),
+            key_segments: handles.get_int_tensor::<B>(key_segments),
+        }
+    }
+
+    fn input_irs<B: FusionBackend>(inputs: AttentionInputs<Fusion<B>>) -> [TensorIr; 5] {
+        [
+            inputs.q.into_ir(),
+            inputs.k.into_ir(),
+            inputs.v.into_ir(),
+            inputs.query_segments.into_ir(),
+            inputs.key_segments.into_ir(),
+        ]
+    }
+
+    /// One fused attention pass as a custom operation: the inner backend's
+    /// `causal_attention_forward` (`forward`) or `causal_attention_backward`.
+    #[derive(Clone, Debug)]
+    struct FusedAttention<B> {
+        desc: CustomOpIr,
+        params: AttentionParams,
+        forward: bool,
+        _backend: PhantomData<B>,
+    }
+
+    impl<B: FusionBackend + AttentionBackend> Operation<B::FusionRuntime> for FusedAttention<B> {
+        fn execute(&self, handles: &mut Handles<B>) {
+            let (inputs, outputs) = (&self.desc.inputs, &self.desc.outputs);
+            let call = inner_inputs::<B>(handles, inputs);
+            if self.forward {
+                let out = B::causal_attention_forward(call, &self.params);
+                handles.register_float_tensor::<B>(&outputs[0].id, out.output);
+                handles.register_float_tensor::<B>(&outputs[1].id, out.lse);
+                return;
+            }
+            // Inputs 5..8: the forward's output and lse, then the output's gradient.
+            let forward = AttentionForward {
+                output: handles.get_float_tensor::<B>(&inputs[5]),
+                lse: handles.get_float_tensor::<B>(&inputs[6]),
+            };
+            let grad_output = handles.get_float_tensor::<B>(&inputs[7]);
+            let grads = B::causal_attention_backward(
+                call,
+                forward,
+                grad_output,
+                &self.params,
+                AttentionGradRequest::ALL,
+            );
+            for (ir, grad) in outputs.iter().zip([grads.q, grads.k, grads.v]) {
+                let grad = grad.expect("every gradient is requested");
+                handles.register_float_tensor::<B>(&ir.id, grad);
+            }
+        }
+    }
+
     impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
+        fn has_fused_attention(
+            q: &burn::tensor::Shape,
+            k: &burn::tensor::Shape,
+            dtype: DType,
+            params: &AttentionParams,
+        ) -> bool {
+            B::has_fused_attention(q, k, dtype, params)
+        }
+
+        fn causal_attention_forward(
+            inputs: AttentionInputs<Self>,
+            params: &AttentionParams,
+        ) -> AttentionForward<Self> {
+            let (q, k) = (&inputs.q, &inputs.k);
+            if !B::has_fused_attention(&q.shape, &k.shape, q.dtype, params) {
+                return kernel::forward::<Self>(inputs, params);
+            }
+            let (client, dtype, shape) = (q.client.clone(), q.dtype, q.shape.clone());
+            let streams = OperationStreams::with_inputs([
+                &inputs.q,
+                &inputs.k,
+                &inputs.v,
+                &inputs.query_segments,
+                &inputs.key_segments,
+            ]);
+            let lse_shape = [shape[0], shape[1], shape[2]].into();
+            let outputs = [
+                TensorIr::uninit(client.create_empty_handle(), shape, dtype),
+                TensorIr::uninit(client.create_empty_handle(), lse_shape, DType::F32),
+            ];
+            let desc = CustomOpIr::new("qwen_model::fused_attention", &input_irs(inputs), &outputs);
+            let op = FusedAttention::<B> {
+                desc: desc.clone(),
+                params: *params,
+                forward: true,
+                _backend: PhantomData,
+            };
+            let [output, lse] = client
+                .register(streams, OperationIr::Custom(desc), op)
+                .outputs();
+            AttentionForward { output, lse }
+        }
+
+        fn causal_attention_backward(
+            inputs: AttentionInputs<Self>,
+            forward: AttentionForward<Self>,
+            grad_output: FloatTensor<Self>,
+            params: &AttentionParams,
+            request: AttentionGradRequest,
+        ) -> AttentionGrads<Self> {
+            let (q, k) = (&inputs.q, &inputs.k);
+            if !B::has_fused_attention(&q.shape, &k.shape, q.dtype, params) {
+                return kernel::backward::<Self>(inputs, forward, grad_output, params, request);
+            }
+            let client = q.client.clone();
+            let outputs = [&inputs.q, &inputs.k, &inputs.v]
+                .map(|t| TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype));
+            let streams = OperationStreams::with_inputs([
+                &inputs.q,
+                &inputs.k,
+                &inputs.v,
+                &inputs.query_segments,
+                &inputs.key_segments,
+                &forward.output,
+                &forward.lse,
+                &grad_output,
+            ]);
+            let mut irs = input_irs(inputs).to_vec();
+            irs.extend([
+                forward.output.into_ir(),
+                forward.lse.into_ir(),
+                grad_output.into_ir(),
+            ]);
+            let desc = CustomOpIr::new("qwen_model::fused_attention_backward", &irs, &outputs);
+            let op = FusedAttention::<B> {
+                desc: desc.clone(),
+                params: *params,
+                forward: false,
+                _backend: PhantomData,
+            };
+            let [q, k, v] = client
+                .register(streams, OperationIr::Custom(desc), op)
+                .outputs();
+            AttentionGrads {
+                q: request.q.then_some(q),
+                k: request.k.then_some(k),
+                v: request.v.then_some(v),
+            }
+        }
+
         fn attention_softmax(
             scores: FloatTensor<Self>,
             segments: &CallSegments<Self>,

@@ -54,6 +54,8 @@ mod autodiff;
 mod backends;
 #[cfg(feature = "cubecl")]
 pub mod cube;
+#[cfg(feature = "flash")]
+pub mod flash;
 pub mod kernel;
 mod mask;
 pub mod softmax;
@@ -65,6 +67,21 @@ pub use softmax::{CallSegments, ScoreBlock, SoftmaxBackward, SoftmaxForward};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Tensor, TensorPrimitive};
+
+static FUSED_PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many attention passes (a forward or a backward of one call) have run a fused kernel
+/// ([`AttentionBackend::has_fused_attention`]) since the process started; a benchmark reports
+/// the difference per step, which shows whether the fused path took the calls.
+pub fn fused_attention_passes() -> u64 {
+    FUSED_PASSES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one pass for [`fused_attention_passes`].
+#[cfg_attr(not(feature = "flash"), allow(dead_code))]
+pub(crate) fn count_fused_pass() {
+    FUSED_PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// How many `[batch, heads, rows, keys]` f32 buffers a chunk is assumed to keep alive at its
 /// peak: in the backward pass the probabilities, `dP`, `dS`, and one for casts and temporaries.
@@ -276,6 +293,22 @@ pub trait AttentionBackend: crate::LinearBackend + crate::RowwiseBackend {
     /// Whether the two softmax methods run a kernel of their own rather than tensor ops (the
     /// fusion decorator hands them to its inner backend only then).
     fn has_softmax_kernel() -> bool {
+        false
+    }
+
+    /// Whether [`causal_attention_forward`](Self::causal_attention_forward) and
+    /// [`causal_attention_backward`](Self::causal_attention_backward) run a fused kernel of
+    /// their own for a call of these sizes and settings (CUDA: `attention::flash`); the fusion
+    /// decorator then hands each pass to its inner backend as one operation.
+    ///
+    /// # Shapes
+    /// - q: `[batch, heads, q_len, head_dim]`, k: `[batch, kv_heads, k_len, head_dim]`
+    fn has_fused_attention(
+        _q: &burn::tensor::Shape,
+        _k: &burn::tensor::Shape,
+        _dtype: burn::tensor::DType,
+        _params: &AttentionParams,
+    ) -> bool {
         false
     }
 

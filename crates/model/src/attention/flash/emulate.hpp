@@ -1,0 +1,150 @@
+// flash.cu on the host: every thread of a block is an OS thread, and each warp-wide instruction
+// (mma.sync, ldmatrix, shfl) is emulated from its PTX ISA definition, with the lanes meeting at
+// a barrier before and after. Slow, exact enough, and independent of any GPU: it checks the
+// kernels' indexing, masking, fragment layouts and synchronisation (tests/flash_emulated.rs).
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define __align__(n) alignas(n)
+#define QF_DEV inline
+#define QF_KERNEL void
+#define QF_DECLARE_SMEM(name) unsigned char* name = qf_emu::block->shared.data()
+#define QF_SYNC_BLOCK() qf_emu::block->barrier.arrive_and_wait()
+
+struct QfDim {
+  unsigned x, y, z;
+};
+
+namespace qf_emu {
+struct Warp {
+  std::barrier<> barrier{32};
+  u32 a[32][4], b[32][2];
+  float c[32][4], value[32];
+  const u16* row[32];
+};
+
+struct Block {
+  std::barrier<> barrier{128};
+  std::vector<unsigned char> shared;
+  Warp warps[4];
+};
+
+inline thread_local Block* block;
+inline thread_local QfDim thread_index, block_index;
+inline QfDim grid_dim;
+
+inline Warp& warp() { return block->warps[thread_index.x / 32]; }
+inline int lane() { return thread_index.x % 32; }
+}  // namespace qf_emu
+
+#define threadIdx (qf_emu::thread_index)
+#define blockIdx (qf_emu::block_index)
+#define gridDim (qf_emu::grid_dim)
+
+inline float __uint_as_float(u32 x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline float __int_as_float(int x) { return __uint_as_float((u32)x); }
+inline u32 float_bits(float f) {
+  u32 x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
+
+inline float bf16_to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
+// Round to nearest even, as cvt.rn.bf16 does (no NaN reaches it here).
+inline u16 f32_to_bf16(float f) {
+  u32 x = float_bits(f);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return (u16)(x >> 16);
+}
+inline u32 pack_bf16(float lo, float hi) { return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16); }
+inline float qf_exp2(float x) { return std::exp2(x); }
+inline float qf_log2(float x) { return std::log2(x); }
+inline void atomic_add(float* at, float x) { std::atomic_ref<float>(*at).fetch_add(x); }
+
+inline float shfl_xor(float x, int mask) {
+  qf_emu::Warp& w = qf_emu::warp();
+  int lane = qf_emu::lane();
+  w.value[lane] = x;
+  w.barrier.arrive_and_wait();
+  float other = w.value[lane ^ mask];
+  w.barrier.arrive_and_wait();
+  return other;
+}
+
+inline float half_of(u32 reg, int high) { return bf16_to_f32((u16)(high ? reg >> 16 : reg & 0xffffu)); }
+
+// D = A B + C for m16n8k16, each lane computing its own four outputs from every lane's
+// fragments (layouts in flash.cu's header).
+inline void mma_bf16(float* c, const u32* a, const u32* b) {
+  qf_emu::Warp& w = qf_emu::warp();
+  int lane = qf_emu::lane();
+  std::memcpy(w.a[lane], a, sizeof(u32) * 4);
+  std::memcpy(w.b[lane], b, sizeof(u32) * 2);
+  w.barrier.arrive_and_wait();
+  auto a_at = [&](int r, int k) {
+    int reg = (r < 8 ? 0 : 1) + (k < 8 ? 0 : 2);
+    return half_of(w.a[(r % 8) * 4 + (k % 8) / 2][reg], k % 2);
+  };
+  auto b_at = [&](int k, int n) { return half_of(w.b[n * 4 + (k % 8) / 2][k < 8 ? 0 : 1], k % 2); };
+  int g = lane / 4, t = lane % 4;
+  float d[4];
+  for (int e = 0; e < 4; e++) {
+    int r = g + 8 * (e / 2), n = 2 * t + e % 2;
+    double sum = c[e];
+    for (int k = 0; k < 16; k++) sum += (double)a_at(r, k) * (double)b_at(k, n);
+    d[e] = (float)sum;
+  }
+  w.barrier.arrive_and_wait();
+  std::memcpy(c, d, sizeof(float) * 4);
+}
+
+// ldmatrix.m8n8.x2.trans: lanes 0-7 and 8-15 give the rows of two 8x8 matrices; each lane
+// receives, from each, the elements (2t, g) and (2t + 1, g).
+inline void ldmatrix_b_trans(u32* b, const u16* row) {
+  qf_emu::Warp& w = qf_emu::warp();
+  int lane = qf_emu::lane();
+  w.row[lane] = row;
+  w.barrier.arrive_and_wait();
+  int g = lane / 4, t = lane % 4;
+  for (int m = 0; m < 2; m++) {
+    u16 lo = w.row[m * 8 + 2 * t][g], hi = w.row[m * 8 + 2 * t + 1][g];
+    b[m] = (u32)lo | ((u32)hi << 16);
+  }
+  w.barrier.arrive_and_wait();
+}
+
+// Runs `kernel` over `grid`, one block after another, 128 threads each.
+template <class P>
+void qf_launch(void (*kernel)(const P), const P& params, QfDim grid, size_t shared_bytes) {
+  qf_emu::grid_dim = grid;
+  for (unsigned z = 0; z < grid.z; z++)
+    for (unsigned y = 0; y < grid.y; y++)
+      for (unsigned x = 0; x < grid.x; x++) {
+        auto block = std::make_unique<qf_emu::Block>();
+        block->shared.assign(shared_bytes, 0xcd);  // garbage, as on a GPU
+        std::vector<std::thread> threads;
+        for (unsigned i = 0; i < 128; i++)
+          threads.emplace_back([&, i] {
+            qf_emu::block = block.get();
+            qf_emu::thread_index = {i, 0, 0};
+            qf_emu::block_index = {x, y, z};
+            kernel(params);
+          });
+        for (auto& thread : threads) thread.join();
+      }
+}

@@ -1,0 +1,488 @@
+// Fused causal grouped-query attention for bf16 on tensor cores (mma.sync m16n8k16), forward
+// and backward, in the FlashAttention-2 scheme: the scores never leave the chip.
+//
+// Compiled at run time by NVRTC (flash/mod.rs), with no header: every intrinsic that is not an
+// NVRTC builtin is inline PTX. The same source compiles on the host with QF_EMULATE defined
+// (emulate.hpp), where each thread of a block is an OS thread and the warp-wide instructions
+// are emulated from their PTX ISA definitions; tests/flash_emulated.rs runs it against a plain
+// attention, so the kernels' logic is tested without a GPU.
+//
+// Who sees whom (attention/mask.rs): query i sees key j iff j <= i and both carry the same
+// non-zero segment id. Queries and keys share positions (no offset, no window: mod.rs sends
+// anything else to the chunked path).
+//
+// Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"), with
+// g = lane / 4 and t = lane % 4:
+//   A (16x16, row-major), 4 registers of 2 bf16: a0 = A[g][2t..2t+1], a1 = A[g+8][2t..2t+1],
+//     a2 = A[g][2t+8..2t+9], a3 = A[g+8][2t+8..2t+9]
+//   B (16x8, "col"), 2 registers: b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
+//   C/D (16x8 f32), 4 registers: c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1]
+// So two C tiles side by side (16x16) hold exactly the values of one A fragment: a score tile
+// becomes the probabilities' A operand without leaving the registers.
+
+#ifdef QF_EMULATE
+#include "emulate.hpp"
+#else
+#define QF_DEV __device__ __forceinline__
+#define QF_KERNEL extern "C" __global__ void __launch_bounds__(128)
+#define QF_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+QF_DEV void mma_bf16(float* c, const u32* a, const u32* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// The B fragment of a 16x8 block of a row-major [k][n] matrix in shared memory: lanes 0-15
+// give the addresses of rows 0-15 (columns n0..n0+7); .trans hands each lane B[2t..2t+1][g].
+QF_DEV void ldmatrix_b_trans(u32* b, const u16* row) {
+  u32 address;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
+               : "=r"(address) : "l"(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+               : "=r"(b[0]), "=r"(b[1]) : "r"(address));
+}
+
+// Two f32 to bf16 (round to nearest even), `lo` in the low half.
+QF_DEV u32 pack_bf16(float lo, float hi) {
+  u32 out;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(hi), "f"(lo));
+  return out;
+}
+
+QF_DEV float qf_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+QF_DEV float qf_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+QF_DEV float shfl_xor(float x, int mask) { return __shfl_xor_sync(0xffffffffu, x, mask); }
+QF_DEV float bf16_to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
+QF_DEV u16 f32_to_bf16(float x) { return (u16)(pack_bf16(x, 0.0f) & 0xffffu); }
+QF_DEV void atomic_add(float* at, float x) { atomicAdd(at, x); }
+#define QF_SYNC_BLOCK() __syncthreads()
+#endif
+
+#define QF_INF __int_as_float(0x7f800000)
+#define QF_LN2 0.6931471805599453f
+#define QF_LOG2E 1.4426950408889634f
+
+// 16 bytes, for copying 8 bf16 at once.
+struct __align__(16) QfVec {
+  u32 x, y, z, w;
+};
+
+// The forward pass's arguments (mirrored by `ForwardArgs` in mod.rs, field for field).
+struct QfForward {
+  const u16* q;      // [batch, heads, seq, D], strided, rows contiguous
+  const u16* k;      // [batch, kv_heads, seq, D], strided
+  const u16* v;      // as k
+  const int* qseg;   // [batch, seq], strided
+  const int* kseg;   // [batch, seq], strided
+  u16* out;          // [batch, heads, seq, D], contiguous
+  float* lse;        // [batch, heads, seq], contiguous: natural log, +inf where no key is seen
+  long long q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h, v_s, qseg_b, qseg_s, kseg_b, kseg_s;
+  int seq, heads, kv_heads;
+  float scale_log2;  // 1 / sqrt(D) * log2(e)
+};
+
+// The backward pass's arguments (`BackwardArgs` in mod.rs).
+struct QfBackward {
+  const u16* q;
+  const u16* k;
+  const u16* v;
+  const int* qseg;
+  const int* kseg;
+  const u16* dout;     // [batch, heads, seq, D], strided
+  const float* lse;    // [batch, heads, seq], contiguous, from the forward pass
+  const float* delta;  // [batch, heads, seq], contiguous: rowsum(dO * O)
+  float* dq;           // [batch, heads, seq, D], contiguous f32, zeroed: accumulated atomically
+  u16* dk;             // [batch, kv_heads, seq, D], contiguous
+  u16* dv;             // as dk
+  long long q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h, v_s, qseg_b, qseg_s, kseg_b, kseg_s;
+  long long do_b, do_h, do_s;
+  int seq, heads, kv_heads;
+  float scale_log2;
+  float scale;
+  int pad;
+};
+
+// `D = rowsum(dO * O)` (`DeltaArgs` in mod.rs).
+struct QfDelta {
+  const u16* out;   // [batch, heads, seq, D], strided
+  const u16* dout;  // [batch, heads, seq, D], strided
+  float* delta;     // [batch, heads, seq], contiguous
+  long long o_b, o_h, o_s, do_b, do_h, do_s;
+  int seq, heads, rows;
+  int pad;
+};
+
+// Copies `rows` rows of D bf16 from global memory (row `r` at src + r * stride) into shared
+// memory with row pitch `ld`, zeros past `valid` rows. Every thread of the block takes part.
+template <int D>
+QF_DEV void load_rows(u16* dst, int ld, const u16* src, long long stride, int rows, int valid) {
+  constexpr int PER_ROW = D / 8;
+  for (int i = threadIdx.x; i < rows * PER_ROW; i += 128) {
+    int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+    QfVec value = {0u, 0u, 0u, 0u};
+    if (r < valid) value = *(const QfVec*)(src + r * stride + c);
+    *(QfVec*)(dst + r * ld + c) = value;
+  }
+}
+
+// The A fragment of the 16x16 block at (row0, col0) of a row-major bf16 matrix in shared memory.
+QF_DEV void load_a(u32* a, const u16* m, int ld, int row0, int col0) {
+  int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const u16* p = m + (row0 + g) * ld + col0 + 2 * t;
+  a[0] = *(const u32*)p;
+  a[1] = *(const u32*)(p + 8 * ld);
+  a[2] = *(const u32*)(p + 8);
+  a[3] = *(const u32*)(p + 8 * ld + 8);
+}
+
+// The B fragment of B = M^T at (k0, n0), M row-major [n][k] in shared memory: b0 =
+// M[n0 + g][k0 + 2t..], b1 = M[n0 + g][k0 + 2t + 8..].
+QF_DEV void load_b_of_transposed(u32* b, const u16* m, int ld, int n0, int k0) {
+  int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const u16* p = m + (n0 + g) * ld + k0 + 2 * t;
+  b[0] = *(const u32*)p;
+  b[1] = *(const u32*)(p + 8);
+}
+
+// The B fragment at (k0, n0) of a row-major [k][n] matrix in shared memory.
+QF_DEV void load_b(u32* b, const u16* m, int ld, int k0, int n0) {
+  int lane = threadIdx.x & 31;
+  ldmatrix_b_trans(b, m + (k0 + (lane & 15)) * ld + n0);
+}
+
+// Two C tiles (keys 16kb..16kb+15 of a score row block) as one A fragment of bf16.
+QF_DEV void c_pair_to_a(u32* a, const float* left, const float* right) {
+  a[0] = pack_bf16(left[0], left[1]);
+  a[1] = pack_bf16(left[2], left[3]);
+  a[2] = pack_bf16(right[0], right[1]);
+  a[3] = pack_bf16(right[2], right[3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: a block of 64 queries of one head (4 warps of 16 rows) walks the key tiles of 64 up
+// to its last query, with the running maximum and sum of each row (online softmax).
+// ---------------------------------------------------------------------------------------------
+template <int D>
+QF_DEV void forward(const QfForward& p) {
+  constexpr int BR = 64, BC = 64, LD = D + 8;
+  QF_DECLARE_SMEM(smem);
+  u16* q_tile = (u16*)smem;           // [BR][LD]
+  u16* k_tile = q_tile + BR * LD;     // [BC][LD]
+  u16* v_tile = k_tile + BC * LD;     // [BC][LD]
+  int* key_seg = (int*)(v_tile + BC * LD);  // [BC]
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // The last query blocks see the most keys: start them first.
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (p.heads / p.kv_heads);
+  const u16* q = p.q + b * p.q_b + h * p.q_h;
+  const u16* k = p.k + b * p.k_b + kvh * p.k_h;
+  const u16* v = p.v + b * p.v_b + kvh * p.v_h;
+
+  load_rows<D>(q_tile, LD, q + q0 * p.q_s, p.q_s, BR, p.seq - q0);
+  // This thread's two rows: g and g + 8 of the warp's 16.
+  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  int seg[2];
+  #pragma unroll
+  for (int i = 0; i < 2; i++) seg[i] = row[i] < p.seq ? p.qseg[b * p.qseg_b + row[i] * p.qseg_s] : 0;
+  QF_SYNC_BLOCK();
+  u32 qa[D / 16][4];
+  #pragma unroll
+  for (int kk = 0; kk < D / 16; kk++) load_a(qa[kk], q_tile, LD, warp * 16, kk * 16);
+
+  float o[D / 8][4];
+  #pragma unroll
+  for (int j = 0; j < D / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m[2] = {-QF_INF, -QF_INF}, l[2] = {0.0f, 0.0f};
+  const int last_query = (q0 + BR < p.seq ? q0 + BR : p.seq) - 1;
+
+  for (int k0 = 0; k0 <= last_query; k0 += BC) {
+    QF_SYNC_BLOCK();  // every warp is done with the previous tile
+    load_rows<D>(k_tile, LD, k + k0 * p.k_s, p.k_s, BC, p.seq - k0);
+    load_rows<D>(v_tile, LD, v + k0 * p.v_s, p.v_s, BC, p.seq - k0);
+    if (threadIdx.x < BC)
+      key_seg[threadIdx.x] =
+          k0 + (int)threadIdx.x < p.seq ? p.kseg[b * p.kseg_b + (k0 + (int)threadIdx.x) * p.kseg_s] : 0;
+    QF_SYNC_BLOCK();
+    if (k0 > q0 + warp * 16 + 15) continue;  // every key of the tile is after the warp's rows
+
+    // S = Q K^T for the warp's 16 rows: 8 tiles of 16x8.
+    float s[8][4];
+    #pragma unroll
+    for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+      #pragma unroll
+      for (int n = 0; n < 8; n++) {
+        u32 kb[2];
+        load_b_of_transposed(kb, k_tile, LD, n * 8, kk * 16);
+        mma_bf16(s[n], qa[kk], kb);
+      }
+    }
+    // Mask and scale (in log2 units), then the rows' new maxima over the 4 lanes of a row.
+    float tile_max[2] = {-QF_INF, -QF_INF};
+    #pragma unroll
+    for (int n = 0; n < 8; n++) {
+      #pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int i = e >> 1, col = n * 8 + 2 * t + (e & 1), key = k0 + col;
+        int ks = key_seg[col];
+        bool seen = key <= row[i] && ks != 0 && ks == seg[i];
+        s[n][e] = seen ? s[n][e] * p.scale_log2 : -QF_INF;
+        tile_max[i] = s[n][e] > tile_max[i] ? s[n][e] : tile_max[i];
+      }
+    }
+    float alpha[2];
+    #pragma unroll
+    for (int i = 0; i < 2; i++) {
+      float mx = tile_max[i];
+      float other = shfl_xor(mx, 1);
+      mx = other > mx ? other : mx;
+      other = shfl_xor(mx, 2);
+      mx = other > mx ? other : mx;
+      float new_max = mx > m[i] ? mx : m[i];
+      // A row that has seen no key yet keeps o = 0 and l = 0, and its p are 0.
+      alpha[i] = new_max == -QF_INF ? 1.0f : qf_exp2(m[i] - new_max);
+      m[i] = new_max;
+    }
+    float base[2] = {m[0] == -QF_INF ? 0.0f : m[0], m[1] == -QF_INF ? 0.0f : m[1]};
+    float sum[2] = {0.0f, 0.0f};
+    #pragma unroll
+    for (int n = 0; n < 8; n++) {
+      #pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int i = e >> 1;
+        s[n][e] = qf_exp2(s[n][e] - base[i]);
+        sum[i] += s[n][e];
+      }
+    }
+    // Each lane keeps the sum over its own columns; the 4 lanes of a row add up at the end.
+    #pragma unroll
+    for (int i = 0; i < 2; i++) l[i] = l[i] * alpha[i] + sum[i];
+    #pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+    // O += P V, P in bf16 straight from the score registers.
+    #pragma unroll
+    for (int kb = 0; kb < BC / 16; kb++) {
+      u32 pa[4];
+      c_pair_to_a(pa, s[2 * kb], s[2 * kb + 1]);
+      #pragma unroll
+      for (int j = 0; j < D / 8; j++) {
+        u32 vb[2];
+        load_b(vb, v_tile, LD, kb * 16, j * 8);
+        mma_bf16(o[j], pa, vb);
+      }
+    }
+  }
+
+  #pragma unroll
+  for (int i = 0; i < 2; i++) {
+    l[i] += shfl_xor(l[i], 1);
+    l[i] += shfl_xor(l[i], 2);
+  }
+  #pragma unroll
+  for (int i = 0; i < 2; i++) {
+    if (row[i] >= p.seq) continue;
+    long long at = ((long long)(b * p.heads + h) * p.seq + row[i]);
+    float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    #pragma unroll
+    for (int j = 0; j < D / 8; j++)
+      *(u32*)(p.out + at * D + j * 8 + 2 * t) = pack_bf16(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
+    if (t == 0) p.lse[at] = l[i] > 0.0f ? (m[i] + qf_log2(l[i])) * QF_LN2 : QF_INF;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: a block of 64 keys of one kv head (4 warps of 16 keys) walks, for each query head
+// of its group, the query tiles of BR that can see it. dK and dV stay in registers (no atomics:
+// the block owns its keys for every head of the group); dQ is added atomically in f32.
+//   S^T = K Q^T, P^T = exp(S^T scale - lse), dP^T = V dO^T, dS^T = P^T (dP^T - D)
+//   dV += P^T dO, dK += dS^T Q (scaled at the end), dQ += scale dS K
+// ---------------------------------------------------------------------------------------------
+template <int D>
+QF_DEV void backward(const QfBackward& p) {
+  constexpr int BC = 64, BR = D > 64 ? 32 : 64, LD = D + 8, LDS = BC + 8;
+  // dQ of a query tile: BR / 16 row groups, the columns split among the remaining warps.
+  constexpr int ROW_GROUPS = BR / 16, PARTS = 4 / ROW_GROUPS, DQ_COLS = D / PARTS;
+  QF_DECLARE_SMEM(smem);
+  u16* k_tile = (u16*)smem;           // [BC][LD]
+  u16* v_tile = k_tile + BC * LD;     // [BC][LD]
+  u16* q_tile = v_tile + BC * LD;     // [BR][LD]
+  u16* do_tile = q_tile + BR * LD;    // [BR][LD]
+  u16* ds_tile = do_tile + BR * LD;   // [BR][LDS]: dS, query-major
+  float* lse2 = (float*)(ds_tile + BR * LDS);  // [BR]: lse in log2 units
+  float* delta = lse2 + BR;           // [BR]
+  int* query_seg = (int*)(delta + BR);  // [BR]
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int k0 = blockIdx.x * BC, kvh = blockIdx.y, b = blockIdx.z;
+  const int n_rep = p.heads / p.kv_heads;
+  const u16* k = p.k + b * p.k_b + kvh * p.k_h;
+  const u16* v = p.v + b * p.v_b + kvh * p.v_h;
+  load_rows<D>(k_tile, LD, k + k0 * p.k_s, p.k_s, BC, p.seq - k0);
+  load_rows<D>(v_tile, LD, v + k0 * p.v_s, p.v_s, BC, p.seq - k0);
+  // This thread's two keys: rows g and g + 8 of the warp's 16.
+  const int key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+  int kseg[2];
+  #pragma unroll
+  for (int i = 0; i < 2; i++) kseg[i] = key[i] < p.seq ? p.kseg[b * p.kseg_b + key[i] * p.kseg_s] : 0;
+
+  float dk[D / 8][4], dv[D / 8][4];
+  #pragma unroll
+  for (int j = 0; j < D / 8; j++)
+    #pragma unroll
+    for (int e = 0; e < 4; e++) dk[j][e] = dv[j][e] = 0.0f;
+
+  const int rg = warp % ROW_GROUPS, part = warp / ROW_GROUPS;
+  for (int r = 0; r < n_rep; r++) {
+    const int h = kvh * n_rep + r;
+    const u16* q = p.q + b * p.q_b + h * p.q_h;
+    const u16* dout = p.dout + b * p.do_b + h * p.do_h;
+    const long long head_row = (long long)(b * p.heads + h) * p.seq;
+    for (int q0 = (k0 / BR) * BR; q0 < p.seq; q0 += BR) {
+      QF_SYNC_BLOCK();  // the previous tile's readers are done
+      load_rows<D>(q_tile, LD, q + q0 * p.q_s, p.q_s, BR, p.seq - q0);
+      load_rows<D>(do_tile, LD, dout + q0 * p.do_s, p.do_s, BR, p.seq - q0);
+      if (threadIdx.x < BR) {
+        int qi = q0 + threadIdx.x;
+        bool valid = qi < p.seq;
+        lse2[threadIdx.x] = valid ? p.lse[head_row + qi] * QF_LOG2E : QF_INF;
+        delta[threadIdx.x] = valid ? p.delta[head_row + qi] : 0.0f;
+        query_seg[threadIdx.x] = valid ? p.qseg[b * p.qseg_b + qi * p.qseg_s] : 0;
+      }
+      QF_SYNC_BLOCK();
+
+      // S^T and dP^T for the warp's 16 keys against the BR queries.
+      float st[BR / 8][4], dpt[BR / 8][4];
+      #pragma unroll
+      for (int n = 0; n < BR / 8; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.0f;
+      #pragma unroll
+      for (int kk = 0; kk < D / 16; kk++) {
+        u32 ka[4], va[4];
+        load_a(ka, k_tile, LD, warp * 16, kk * 16);
+        load_a(va, v_tile, LD, warp * 16, kk * 16);
+        #pragma unroll
+        for (int n = 0; n < BR / 8; n++) {
+          u32 qb[2], dob[2];
+          load_b_of_transposed(qb, q_tile, LD, n * 8, kk * 16);
+          load_b_of_transposed(dob, do_tile, LD, n * 8, kk * 16);
+          mma_bf16(st[n], ka, qb);
+          mma_bf16(dpt[n], va, dob);
+        }
+      }
+      // P^T and dS^T in place; dS (bf16, query-major) to shared memory for dQ.
+      #pragma unroll
+      for (int n = 0; n < BR / 8; n++) {
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+          int i = e >> 1, col = n * 8 + 2 * t + (e & 1), query = q0 + col;
+          int qs = query_seg[col];
+          bool seen = key[i] <= query && kseg[i] != 0 && kseg[i] == qs;
+          float prob = seen ? qf_exp2(st[n][e] * p.scale_log2 - lse2[col]) : 0.0f;
+          float ds = prob * (dpt[n][e] - delta[col]);
+          st[n][e] = prob;
+          dpt[n][e] = ds;
+          ds_tile[col * LDS + warp * 16 + g + 8 * i] = f32_to_bf16(ds);
+        }
+      }
+      // dV += P^T dO and dK += dS^T Q, the A operands straight from the registers.
+      #pragma unroll
+      for (int kb = 0; kb < BR / 16; kb++) {
+        u32 pa[4], dsa[4];
+        c_pair_to_a(pa, st[2 * kb], st[2 * kb + 1]);
+        c_pair_to_a(dsa, dpt[2 * kb], dpt[2 * kb + 1]);
+        #pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+          u32 dob[2], qb[2];
+          load_b(dob, do_tile, LD, kb * 16, j * 8);
+          load_b(qb, q_tile, LD, kb * 16, j * 8);
+          mma_bf16(dv[j], pa, dob);
+          mma_bf16(dk[j], dsa, qb);
+        }
+      }
+      QF_SYNC_BLOCK();  // dS is complete
+
+      // dQ rows 16 rg.. of the tile, columns part * DQ_COLS..: dS [16 x BC] K [BC x DQ_COLS].
+      float dq[DQ_COLS / 8][4];
+      #pragma unroll
+      for (int j = 0; j < DQ_COLS / 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
+      #pragma unroll
+      for (int kb = 0; kb < BC / 16; kb++) {
+        u32 dsa[4];
+        load_a(dsa, ds_tile, LDS, rg * 16, kb * 16);
+        #pragma unroll
+        for (int j = 0; j < DQ_COLS / 8; j++) {
+          u32 kbf[2];
+          load_b(kbf, k_tile, LD, kb * 16, part * DQ_COLS + j * 8);
+          mma_bf16(dq[j], dsa, kbf);
+        }
+      }
+      #pragma unroll
+      for (int i = 0; i < 2; i++) {
+        int query = q0 + rg * 16 + g + 8 * i;
+        if (query >= p.seq) continue;
+        float* at = p.dq + (head_row + query) * D + part * DQ_COLS + 2 * t;
+        #pragma unroll
+        for (int j = 0; j < DQ_COLS / 8; j++) {
+          atomic_add(at + j * 8, dq[j][2 * i] * p.scale);
+          atomic_add(at + j * 8 + 1, dq[j][2 * i + 1] * p.scale);
+        }
+      }
+    }
+  }
+
+  #pragma unroll
+  for (int i = 0; i < 2; i++) {
+    if (key[i] >= p.seq) continue;
+    long long at = ((long long)(b * p.kv_heads + kvh) * p.seq + key[i]) * D + 2 * t;
+    #pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+      *(u32*)(p.dk + at + j * 8) = pack_bf16(dk[j][2 * i] * p.scale, dk[j][2 * i + 1] * p.scale);
+      *(u32*)(p.dv + at + j * 8) = pack_bf16(dv[j][2 * i], dv[j][2 * i + 1]);
+    }
+  }
+}
+
+// One thread per row: delta = rowsum(dO * O) in f32, from the bf16 values.
+template <int D>
+QF_DEV void row_delta(const QfDelta& p) {
+  int row = blockIdx.x * 128 + threadIdx.x;
+  if (row >= p.rows) return;
+  int s = row % p.seq, bh = row / p.seq, h = bh % p.heads, b = bh / p.heads;
+  const u16* o = p.out + b * p.o_b + h * p.o_h + s * p.o_s;
+  const u16* d = p.dout + b * p.do_b + h * p.do_h + s * p.do_s;
+  float sum = 0.0f;
+  #pragma unroll
+  for (int c = 0; c < D; c++) sum += bf16_to_f32(o[c]) * bf16_to_f32(d[c]);
+  p.delta[row] = sum;
+}
+
+QF_KERNEL qf_forward_64(const QfForward p) { forward<64>(p); }
+QF_KERNEL qf_forward_128(const QfForward p) { forward<128>(p); }
+QF_KERNEL qf_backward_64(const QfBackward p) { backward<64>(p); }
+QF_KERNEL qf_backward_128(const QfBackward p) { backward<128>(p); }
+QF_KERNEL qf_delta_64(const QfDelta p) { row_delta<64>(p); }
+QF_KERNEL qf_delta_128(const QfDelta p) { row_delta<128>(p); }

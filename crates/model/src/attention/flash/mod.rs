@@ -1,0 +1,488 @@
+//! The fused attention on CUDA: forward and backward in the FlashAttention-2 scheme on tensor
+//! cores (`flash.cu`), for bf16 with head sizes 64 and 128.
+//!
+//! ```text
+//! forward:  per 64 queries of a head, for each 64 keys they may see:
+//!           S = q k^T (mma), online softmax in registers, o += P v (mma)  -> o, lse
+//! backward: D = rowsum(dO o); per 64 keys of a kv head, for each query head of its group and
+//!           each query tile that may see them: S^T, dP^T (mma), P^T and dS^T in registers,
+//!           dV += P^T dO, dK += dS^T q (registers), dQ += dS k (atomic f32)
+//! ```
+//!
+//! Nothing of size `seq^2` is ever written to memory; GQA reads each kv head once per group,
+//! with no repeat. The kernels are CUDA C compiled at run time by NVRTC (the one cubecl-cuda
+//! loads), once per device and process, for the device's compute capability (8.0 or newer:
+//! `mma.sync` on bf16), and run on burn's own stream through
+//! [`qwen_gemm::on_burn_stream`], in order with burn's kernels and without a host wait.
+//!
+//! What they take ([`takes`]): bf16 `q`, `k`, `v` with `head_dim` 64 or 128, as many queries
+//! as keys, no query offset and no window (training); i32 segment ids; rows contiguous and every
+//! other stride a multiple of 8 elements. Anything else, and any machine where the module does
+//! not build (said once on stderr), runs the chunked attention instead.
+//!
+//! The kernels' logic is tested without a GPU: `flash.cu` also compiles on the host against
+//! `emulate.hpp`, and `tests/flash_emulated.rs` runs it against a plain f64 attention.
+
+// Raw device pointers and kernel launches through cudarc.
+#![allow(unsafe_code)]
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::CubeRuntime;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+
+use super::AttentionParams;
+
+type Tensor = CubeTensor<CudaRuntime>;
+
+/// The kernels' source, compiled on first use.
+pub const SOURCE: &str = include_str!("flash.cu");
+
+/// Threads per block of every kernel (4 warps).
+const THREADS: u32 = 128;
+/// Queries per forward block and keys per backward block.
+const TILE: usize = 64;
+
+/// Whether the fused kernels take a call of these sizes and settings (the inner backend still
+/// checks the layouts, and falls back to the chunked path where they do not fit).
+///
+/// # Shapes
+/// - q: `[batch, heads, q_len, head_dim]`, k: `[batch, kv_heads, k_len, head_dim]`
+pub fn takes(q: &Shape, k: &Shape, dtype: DType, params: &AttentionParams) -> bool {
+    let (q, k) = (q.as_slice(), k.as_slice());
+    q.len() == 4
+        && k.len() == 4
+        && dtype == DType::BF16
+        && matches!(q[3], 64 | 128)
+        && q[2] == k[2]
+        && q[2] > 0
+        && params.query_offset == 0
+        && params.window.is_none()
+        && i32::try_from(q[0] * q[1] * q[2]).is_ok()
+}
+
+/// The forward pass's arguments, field for field `QfForward` in `flash.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ForwardArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    query_segments: u64,
+    key_segments: u64,
+    out: u64,
+    lse: u64,
+    /// Strides of q, k, v (batch, head, row) and of the segments (batch, position).
+    strides: [i64; 13],
+    seq: i32,
+    heads: i32,
+    kv_heads: i32,
+    scale_log2: f32,
+}
+
+/// `QfBackward` in `flash.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BackwardArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    query_segments: u64,
+    key_segments: u64,
+    grad_out: u64,
+    lse: u64,
+    delta: u64,
+    grad_q: u64,
+    grad_k: u64,
+    grad_v: u64,
+    /// As [`ForwardArgs::strides`], then those of `dO`.
+    strides: [i64; 16],
+    seq: i32,
+    heads: i32,
+    kv_heads: i32,
+    scale_log2: f32,
+    scale: f32,
+    pad: i32,
+}
+
+/// `QfDelta` in `flash.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct DeltaArgs {
+    out: u64,
+    grad_out: u64,
+    delta: u64,
+    /// Strides of o and of dO (batch, head, row).
+    strides: [i64; 6],
+    seq: i32,
+    heads: i32,
+    rows: i32,
+    pad: i32,
+}
+
+// SAFETY: plain `#[repr(C)]` data laid out as the kernels' argument structs (fields of 8 bytes
+// first, then of 4; no padding on either side).
+unsafe impl DeviceRepr for ForwardArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for BackwardArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for DeltaArgs {}
+
+/// The compiled kernels of one device; `[head_dim 64, head_dim 128]` each.
+struct Kernels {
+    ctx: Arc<CudaContext>,
+    forward: [CudaFunction; 2],
+    backward: [CudaFunction; 2],
+    delta: [CudaFunction; 2],
+}
+
+fn dim_index(head_dim: usize) -> usize {
+    usize::from(head_dim == 128)
+}
+
+/// Shared memory of a forward block: q, k and v tiles of `TILE` rows (pitch `d + 8`) and the
+/// key tile's segments.
+fn forward_shared_bytes(head_dim: usize) -> usize {
+    3 * TILE * (head_dim + 8) * 2 + TILE * 4
+}
+
+/// Queries per backward iteration (`BR` in `flash.cu`).
+fn backward_rows(head_dim: usize) -> usize {
+    if head_dim > 64 { 32 } else { 64 }
+}
+
+/// Shared memory of a backward block: k and v tiles, q and dO tiles, the dS tile and three
+/// `[BR]` vectors.
+fn backward_shared_bytes(head_dim: usize) -> usize {
+    let rows = backward_rows(head_dim);
+    (2 * TILE + 2 * rows) * (head_dim + 8) * 2 + rows * (TILE + 8) * 2 + rows * 12
+}
+
+/// The kernels of CUDA device `index`, built on first use; `None` where they do not build there
+/// (said once on stderr).
+fn kernels(index: usize) -> Option<&'static Kernels> {
+    static BUILT: OnceLock<Mutex<HashMap<usize, Option<&'static Kernels>>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().ok()?;
+    *built.entry(index).or_insert_with(|| match build(index) {
+        Ok(kernels) => Some(Box::leak(Box::new(kernels))),
+        Err(err) => {
+            eprintln!(
+                "qwen-model: the fused attention does not build on CUDA device {index} ({err}); the chunked attention runs"
+            );
+            None
+        }
+    })
+}
+
+fn build(index: usize) -> Result<Kernels, Box<dyn std::error::Error>> {
+    let ctx = CudaContext::new(index)?;
+    // Ordering is burn's stream's (qwen_gemm::on_burn_stream), so per-buffer events would only cost.
+    // SAFETY: nothing has recorded events on this handle of the context yet.
+    unsafe { ctx.disable_event_tracking() };
+    let (major, minor) = ctx.compute_capability()?;
+    if major < 8 {
+        return Err(format!("compute capability {major}.{minor}; bf16 mma needs 8.0").into());
+    }
+    let options = CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        ..Default::default()
+    };
+    let module = ctx.load_module(compile_ptx_with_opts(SOURCE, options)?)?;
+    let function =
+        |name: &str, shared: usize| -> Result<CudaFunction, Box<dyn std::error::Error>> {
+            let function = module.load_function(name)?;
+            function.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                i32::try_from(shared)?,
+            )?;
+            Ok(function)
+        };
+    Ok(Kernels {
+        forward: [
+            function("qf_forward_64", forward_shared_bytes(64))?,
+            function("qf_forward_128", forward_shared_bytes(128))?,
+        ],
+        backward: [
+            function("qf_backward_64", backward_shared_bytes(64))?,
+            function("qf_backward_128", backward_shared_bytes(128))?,
+        ],
+        delta: [function("qf_delta_64", 0)?, function("qf_delta_128", 0)?],
+        ctx,
+    })
+}
+
+fn s_len(t: &Tensor, dim: usize) -> usize {
+    t.meta.shape()[dim]
+}
+
+fn cuda<R: CubeRuntime>(t: &CubeTensor<R>) -> Option<&Tensor> {
+    (t as &dyn Any).downcast_ref::<Tensor>()
+}
+
+fn back<R: CubeRuntime>(t: Tensor) -> CubeTensor<R> {
+    let t: Box<dyn Any> = Box::new(t);
+    *t.downcast::<CubeTensor<R>>()
+        .expect("the runtime was checked to be CUDA's")
+}
+
+/// The `[batch, head, row]` strides of a `[batch, heads, len, d]` bf16 tensor whose rows are
+/// contiguous and whose other strides keep 16-byte alignment; `None` otherwise.
+fn row_strides(t: &Tensor) -> Option<[i64; 3]> {
+    let strides = t.meta.strides();
+    (t.dtype == DType::BF16 && strides.len() == 4 && strides[3] == 1)
+        .then_some(())
+        .filter(|()| strides[..3].iter().all(|s| s % 8 == 0))
+        .map(|()| [0, 1, 2].map(|i| strides[i] as i64))
+}
+
+/// The `[batch, position]` strides of an i32 `[batch, len]` segment tensor.
+fn segment_strides(t: &Tensor) -> Option<[i64; 2]> {
+    let strides = t.meta.strides();
+    (t.dtype == DType::I32 && strides.len() == 2).then(|| [strides[0] as i64, strides[1] as i64])
+}
+
+/// The checked sizes and strides shared by both passes.
+struct Call {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    head_dim: usize,
+    /// q, k, v, then the query and key segments.
+    strides: [i64; 13],
+    kernels: &'static Kernels,
+}
+
+impl Call {
+    fn new(inputs: [&Tensor; 5]) -> Option<Self> {
+        let [q, k, v, qseg, kseg] = inputs;
+        let (qs, ks) = (q.meta.shape(), k.meta.shape());
+        let (batch, heads, seq, head_dim) = (qs[0], qs[1], qs[2], qs[3]);
+        let kv_heads = ks[1];
+        let mut strides = [0; 13];
+        for (i, t) in [q, k, v].into_iter().enumerate() {
+            strides[3 * i..3 * i + 3].copy_from_slice(&row_strides(t)?);
+        }
+        strides[9..11].copy_from_slice(&segment_strides(qseg)?);
+        strides[11..13].copy_from_slice(&segment_strides(kseg)?);
+        Some(Self {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            head_dim,
+            strides,
+            kernels: kernels(q.device.index)?,
+        })
+    }
+
+    fn scale(&self) -> f32 {
+        // As the chunked path: computed in f64, rounded once.
+        (self.head_dim as f64).powf(-0.5) as f32
+    }
+
+    fn tiles(&self) -> u32 {
+        self.seq.div_ceil(TILE) as u32
+    }
+
+    fn empty(&self, like: &Tensor, dims: &[usize], dtype: DType) -> Tensor {
+        empty_device_contiguous_dtype(
+            like.client.clone(),
+            like.device.clone(),
+            Shape::from(dims.to_vec()),
+            dtype,
+        )
+    }
+}
+
+fn launch<A: DeviceRepr>(
+    kernels: &Kernels,
+    stream: cudarc::driver::sys::CUstream,
+    function: &CudaFunction,
+    args: &A,
+    grid: (u32, u32, u32),
+    shared: usize,
+) {
+    // SAFETY: cubecl's stream of this context, alive as long as its server (the process); the
+    // work is ordered by running inside `on_burn_stream`'s task.
+    let stream = unsafe { kernels.ctx.wrap_borrowed_stream(stream) };
+    let config = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: the arguments match the kernel's struct (see `DeviceRepr` above); every address
+    // is a live burn buffer of the sizes the kernel reads and writes (checked by `Call::new`),
+    // kept alive by `on_burn_stream` until the work has run.
+    unsafe { stream.launch_builder(function).arg(args).launch(config) }
+        .unwrap_or_else(|err| panic!("the fused attention's launch failed: {err}"));
+}
+
+/// The output `[batch, heads, seq, head_dim]` and the log-sum-exp `[batch, heads, seq]` (f32),
+/// or `None` where the fused kernels do not take these inputs.
+pub fn forward<R: CubeRuntime>(
+    inputs: [&CubeTensor<R>; 5],
+    params: &AttentionParams,
+) -> Option<(CubeTensor<R>, CubeTensor<R>)> {
+    let inputs = inputs.map(cuda::<R>);
+    let [Some(q), Some(k), Some(v), Some(qseg), Some(kseg)] = inputs else {
+        return None;
+    };
+    if !takes(q.meta.shape(), k.meta.shape(), q.dtype, params) {
+        return None;
+    }
+    let call = Call::new([q, k, v, qseg, kseg])?;
+    let (b, h, s, d) = (call.batch, call.heads, call.seq, call.head_dim);
+    let out = call.empty(q, &[b, h, s, d], DType::BF16);
+    let lse = call.empty(q, &[b, h, s], DType::F32);
+    let mut args = ForwardArgs {
+        strides: call.strides,
+        seq: s as i32,
+        heads: h as i32,
+        kv_heads: call.kv_heads as i32,
+        scale_log2: call.scale() * std::f32::consts::LOG2_E,
+        ..Default::default()
+    };
+    let grid = (call.tiles(), h as u32, b as u32);
+    let kernels = call.kernels;
+    qwen_gemm::on_burn_stream(q, &[q, k, v, qseg, kseg, &out, &lse], move |stream, a| {
+        [
+            args.q,
+            args.k,
+            args.v,
+            args.query_segments,
+            args.key_segments,
+            args.out,
+            args.lse,
+        ] = [a[0], a[1], a[2], a[3], a[4], a[5], a[6]];
+        let function = &kernels.forward[dim_index(d)];
+        launch(
+            kernels,
+            stream,
+            function,
+            &args,
+            grid,
+            forward_shared_bytes(d),
+        );
+    });
+    Some((back(out), back(lse)))
+}
+
+/// `dQ` (f32), `dK` and `dV` (bf16), or `None` where the fused kernels do not take these
+/// inputs. `out` and `lse` are [`forward`]'s.
+pub fn backward<R: CubeRuntime>(
+    inputs: [&CubeTensor<R>; 5],
+    out: &CubeTensor<R>,
+    lse: &CubeTensor<R>,
+    grad_out: &CubeTensor<R>,
+    params: &AttentionParams,
+) -> Option<[CubeTensor<R>; 3]> {
+    let inputs = inputs.map(cuda::<R>);
+    let [Some(q), Some(k), Some(v), Some(qseg), Some(kseg)] = inputs else {
+        return None;
+    };
+    let (out, lse, grad_out) = (cuda(out)?, cuda(lse)?, cuda(grad_out)?);
+    if !takes(q.meta.shape(), k.meta.shape(), q.dtype, params)
+        || lse.dtype != DType::F32
+        || lse.meta.strides()[..] != [s_len(lse, 1) * s_len(lse, 2), s_len(lse, 2), 1]
+        || grad_out.meta.shape() != q.meta.shape()
+        || out.meta.shape() != q.meta.shape()
+    {
+        return None;
+    }
+    let call = Call::new([q, k, v, qseg, kseg])?;
+    let (out_strides, grad_strides) = (row_strides(out)?, row_strides(grad_out)?);
+    let (b, h, s, d) = (call.batch, call.heads, call.seq, call.head_dim);
+    let delta = call.empty(q, &[b, h, s], DType::F32);
+    let grad_q = call.empty(q, &[b, h, s, d], DType::F32);
+    let grad_k = call.empty(q, &[b, call.kv_heads, s, d], DType::BF16);
+    let grad_v = call.empty(q, &[b, call.kv_heads, s, d], DType::BF16);
+    let rows = b * h * s;
+    let mut delta_args = DeltaArgs {
+        strides: [
+            out_strides[0],
+            out_strides[1],
+            out_strides[2],
+            grad_strides[0],
+            grad_strides[1],
+            grad_strides[2],
+        ],
+        seq: s as i32,
+        heads: h as i32,
+        rows: rows as i32,
+        ..Default::default()
+    };
+    let mut strides = [0; 16];
+    strides[..13].copy_from_slice(&call.strides);
+    strides[13..].copy_from_slice(&grad_strides);
+    let scale = call.scale();
+    let mut args = BackwardArgs {
+        strides,
+        seq: s as i32,
+        heads: h as i32,
+        kv_heads: call.kv_heads as i32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        scale,
+        ..Default::default()
+    };
+    let grid = (call.tiles(), call.kv_heads as u32, b as u32);
+    let kernels = call.kernels;
+    let grad_q_bytes = grad_q.meta.shape().num_elements() * 4;
+    qwen_gemm::on_burn_stream(
+        q,
+        &[
+            q, k, v, qseg, kseg, out, lse, grad_out, &delta, &grad_q, &grad_k, &grad_v,
+        ],
+        move |stream, a| {
+            [delta_args.out, delta_args.grad_out, delta_args.delta] = [a[5], a[7], a[8]];
+            [
+                args.q,
+                args.k,
+                args.v,
+                args.query_segments,
+                args.key_segments,
+                args.lse,
+                args.grad_out,
+                args.delta,
+                args.grad_q,
+                args.grad_k,
+                args.grad_v,
+            ] = [
+                a[0], a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9], a[10], a[11],
+            ];
+            // SAFETY: `grad_q` is a live buffer of `grad_q_bytes` bytes, zeroed on the stream
+            // that the kernels below run on.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(args.grad_q, 0, grad_q_bytes, stream)
+            }
+            .unwrap_or_else(|err| panic!("the fused attention's dQ memset failed: {err}"));
+            let i = dim_index(d);
+            let blocks = rows.div_ceil(THREADS as usize) as u32;
+            launch(
+                kernels,
+                stream,
+                &kernels.delta[i],
+                &delta_args,
+                (blocks, 1, 1),
+                0,
+            );
+            launch(
+                kernels,
+                stream,
+                &kernels.backward[i],
+                &args,
+                grid,
+                backward_shared_bytes(d),
+            );
+        },
+    );
+    Some([back(grad_q), back(grad_k), back(grad_v)])
+}
