@@ -102,8 +102,12 @@ for name in ${@:-$ALL}; do
     # reference path (plain attention, burn's matmul), logits and gradients.
     check_bf16)   step $name ${CHECK_LIMIT:-120} $B check-fast-path $G --model tests/fixtures/model/tied_f32 --precision bf16 ;;
     # The fused attention against the chunked one and f32 at 0.5b's and 1.5b's attention sizes.
-    check_attn_64)  step $name 120 $B check-attention --heads 14 --kv-heads 2 --head-dim 64 --seq-len 2048 --batch-size 2 ;;
-    check_attn_128) step $name 120 $B check-attention --heads 12 --kv-heads 2 --head-dim 128 --seq-len 2048 --batch-size 2 ;;
+    # With --iterations, each also times the fused and the chunked attention (forward and
+    # backward); the peers time PyTorch's scaled_dot_product_attention at the same sizes.
+    check_attn_64)  step $name 120 $B check-attention --heads 14 --kv-heads 2 --head-dim 64 --seq-len 2048 --batch-size 8 --iterations "${ATTN_ITERS:-10}" ;;
+    check_attn_128) step $name 120 $B check-attention --heads 12 --kv-heads 2 --head-dim 128 --seq-len 2048 --batch-size 4 --iterations "${ATTN_ITERS:-10}" ;;
+    peer_attn_64)   step $name 60 python3 xtask/peer/attention_peer.py --heads 14 --kv-heads 2 --head-dim 64 --seq-len 2048 --batch-size 8 --iterations "${ATTN_ITERS:-10}" ;;
+    peer_attn_128)  step $name 60 python3 xtask/peer/attention_peer.py --heads 12 --kv-heads 2 --head-dim 128 --seq-len 2048 --batch-size 4 --iterations "${ATTN_ITERS:-10}" ;;
     check_f32)    step $name 120 $B check-fast-path $G --model tests/fixtures/model/tied_f32 --precision f32 --tolerance 1e-3 ;;
     *) echo "unknown measurement: $name" ;;
   esac

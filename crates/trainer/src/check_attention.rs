@@ -15,6 +15,10 @@
 //! path than the chunked path is (times [`crate::check::F32_SLACK`]). A check in which the
 //! fused kernels did not run (another backend, or sizes they do not take) fails: the report
 //! counts the passes that ran fused.
+//!
+//! With `iterations > 0` it also times each bf16 path, forward and backward together, as a
+//! benchmark (JSON, never a test): `xtask/peer/attention_peer.py` times PyTorch's
+//! `scaled_dot_product_attention` at the same sizes for the ratio (docs/BENCHMARKS.md).
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
@@ -76,6 +80,11 @@ pub struct AttentionCheckReport {
     pub chunked_vs_f32: Figures,
     pub tolerance: f64,
     pub pass: bool,
+    /// Seconds per forward + backward of each bf16 path, over `iterations` runs after one
+    /// warm-up (absent when not timed).
+    pub fused_seconds: Option<f64>,
+    pub chunked_seconds: Option<f64>,
+    pub iterations: usize,
 }
 
 /// Segment ids like a packed batch: row 0 one sequence ending in 7 padding positions, the other
@@ -117,11 +126,31 @@ fn run<B: AutodiffBackend + AttentionBackend>(
     }
 }
 
-/// Runs the check (see the module docs). Turns the `flash` kernel off for the chunked runs and
-/// restores what was off before.
+/// Seconds per run of `path`, over `iterations` after one warm-up; `None` for 0 iterations.
+fn time<B: AutodiffBackend>(
+    iterations: usize,
+    device: &B::Device,
+    mut path: impl FnMut() -> Outputs<B>,
+) -> Option<f64> {
+    if iterations == 0 {
+        return None;
+    }
+    drop(path());
+    B::sync(device).expect("the device failed");
+    let started = std::time::Instant::now();
+    for _ in 0..iterations {
+        drop(path());
+    }
+    B::sync(device).expect("the device failed");
+    Some(started.elapsed().as_secs_f64() / iterations as f64)
+}
+
+/// Runs the check (see the module docs), and times each bf16 path over `iterations` runs. Turns
+/// the `flash` kernel off for the chunked runs and restores what was off before.
 pub fn check_attention<B: AutodiffBackend + AttentionBackend>(
     shape: AttentionShape,
     tolerance: f64,
+    iterations: usize,
     backend_name: &str,
     device: &B::Device,
 ) -> AttentionCheckReport {
@@ -150,11 +179,14 @@ pub fn check_attention<B: AutodiffBackend + AttentionBackend>(
     let fused = run::<B>(&inputs, &grad_out, &segments, DType::BF16);
     B::sync(device).expect("the device failed");
     let fused_passes = fused_attention_passes() - before;
+    let bf16 = || run::<B>(&inputs, &grad_out, &segments, DType::BF16);
+    let fused_seconds = time(iterations, device, bf16);
     let was_off = kernels_off();
     let mut off = was_off.clone();
     off.push(Kernel::Flash);
     set_kernels_off(&off);
-    let chunked = run::<B>(&inputs, &grad_out, &segments, DType::BF16);
+    let chunked = bf16();
+    let chunked_seconds = time(iterations, device, bf16);
     let full = run::<B>(&inputs, &grad_out, &segments, DType::F32);
     B::sync(device).expect("the device failed");
     set_kernels_off(&was_off);
@@ -178,6 +210,9 @@ pub fn check_attention<B: AutodiffBackend + AttentionBackend>(
         chunked_vs_f32,
         tolerance,
         pass: close && fused_passes == 2,
+        fused_seconds,
+        chunked_seconds,
+        iterations,
     }
 }
 
@@ -198,8 +233,9 @@ mod tests {
             seq: 20,
             head_dim: 8,
         };
-        let report = check_attention::<B>(shape, 3e-2, "flex", &Default::default());
+        let report = check_attention::<B>(shape, 3e-2, 1, "flex", &Default::default());
         assert_eq!(report.fused_passes, 0);
+        assert!(report.fused_seconds.is_some_and(|s| s > 0.0) && report.chunked_seconds.is_some());
         assert!(!report.pass);
         assert!(
             report.fused_vs_chunked.all().iter().all(|&x| x == 0.0),

@@ -99,6 +99,10 @@ struct CheckAttentionArgs {
     head_dim: usize,
     #[arg(long, default_value_t = 3e-2)]
     tolerance: f64,
+    /// Also time each bf16 path (forward + backward) over this many runs (a benchmark, in the
+    /// JSON); 0: no timing.
+    #[arg(long, default_value_t = 0)]
+    iterations: usize,
 }
 
 #[derive(Args)]
@@ -837,6 +841,7 @@ fn check_attention(args: CheckAttentionArgs) -> Result<()> {
     let report = qwen_sft::check_attention::check_attention::<Training>(
         shape,
         args.tolerance,
+        args.iterations,
         BACKEND_NAME,
         &backend::device(),
     );

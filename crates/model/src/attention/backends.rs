@@ -112,6 +112,7 @@ mod cube {
                 ],
                 params,
             ) {
+                crate::attention::count_fused_pass();
                 return AttentionForward { output, lse };
             }
             kernel::forward::<Self>(inputs, params)
