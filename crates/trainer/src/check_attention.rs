@@ -114,7 +114,10 @@ fn run<B: AutodiffBackend + AttentionBackend>(
     let mask = AttentionMask::new(segments.clone(), segments.clone(), 0, None);
     let out = chunked_attention(q.clone(), k.clone(), v.clone(), &mask);
     let weighted = out.clone().cast(DType::F32) * Tensor::from_inner(grad_out.clone());
-    let grads = weighted.sum().backward();
+    // Backward from the unreduced product: burn seeds the root with ones, which gives the
+    // gradients of sum(o * G) without a full reduction (on CubeCL one thread per output, the
+    // whole tensor here: it dominated the first timings).
+    let grads = weighted.backward();
     let grad = |x: &Tensor<B, 4>| {
         x.grad(&grads)
             .expect("every input has a gradient")
