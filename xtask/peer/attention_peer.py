@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The PyTorch peer of `qwen-sft check-attention --iterations N`: one causal attention, forward
-and backward, timed the same way (one warm-up, then N runs between two synchronisations).
+and backward, timed the same way (three warm-up runs, then N runs between two synchronisations).
 
     python3 xtask/peer/attention_peer.py --heads 14 --kv-heads 2 --head-dim 64 --seq-len 2048 --batch-size 2 --iterations 20
 
@@ -42,7 +42,8 @@ def main() -> None:
         (o.float() * g).sum().backward()
         q.grad = k.grad = v.grad = None
 
-    run()
+    for _ in range(3):  # warm-up, as ours
+        run()
     torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(a.iterations):

@@ -80,8 +80,8 @@ pub struct AttentionCheckReport {
     pub chunked_vs_f32: Figures,
     pub tolerance: f64,
     pub pass: bool,
-    /// Seconds per forward + backward of each bf16 path, over `iterations` runs after one
-    /// warm-up (absent when not timed).
+    /// Seconds per forward + backward of each bf16 path, over `iterations` runs after
+    /// [`WARMUP_RUNS`] (absent when not timed).
     pub fused_seconds: Option<f64>,
     pub chunked_seconds: Option<f64>,
     pub iterations: usize,
@@ -129,7 +129,11 @@ fn run<B: AutodiffBackend + AttentionBackend>(
     }
 }
 
-/// Seconds per run of `path`, over `iterations` after one warm-up; `None` for 0 iterations.
+/// Runs before timing: on the H200 the first timed path of a process ran at half speed or less
+/// after a single warm-up run (the clocks still rising; docs/BENCHMARKS.md, session 13).
+const WARMUP_RUNS: usize = 3;
+
+/// Seconds per run of `path`, over `iterations` after [`WARMUP_RUNS`]; `None` for 0 iterations.
 fn time<B: AutodiffBackend>(
     iterations: usize,
     device: &B::Device,
@@ -138,7 +142,9 @@ fn time<B: AutodiffBackend>(
     if iterations == 0 {
         return None;
     }
-    drop(path());
+    for _ in 0..WARMUP_RUNS {
+        drop(path());
+    }
     B::sync(device).expect("the device failed");
     let started = std::time::Instant::now();
     for _ in 0..iterations {
