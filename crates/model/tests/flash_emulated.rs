@@ -3,13 +3,17 @@
 //! thread and `mma.sync`, `ldmatrix` and the warp shuffles are emulated from their PTX
 //! definitions. `emulate_test.cpp` runs the forward, the row sums and the backward on random
 //! bf16 inputs and compares them with a plain attention in f64: outputs, log-sum-exp and the
-//! three gradients, and rows that see no key (zero output and gradient, lse +inf).
+//! three gradients, and rows that see no key (zero output and gradient, lse +inf). Each block
+//! gets the shared memory the CUDA launcher gives it (`attention::flash_sizes`), and the
+//! emulator checks that the kernels' layouts fit in it.
 //!
 //! Needs a C++20 compiler: `$CXX`, else `c++` (`.ci/run` installs g++).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+
+use qwen_model::attention::flash_sizes;
 
 /// The harness, built once per test process.
 fn harness() -> &'static Path {
@@ -33,7 +37,21 @@ fn harness() -> &'static Path {
 
 /// Runs one configuration; fails with the harness's report line if it does.
 fn run(head_dim: usize, batch: usize, heads: usize, kv_heads: usize, seq: usize, seed: u64) {
-    let args = [head_dim, batch, heads, kv_heads, seq, seed as usize].map(|x| x.to_string());
+    let shared = [
+        flash_sizes::forward_shared_bytes(head_dim),
+        flash_sizes::backward_shared_bytes(head_dim),
+    ];
+    let args = [
+        head_dim,
+        batch,
+        heads,
+        kv_heads,
+        seq,
+        seed as usize,
+        shared[0],
+        shared[1],
+    ]
+    .map(|x| x.to_string());
     let output = Command::new(harness())
         .args(&args)
         .output()

@@ -8,6 +8,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -21,6 +23,15 @@ typedef unsigned int u32;
 #define QF_KERNEL void
 #define QF_DECLARE_SMEM(name) unsigned char* name = qf_emu::block->shared.data()
 #define QF_SYNC_BLOCK() qf_emu::block->barrier.arrive_and_wait()
+// A kernel's shared-memory layout must end within what the launch gave it.
+#define QF_CHECK_SHARED(end)                                                                  \
+  do {                                                                                        \
+    if ((const unsigned char*)(end) > qf_emu::block->shared.data() + qf_emu::block->shared.size()) { \
+      std::fprintf(stderr, "shared memory layout exceeds the %zu bytes given\n",            \
+                   qf_emu::block->shared.size());                                             \
+      std::abort();                                                                           \
+    }                                                                                         \
+  } while (0)
 
 struct QfDim {
   unsigned x, y, z;
@@ -76,6 +87,16 @@ inline float qf_exp2(float x) { return std::exp2(x); }
 inline float qf_log2(float x) { return std::log2(x); }
 inline void atomic_add(float* at, float x) { std::atomic_ref<float>(*at).fetch_add(x); }
 
+// cp.async: the copy happens at once (zeros when not valid); commit and wait have nothing to
+// do. Emulation therefore cannot see a missing wait or barrier around a copy, only wrong
+// buffers and addresses.
+inline void copy_async16(void* dst, const void* src, bool valid) {
+  if (valid) std::memcpy(dst, src, 16);
+  else std::memset(dst, 0, 16);
+}
+inline void copy_async_commit() {}
+inline void copy_async_wait() {}
+
 inline float shfl_xor(float x, int mask) {
   qf_emu::Warp& w = qf_emu::warp();
   int lane = qf_emu::lane();
@@ -124,6 +145,21 @@ inline void ldmatrix_b_trans(u32* b, const u16* row) {
   for (int m = 0; m < 2; m++) {
     u16 lo = w.row[m * 8 + 2 * t][g], hi = w.row[m * 8 + 2 * t + 1][g];
     b[m] = (u32)lo | ((u32)hi << 16);
+  }
+  w.barrier.arrive_and_wait();
+}
+
+// ldmatrix.m8n8.x4: lanes 8m..8m+7 give the rows of matrix m; each lane receives M_m[g][2t..2t+1]
+// in register m.
+inline void ldmatrix_x4(u32* r, const u16* row) {
+  qf_emu::Warp& w = qf_emu::warp();
+  int lane = qf_emu::lane();
+  w.row[lane] = row;
+  w.barrier.arrive_and_wait();
+  int g = lane / 4, t = lane % 4;
+  for (int m = 0; m < 4; m++) {
+    const u16* at = w.row[m * 8 + g] + 2 * t;
+    r[m] = (u32)at[0] | ((u32)at[1] << 16);
   }
   w.barrier.arrive_and_wait();
 }

@@ -1,7 +1,10 @@
 // The flash kernels under emulation (emulate.hpp) against a plain attention in f64 on the same
 // bf16 inputs. Run by tests/flash_emulated.rs:
 //
-//   emulate_test HEAD_DIM BATCH HEADS KV_HEADS SEQ SEED
+//   emulate_test HEAD_DIM BATCH HEADS KV_HEADS SEQ SEED FORWARD_SHARED BACKWARD_SHARED
+//
+// (the last two: the shared-memory bytes of a forward and a backward block, as the CUDA
+// launcher gives them, `attention::flash_sizes`)
 //
 // Prints one line of relative errors (max |x - ref| / max |ref|) and exits 1 if one is over its
 // tolerance, or if a row that sees no key has a non-zero output or gradient or a finite lse.
@@ -38,8 +41,8 @@ double rel_err(const std::vector<double>& ref, const std::vector<double>& got) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 7) {
-    std::fprintf(stderr, "usage: %s HEAD_DIM BATCH HEADS KV_HEADS SEQ SEED\n", argv[0]);
+  if (argc != 9) {
+    std::fprintf(stderr, "usage: %s HEAD_DIM BATCH HEADS KV_HEADS SEQ SEED FORWARD_SHARED BACKWARD_SHARED\n", argv[0]);
     return 2;
   }
   Dims m{std::atoi(argv[1]), std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5])};
@@ -118,7 +121,7 @@ int main(int argc, char** argv) {
   f.qseg_b = f.kseg_b = S, f.qseg_s = f.kseg_s = 1;
   f.seq = S, f.heads = H, f.kv_heads = KV;
   f.scale_log2 = (float)(scale * 1.4426950408889634);
-  size_t fwd_smem = (size_t)(64 * 3) * (D + 8) * 2 + 64 * 4;
+  size_t fwd_smem = std::strtoul(argv[7], nullptr, 10), bwd_smem = std::strtoul(argv[8], nullptr, 10);
   qf_launch(D == 64 ? qf_forward_64 : qf_forward_128, f, {(unsigned)tiles, (unsigned)H, (unsigned)B}, fwd_smem);
 
   QfDelta dl{};
@@ -135,8 +138,6 @@ int main(int argc, char** argv) {
   bw.v_b = f.v_b, bw.v_h = f.v_h, bw.v_s = f.v_s, bw.qseg_b = f.qseg_b, bw.qseg_s = f.qseg_s;
   bw.kseg_b = f.kseg_b, bw.kseg_s = f.kseg_s, bw.do_b = f.q_b, bw.do_h = f.q_h, bw.do_s = f.q_s;
   bw.seq = S, bw.heads = H, bw.kv_heads = KV, bw.scale_log2 = f.scale_log2, bw.scale = (float)scale;
-  const int br = D > 64 ? 32 : 64;
-  size_t bwd_smem = (size_t)(2 * 64 + 2 * br) * (D + 8) * 2 + (size_t)br * 72 * 2 + br * 12;
   qf_launch(D == 64 ? qf_backward_64 : qf_backward_128, bw, {(unsigned)tiles, (unsigned)KV, (unsigned)B}, bwd_smem);
 
   auto widen = [](const std::vector<u16>& x) {

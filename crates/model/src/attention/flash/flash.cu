@@ -39,12 +39,24 @@ QF_DEV void mma_bf16(float* c, const u32* a, const u32* b) {
 
 // The B fragment of a 16x8 block of a row-major [k][n] matrix in shared memory: lanes 0-15
 // give the addresses of rows 0-15 (columns n0..n0+7); .trans hands each lane B[2t..2t+1][g].
-QF_DEV void ldmatrix_b_trans(u32* b, const u16* row) {
+QF_DEV u32 shared_address(const void* p) {
   u32 address;
   asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
-               : "=r"(address) : "l"(row));
+               : "=r"(address) : "l"(p));
+  return address;
+}
+
+QF_DEV void ldmatrix_b_trans(u32* b, const u16* row) {
+  u32 address = shared_address(row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
                : "=r"(b[0]), "=r"(b[1]) : "r"(address));
+}
+
+// Four 8x8 matrices of b16 from shared memory: lanes 8m..8m+7 give the rows of matrix m, and
+// each lane receives, from matrix m, M_m[g][2t..2t+1] in register m.
+QF_DEV void ldmatrix_x4(u32* r, const u16* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)));
 }
 
 // Two f32 to bf16 (round to nearest even), `lo` in the low half.
@@ -65,6 +77,17 @@ QF_DEV float qf_log2(float x) {
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+
+// 16 bytes from global to shared memory without passing through registers; zeros when
+// `valid` is false (src-size 0: nothing is read).
+QF_DEV void copy_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+               :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+QF_DEV void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits for this thread's copies; a block barrier after it makes everyone's visible.
+QF_DEV void copy_async_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+#define QF_CHECK_SHARED(end) ((void)0)
 
 QF_DEV float shfl_xor(float x, int mask) { return __shfl_xor_sync(0xffffffffu, x, mask); }
 QF_DEV float bf16_to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
@@ -140,23 +163,35 @@ QF_DEV void load_rows(u16* dst, int ld, const u16* src, long long stride, int ro
   }
 }
 
-// The A fragment of the 16x16 block at (row0, col0) of a row-major bf16 matrix in shared memory.
-QF_DEV void load_a(u32* a, const u16* m, int ld, int row0, int col0) {
-  int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const u16* p = m + (row0 + g) * ld + col0 + 2 * t;
-  a[0] = *(const u32*)p;
-  a[1] = *(const u32*)(p + 8 * ld);
-  a[2] = *(const u32*)(p + 8);
-  a[3] = *(const u32*)(p + 8 * ld + 8);
+// As `load_rows`, but with asynchronous copies: the caller commits, waits and synchronises.
+template <int D>
+QF_DEV void copy_rows_async(u16* dst, int ld, const u16* src, long long stride, int rows, int valid) {
+  constexpr int PER_ROW = D / 8;
+  for (int i = threadIdx.x; i < rows * PER_ROW; i += 128) {
+    int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+    copy_async16(dst + r * ld + c, r < valid ? src + r * stride + c : src, r < valid);
+  }
 }
 
-// The B fragment of B = M^T at (k0, n0), M row-major [n][k] in shared memory: b0 =
-// M[n0 + g][k0 + 2t..], b1 = M[n0 + g][k0 + 2t + 8..].
-QF_DEV void load_b_of_transposed(u32* b, const u16* m, int ld, int n0, int k0) {
-  int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const u16* p = m + (n0 + g) * ld + k0 + 2 * t;
-  b[0] = *(const u32*)p;
-  b[1] = *(const u32*)(p + 8);
+// The A fragment of the 16x16 block at (row0, col0) of a row-major bf16 matrix in shared
+// memory: matrices (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15),
+// (rows 8-15, cols 8-15) are a0..a3.
+QF_DEV void load_a(u32* a, const u16* m, int ld, int row0, int col0) {
+  int lane = threadIdx.x & 31, quarter = lane >> 3;
+  ldmatrix_x4(a, m + (row0 + (lane & 7) + 8 * (quarter & 1)) * ld + col0 + 8 * (quarter >> 1));
+}
+
+// The B fragments of two 16x8 blocks of B = M^T, at (k0, n0) and (k0, n0 + 8), M row-major
+// [n][k] in shared memory: b0 = M[n0 + g][k0 + 2t..], b1 = M[n0 + g][k0 + 8 + 2t..], and the
+// same 8 rows further for the second.
+QF_DEV void load_b2_of_transposed(u32* b, u32* next, const u16* m, int ld, int n0, int k0) {
+  int lane = threadIdx.x & 31, quarter = lane >> 3;
+  u32 r[4];
+  ldmatrix_x4(r, m + (n0 + (lane & 7) + 8 * (quarter >> 1)) * ld + k0 + 8 * (quarter & 1));
+  b[0] = r[0];
+  b[1] = r[1];
+  next[0] = r[2];
+  next[1] = r[3];
 }
 
 // The B fragment at (k0, n0) of a row-major [k][n] matrix in shared memory.
@@ -181,10 +216,12 @@ template <int D>
 QF_DEV void forward(const QfForward& p) {
   constexpr int BR = 64, BC = 64, LD = D + 8;
   QF_DECLARE_SMEM(smem);
-  u16* q_tile = (u16*)smem;           // [BR][LD]
-  u16* k_tile = q_tile + BR * LD;     // [BC][LD]
-  u16* v_tile = k_tile + BC * LD;     // [BC][LD]
-  int* key_seg = (int*)(v_tile + BC * LD);  // [BC]
+  // K, V and the keys' segments twice: the next tile is copied while this one is used.
+  u16* q_tile = (u16*)smem;               // [BR][LD]
+  u16* k_tiles = q_tile + BR * LD;        // [2][BC][LD]
+  u16* v_tiles = k_tiles + 2 * BC * LD;   // [2][BC][LD]
+  int* key_segs = (int*)(v_tiles + 2 * BC * LD);  // [2][BC]
+  QF_CHECK_SHARED(key_segs + 2 * BC);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   // The last query blocks see the most keys: start them first.
@@ -211,15 +248,26 @@ QF_DEV void forward(const QfForward& p) {
   for (int j = 0; j < D / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   float m[2] = {-QF_INF, -QF_INF}, l[2] = {0.0f, 0.0f};
   const int last_query = (q0 + BR < p.seq ? q0 + BR : p.seq) - 1;
-
-  for (int k0 = 0; k0 <= last_query; k0 += BC) {
-    QF_SYNC_BLOCK();  // every warp is done with the previous tile
-    load_rows<D>(k_tile, LD, k + k0 * p.k_s, p.k_s, BC, p.seq - k0);
-    load_rows<D>(v_tile, LD, v + k0 * p.v_s, p.v_s, BC, p.seq - k0);
+  // Starts the copy of the key tile at `k0` into buffer `buf`.
+  auto fetch = [&](int k0, int buf) {
+    copy_rows_async<D>(k_tiles + buf * BC * LD, LD, k + k0 * p.k_s, p.k_s, BC, p.seq - k0);
+    copy_rows_async<D>(v_tiles + buf * BC * LD, LD, v + k0 * p.v_s, p.v_s, BC, p.seq - k0);
+    copy_async_commit();
+    int key = k0 + (int)threadIdx.x;
     if (threadIdx.x < BC)
-      key_seg[threadIdx.x] =
-          k0 + (int)threadIdx.x < p.seq ? p.kseg[b * p.kseg_b + (k0 + (int)threadIdx.x) * p.kseg_s] : 0;
+      key_segs[buf * BC + threadIdx.x] = key < p.seq ? p.kseg[b * p.kseg_b + key * p.kseg_s] : 0;
+  };
+  fetch(0, 0);
+
+  for (int k0 = 0, buf = 0; k0 <= last_query; k0 += BC, buf ^= 1) {
+    copy_async_wait();
+    // This tile has landed for everyone, and every warp is done with the previous one, whose
+    // buffer the next copy reuses.
     QF_SYNC_BLOCK();
+    if (k0 + BC <= last_query) fetch(k0 + BC, buf ^ 1);
+    const u16* k_tile = k_tiles + buf * BC * LD;
+    const u16* v_tile = v_tiles + buf * BC * LD;
+    const int* key_seg = key_segs + buf * BC;
     if (k0 > q0 + warp * 16 + 15) continue;  // every key of the tile is after the warp's rows
 
     // S = Q K^T for the warp's 16 rows: 8 tiles of 16x8.
@@ -229,10 +277,11 @@ QF_DEV void forward(const QfForward& p) {
     #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
       #pragma unroll
-      for (int n = 0; n < 8; n++) {
-        u32 kb[2];
-        load_b_of_transposed(kb, k_tile, LD, n * 8, kk * 16);
+      for (int n = 0; n < 8; n += 2) {
+        u32 kb[2], kb_next[2];
+        load_b2_of_transposed(kb, kb_next, k_tile, LD, n * 8, kk * 16);
         mma_bf16(s[n], qa[kk], kb);
+        mma_bf16(s[n + 1], qa[kk], kb_next);
       }
     }
     // Mask and scale (in log2 units), then the rows' new maxima over the 4 lanes of a row.
@@ -326,14 +375,17 @@ QF_DEV void backward(const QfBackward& p) {
   // dQ of a query tile: BR / 16 row groups, the columns split among the remaining warps.
   constexpr int ROW_GROUPS = BR / 16, PARTS = 4 / ROW_GROUPS, DQ_COLS = D / PARTS;
   QF_DECLARE_SMEM(smem);
-  u16* k_tile = (u16*)smem;           // [BC][LD]
-  u16* v_tile = k_tile + BC * LD;     // [BC][LD]
-  u16* q_tile = v_tile + BC * LD;     // [BR][LD]
-  u16* do_tile = q_tile + BR * LD;    // [BR][LD]
-  u16* ds_tile = do_tile + BR * LD;   // [BR][LDS]: dS, query-major
-  float* lse2 = (float*)(ds_tile + BR * LDS);  // [BR]: lse in log2 units
-  float* delta = lse2 + BR;           // [BR]
-  int* query_seg = (int*)(delta + BR);  // [BR]
+  // q, dO and their rows' lse, D and segments twice: the next (head, query tile) is copied
+  // while this one is used.
+  u16* k_tile = (u16*)smem;               // [BC][LD]
+  u16* v_tile = k_tile + BC * LD;         // [BC][LD]
+  u16* ds_tile = v_tile + BC * LD;        // [BR][LDS]: dS, query-major
+  u16* q_tiles = ds_tile + BR * LDS;      // [2][BR][LD]
+  u16* do_tiles = q_tiles + 2 * BR * LD;  // [2][BR][LD]
+  float* lse2s = (float*)(do_tiles + 2 * BR * LD);  // [2][BR]: lse in log2 units
+  float* deltas = lse2s + 2 * BR;                    // [2][BR]
+  int* query_segs = (int*)(deltas + 2 * BR);         // [2][BR]
+  QF_CHECK_SHARED(query_segs + 2 * BR);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int k0 = blockIdx.x * BC, kvh = blockIdx.y, b = blockIdx.z;
@@ -355,24 +407,41 @@ QF_DEV void backward(const QfBackward& p) {
     for (int e = 0; e < 4; e++) dk[j][e] = dv[j][e] = 0.0f;
 
   const int rg = warp % ROW_GROUPS, part = warp / ROW_GROUPS;
-  for (int r = 0; r < n_rep; r++) {
-    const int h = kvh * n_rep + r;
-    const u16* q = p.q + b * p.q_b + h * p.q_h;
-    const u16* dout = p.dout + b * p.do_b + h * p.do_h;
+  // The query tiles that may see these keys start at the one holding key k0 (causal); the
+  // iterations run over (head of the group, query tile), the tile fastest.
+  const int first_q0 = (k0 / BR) * BR, tiles = (p.seq - first_q0 + BR - 1) / BR;
+  // Starts the copies of iteration `it` into buffer `buf`.
+  auto fetch = [&](int it, int buf) {
+    int h = kvh * n_rep + it / tiles, q0 = first_q0 + (it % tiles) * BR;
     const long long head_row = (long long)(b * p.heads + h) * p.seq;
-    for (int q0 = (k0 / BR) * BR; q0 < p.seq; q0 += BR) {
-      QF_SYNC_BLOCK();  // the previous tile's readers are done
-      load_rows<D>(q_tile, LD, q + q0 * p.q_s, p.q_s, BR, p.seq - q0);
-      load_rows<D>(do_tile, LD, dout + q0 * p.do_s, p.do_s, BR, p.seq - q0);
-      if (threadIdx.x < BR) {
-        int qi = q0 + threadIdx.x;
-        bool valid = qi < p.seq;
-        lse2[threadIdx.x] = valid ? p.lse[head_row + qi] * QF_LOG2E : QF_INF;
-        delta[threadIdx.x] = valid ? p.delta[head_row + qi] : 0.0f;
-        query_seg[threadIdx.x] = valid ? p.qseg[b * p.qseg_b + qi * p.qseg_s] : 0;
-      }
-      QF_SYNC_BLOCK();
-
+    copy_rows_async<D>(q_tiles + buf * BR * LD, LD, p.q + b * p.q_b + h * p.q_h + q0 * p.q_s,
+                       p.q_s, BR, p.seq - q0);
+    copy_rows_async<D>(do_tiles + buf * BR * LD, LD,
+                       p.dout + b * p.do_b + h * p.do_h + q0 * p.do_s, p.do_s, BR, p.seq - q0);
+    copy_async_commit();
+    if (threadIdx.x < BR) {
+      int qi = q0 + threadIdx.x;
+      bool valid = qi < p.seq;
+      lse2s[buf * BR + threadIdx.x] = valid ? p.lse[head_row + qi] * QF_LOG2E : QF_INF;
+      deltas[buf * BR + threadIdx.x] = valid ? p.delta[head_row + qi] : 0.0f;
+      query_segs[buf * BR + threadIdx.x] = valid ? p.qseg[b * p.qseg_b + qi * p.qseg_s] : 0;
+    }
+  };
+  fetch(0, 0);
+  for (int it = 0, buf = 0; it < n_rep * tiles; it++, buf ^= 1) {
+    const int h = kvh * n_rep + it / tiles, q0 = first_q0 + (it % tiles) * BR;
+    const long long head_row = (long long)(b * p.heads + h) * p.seq;
+    copy_async_wait();
+    // This iteration's tiles have landed for everyone, and every warp is done with the
+    // previous iteration (its buffers, which the next copy reuses, and dS).
+    QF_SYNC_BLOCK();
+    if (it + 1 < n_rep * tiles) fetch(it + 1, buf ^ 1);
+    const u16* q_tile = q_tiles + buf * BR * LD;
+    const u16* do_tile = do_tiles + buf * BR * LD;
+    const float* lse2 = lse2s + buf * BR;
+    const float* delta = deltas + buf * BR;
+    const int* query_seg = query_segs + buf * BR;
+    {
       // S^T and dP^T for the warp's 16 keys against the BR queries.
       float st[BR / 8][4], dpt[BR / 8][4];
       #pragma unroll
@@ -385,12 +454,14 @@ QF_DEV void backward(const QfBackward& p) {
         load_a(ka, k_tile, LD, warp * 16, kk * 16);
         load_a(va, v_tile, LD, warp * 16, kk * 16);
         #pragma unroll
-        for (int n = 0; n < BR / 8; n++) {
-          u32 qb[2], dob[2];
-          load_b_of_transposed(qb, q_tile, LD, n * 8, kk * 16);
-          load_b_of_transposed(dob, do_tile, LD, n * 8, kk * 16);
+        for (int n = 0; n < BR / 8; n += 2) {
+          u32 qb[2], qb_next[2], dob[2], dob_next[2];
+          load_b2_of_transposed(qb, qb_next, q_tile, LD, n * 8, kk * 16);
+          load_b2_of_transposed(dob, dob_next, do_tile, LD, n * 8, kk * 16);
           mma_bf16(st[n], ka, qb);
+          mma_bf16(st[n + 1], ka, qb_next);
           mma_bf16(dpt[n], va, dob);
+          mma_bf16(dpt[n + 1], va, dob_next);
         }
       }
       // P^T and dS^T in place; dS (bf16, query-major) to shared memory for dQ.

@@ -40,6 +40,7 @@ use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr, LaunchConfig, PushKe
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::AttentionParams;
+use super::flash_sizes::{TILE, backward_shared_bytes, forward_shared_bytes};
 
 type Tensor = CubeTensor<CudaRuntime>;
 
@@ -48,8 +49,6 @@ pub const SOURCE: &str = include_str!("flash.cu");
 
 /// Threads per block of every kernel (4 warps).
 const THREADS: u32 = 128;
-/// Queries per forward block and keys per backward block.
-const TILE: usize = 64;
 
 /// Whether the fused kernels take a call of these sizes and settings (the inner backend still
 /// checks the layouts, and falls back to the chunked path where they do not fit).
@@ -146,24 +145,6 @@ struct Kernels {
 
 fn dim_index(head_dim: usize) -> usize {
     usize::from(head_dim == 128)
-}
-
-/// Shared memory of a forward block: q, k and v tiles of `TILE` rows (pitch `d + 8`) and the
-/// key tile's segments.
-fn forward_shared_bytes(head_dim: usize) -> usize {
-    3 * TILE * (head_dim + 8) * 2 + TILE * 4
-}
-
-/// Queries per backward iteration (`BR` in `flash.cu`).
-fn backward_rows(head_dim: usize) -> usize {
-    if head_dim > 64 { 32 } else { 64 }
-}
-
-/// Shared memory of a backward block: k and v tiles, q and dO tiles, the dS tile and three
-/// `[BR]` vectors.
-fn backward_shared_bytes(head_dim: usize) -> usize {
-    let rows = backward_rows(head_dim);
-    (2 * TILE + 2 * rows) * (head_dim + 8) * 2 + rows * (TILE + 8) * 2 + rows * 12
 }
 
 /// The kernels of CUDA device `index`, built on first use; `None` where they do not build there
