@@ -146,12 +146,13 @@ mod cube {
             ) {
                 use burn::tensor::ops::FloatTensorOps;
                 crate::attention::count_fused_pass();
-                // dQ is accumulated in f32; the gradients come back in the inputs' dtype.
+                // The kernels accumulate in f32; the gradients come back in the inputs' dtype.
                 let dtype = burn::tensor::FloatDType::from(inputs.q.dtype);
+                let cast = |grad, wanted: bool| wanted.then(|| Self::float_cast(grad, dtype));
                 return AttentionGrads {
-                    q: request.q.then(|| Self::float_cast(grad_q, dtype)),
-                    k: request.k.then_some(grad_k),
-                    v: request.v.then_some(grad_v),
+                    q: cast(grad_q, request.q),
+                    k: cast(grad_k, request.k),
+                    v: cast(grad_v, request.v),
                 };
             }
             kernel::backward::<Self>(inputs, forward, grad_output, params, request)

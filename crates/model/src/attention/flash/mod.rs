@@ -357,8 +357,8 @@ pub fn forward<R: CubeRuntime>(
     Some((back(out), back(lse)))
 }
 
-/// `dQ` (f32), `dK` and `dV` (bf16), or `None` where the fused kernels do not take these
-/// inputs. `out` and `lse` are [`forward`]'s.
+/// `dQ`, `dK` and `dV`, in f32 (the kernels add them up atomically), or `None` where the fused
+/// kernels do not take these inputs. `out` and `lse` are [`forward`]'s.
 pub fn backward<R: CubeRuntime>(
     inputs: [&CubeTensor<R>; 5],
     out: &CubeTensor<R>,
@@ -384,8 +384,8 @@ pub fn backward<R: CubeRuntime>(
     let (b, h, s, d) = (call.batch, call.heads, call.seq, call.head_dim);
     let delta = call.empty(q, &[b, h, s], DType::F32);
     let grad_q = call.empty(q, &[b, h, s, d], DType::F32);
-    let grad_k = call.empty(q, &[b, call.kv_heads, s, d], DType::BF16);
-    let grad_v = call.empty(q, &[b, call.kv_heads, s, d], DType::BF16);
+    let grad_k = call.empty(q, &[b, call.kv_heads, s, d], DType::F32);
+    let grad_v = call.empty(q, &[b, call.kv_heads, s, d], DType::F32);
     let rows = b * h * s;
     let mut delta_args = DeltaArgs {
         strides: [
@@ -414,9 +414,10 @@ pub fn backward<R: CubeRuntime>(
         scale,
         ..Default::default()
     };
-    let grid = (call.tiles(), call.kv_heads as u32, b as u32);
+    // A block per 64 keys and query head.
+    let grid = (call.tiles(), h as u32, b as u32);
     let kernels = call.kernels;
-    let grad_q_bytes = grad_q.meta.shape().num_elements() * 4;
+    let accumulators = [&grad_q, &grad_k, &grad_v].map(|t| t.meta.shape().num_elements() * 4);
     qwen_gemm::on_burn_stream(
         q,
         &[
@@ -439,14 +440,18 @@ pub fn backward<R: CubeRuntime>(
             ] = [
                 a[0], a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9], a[10], a[11],
             ];
-            // SAFETY: `grad_q` is a live buffer of `grad_q_bytes` bytes, zeroed on the stream
-            // that the kernels below run on.
-            unsafe {
-                cudarc::driver::result::memset_d8_async(args.grad_q, 0, grad_q_bytes, stream)
+            for (address, bytes) in [args.grad_q, args.grad_k, args.grad_v]
+                .into_iter()
+                .zip(accumulators)
+            {
+                // SAFETY: a live buffer of `bytes` bytes, zeroed on the stream that the kernels
+                // below run on.
+                unsafe { cudarc::driver::result::memset_d8_async(address, 0, bytes, stream) }
+                    .unwrap_or_else(|err| panic!("the fused attention's memset failed: {err}"));
             }
-            .unwrap_or_else(|err| panic!("the fused attention's dQ memset failed: {err}"));
             let i = dim_index(d);
-            let blocks = rows.div_ceil(THREADS as usize) as u32;
+            // `d / 8` threads per row.
+            let blocks = rows.div_ceil(THREADS as usize / (d / 8)) as u32;
             launch(
                 kernels,
                 stream,
