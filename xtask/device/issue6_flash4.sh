@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 6, session 13, seventh device call: the fused attention's backward with a block per
+# query head. The attention alone against PyTorch's SDPA (same call), 0.5b batch 8 and 1.5b
+# batch 4 against their peers, the fast path's 50-step curve (against call 2's reference
+# curve), and ncu's figures of the three fused kernels at both head sizes. Build first (`cargo
+# xtask device-bundle`), then with carry [".device"]:
+#
+#   bash xtask/device/issue6_flash4.sh
+set -u
+O=${OUT:-/tmp/issue6}
+export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8} ATTN_ITERS=${ATTN_ITERS:-30}
+mkdir -p "$OUT" "$O"
+trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
+G=xtask/device/gpu_bench.sh
+{
+  bash $G check_attn_128 peer_attn_128 check_attn_64 peer_attn_64
+  bash $G ours_b8_bf16 peer_amp_b8
+  bash $G ours_1p5b_b4 peer_amp_1p5b_b4
+  bash $G curve_fast_b4
+  # ncu: each fused kernel once per head size (check-attention without timing runs each once).
+  for cfg in "64 14 8" "128 12 4"; do
+    set -- $cfg
+    /usr/local/cuda/bin/ncu --kernel-name regex:qf_ --launch-count 3 --section SpeedOfLight \
+      --section Occupancy --section WarpStateStats --section LaunchStats \
+      /tmp/qwen-sft check-attention --heads $2 --kv-heads 2 --head-dim $1 --seq-len 2048 \
+      --batch-size $3 > "$OUT/ncu_d$1.txt" 2>&1
+  done
+} > "$OUT/run.log" 2>&1
+grep -E "^  qf_|Duration|Compute \(SM\) Throughput|Achieved Occupancy" "$OUT"/ncu_d*.txt
+cd "$OUT" && for f in *.json; do python3 -c "
+import json; d=json.load(open('$f'))
+keys=('tokens_per_second','peak_delta_gib','fused_attention_passes_per_step','pass','fused_passes','fused_vs_f32','chunked_vs_f32','fused_seconds','chunked_seconds','seconds')
+print('$f', {k: d.get(k) for k in keys if k in d})"; done
+grep -i "error\|panic\|exit" "$OUT/run.log" | head -20
