@@ -24,12 +24,12 @@ pub fn forward_shared_bytes(head_dim: usize) -> usize {
     5 * rows_bytes(TILE, head_dim) + 2 * TILE * 4
 }
 
-/// Shared memory of a backward block: the k and v tiles, the dS tile, two q and two dO tiles,
-/// and two tiles' lse, D and query segments.
+/// Shared memory of a backward block: the k and v tiles, the dS^T tile (`[TILE][rows + 8]`),
+/// two q and two dO tiles, and two tiles' lse, D and query segments.
 pub fn backward_shared_bytes(head_dim: usize) -> usize {
     let rows = backward_rows(head_dim);
     2 * rows_bytes(TILE, head_dim)
-        + rows * (TILE + 8) * 2
+        + TILE * (rows + 8) * 2
         + 4 * rows_bytes(rows, head_dim)
         + 6 * rows * 4
 }

@@ -85,7 +85,10 @@ inline u16 f32_to_bf16(float f) {
 inline u32 pack_bf16(float lo, float hi) { return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16); }
 inline float qf_exp2(float x) { return std::exp2(x); }
 inline float qf_log2(float x) { return std::log2(x); }
-inline void atomic_add(float* at, float x) { std::atomic_ref<float>(*at).fetch_add(x); }
+inline void atomic_add2(float* at, float x, float y) {
+  std::atomic_ref<float>(at[0]).fetch_add(x);
+  std::atomic_ref<float>(at[1]).fetch_add(y);
+}
 
 // cp.async: the copy happens at once (zeros when not valid); commit and wait have nothing to
 // do. Emulation therefore cannot see a missing wait or barrier around a copy, only wrong
@@ -160,6 +163,20 @@ inline void ldmatrix_x4(u32* r, const u16* row) {
   for (int m = 0; m < 4; m++) {
     const u16* at = w.row[m * 8 + g] + 2 * t;
     r[m] = (u32)at[0] | ((u32)at[1] << 16);
+  }
+  w.barrier.arrive_and_wait();
+}
+
+// ldmatrix.m8n8.x4.trans: each lane receives (M_m[2t][g], M_m[2t + 1][g]) in register m.
+inline void ldmatrix_x4_trans(u32* r, const u16* row) {
+  qf_emu::Warp& w = qf_emu::warp();
+  int lane = qf_emu::lane();
+  w.row[lane] = row;
+  w.barrier.arrive_and_wait();
+  int g = lane / 4, t = lane % 4;
+  for (int m = 0; m < 4; m++) {
+    u16 lo = w.row[m * 8 + 2 * t][g], hi = w.row[m * 8 + 2 * t + 1][g];
+    r[m] = (u32)lo | ((u32)hi << 16);
   }
   w.barrier.arrive_and_wait();
 }

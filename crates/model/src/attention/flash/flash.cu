@@ -59,6 +59,12 @@ QF_DEV void ldmatrix_x4(u32* r, const u16* row) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)));
 }
 
+// As ldmatrix_x4, transposed: each lane receives (M_m[2t][g], M_m[2t + 1][g]) in register m.
+QF_DEV void ldmatrix_x4_trans(u32* r, const u16* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)));
+}
+
 // Two f32 to bf16 (round to nearest even), `lo` in the low half.
 QF_DEV u32 pack_bf16(float lo, float hi) {
   u32 out;
@@ -92,7 +98,15 @@ QF_DEV void copy_async_wait() { asm volatile("cp.async.wait_group 0;" ::: "memor
 QF_DEV float shfl_xor(float x, int mask) { return __shfl_xor_sync(0xffffffffu, x, mask); }
 QF_DEV float bf16_to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
 QF_DEV u16 f32_to_bf16(float x) { return (u16)(pack_bf16(x, 0.0f) & 0xffffu); }
-QF_DEV void atomic_add(float* at, float x) { atomicAdd(at, x); }
+// at[0] += x, at[1] += y, atomically (one vector reduction on sm_90 and newer).
+QF_DEV void atomic_add2(float* at, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(at), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(at, x);
+  atomicAdd(at + 1, y);
+#endif
+}
 #define QF_SYNC_BLOCK() __syncthreads()
 #endif
 
@@ -179,6 +193,16 @@ QF_DEV void copy_rows_async(u16* dst, int ld, const u16* src, long long stride, 
 QF_DEV void load_a(u32* a, const u16* m, int ld, int row0, int col0) {
   int lane = threadIdx.x & 31, quarter = lane >> 3;
   ldmatrix_x4(a, m + (row0 + (lane & 7) + 8 * (quarter & 1)) * ld + col0 + 8 * (quarter >> 1));
+}
+
+// The A fragment of the 16x16 block at (row0, col0) of A = M^T, M row-major [col][row] in
+// shared memory: a0 = A[g][2t..] = (M[col0 + 2t][row0 + g], M[col0 + 2t + 1][row0 + g]), and
+// so on; each 8x8 block of A is the transposed one of M.
+QF_DEV void load_a_of_transposed(u32* a, const u16* m, int ld, int row0, int col0) {
+  int lane = threadIdx.x & 31, quarter = lane >> 3;
+  // Matrix q of the fragment: A rows 8 (q & 1).., A columns 8 (q >> 1)..: M rows col0 + 8 (q >> 1)
+  // + i, M columns row0 + 8 (q & 1).
+  ldmatrix_x4_trans(a, m + (col0 + 8 * (quarter >> 1) + (lane & 7)) * ld + row0 + 8 * (quarter & 1));
 }
 
 // The B fragments of two 16x8 blocks of B = M^T, at (k0, n0) and (k0, n0 + 8), M row-major
@@ -372,7 +396,7 @@ QF_DEV void forward(const QfForward& p) {
 // ---------------------------------------------------------------------------------------------
 template <int D>
 QF_DEV void backward(const QfBackward& p) {
-  constexpr int BC = 64, BR = D > 64 ? 32 : 64, LD = D + 8, LDS = BC + 8;
+  constexpr int BC = 64, BR = D > 64 ? 32 : 64, LD = D + 8, LDS = BR + 8;
   // dQ of a query tile: BR / 16 row groups, the columns split among the remaining warps.
   constexpr int ROW_GROUPS = BR / 16, PARTS = 4 / ROW_GROUPS, DQ_COLS = D / PARTS;
   QF_DECLARE_SMEM(smem);
@@ -380,8 +404,8 @@ QF_DEV void backward(const QfBackward& p) {
   // while this one is used.
   u16* k_tile = (u16*)smem;               // [BC][LD]
   u16* v_tile = k_tile + BC * LD;         // [BC][LD]
-  u16* ds_tile = v_tile + BC * LD;        // [BR][LDS]: dS, query-major
-  u16* q_tiles = ds_tile + BR * LDS;      // [2][BR][LD]
+  u16* ds_tile = v_tile + BC * LD;        // [BC][LDS]: dS^T, key-major
+  u16* q_tiles = ds_tile + BC * LDS;      // [2][BR][LD]
   u16* do_tiles = q_tiles + 2 * BR * LD;  // [2][BR][LD]
   float* lse2s = (float*)(do_tiles + 2 * BR * LD);  // [2][BR]: lse in log2 units
   float* deltas = lse2s + 2 * BR;                    // [2][BR]
@@ -463,7 +487,7 @@ QF_DEV void backward(const QfBackward& p) {
           mma_bf16(dpt[n + 1], va, dob_next);
         }
       }
-      // P^T and dS^T in place; dS (bf16, query-major) to shared memory for dQ.
+      // P^T and dS^T in place; dS^T (bf16) to shared memory for dQ, two queries per store.
       #pragma unroll
       for (int n = 0; n < BR / 8; n++) {
         #pragma unroll
@@ -475,8 +499,11 @@ QF_DEV void backward(const QfBackward& p) {
           float ds = prob * (dpt[n][e] - delta[col]);
           st[n][e] = prob;
           dpt[n][e] = ds;
-          ds_tile[col * LDS + warp * 16 + g + 8 * i] = f32_to_bf16(ds);
         }
+        #pragma unroll
+        for (int i = 0; i < 2; i++)
+          *(u32*)(ds_tile + (warp * 16 + g + 8 * i) * LDS + n * 8 + 2 * t) =
+              pack_bf16(dpt[n][2 * i], dpt[n][2 * i + 1]);
       }
       // dV += P^T dO and dK += dS^T Q, the A operands straight from the registers.
       #pragma unroll
@@ -502,7 +529,7 @@ QF_DEV void backward(const QfBackward& p) {
       #pragma unroll
       for (int kb = 0; kb < BC / 16; kb++) {
         u32 dsa[4];
-        load_a(dsa, ds_tile, LDS, rg * 16, kb * 16);
+        load_a_of_transposed(dsa, ds_tile, LDS, rg * 16, kb * 16);
         #pragma unroll
         for (int j = 0; j < DQ_COLS / 8; j++) {
           u32 kbf[2];
@@ -516,10 +543,8 @@ QF_DEV void backward(const QfBackward& p) {
         if (query >= p.seq) continue;
         float* at = p.dq + (head_row + query) * D + part * DQ_COLS + 2 * t;
         #pragma unroll
-        for (int j = 0; j < DQ_COLS / 8; j++) {
-          atomic_add(at + j * 8, dq[j][2 * i] * p.scale);
-          atomic_add(at + j * 8 + 1, dq[j][2 * i + 1] * p.scale);
-        }
+        for (int j = 0; j < DQ_COLS / 8; j++)
+          atomic_add2(at + j * 8, dq[j][2 * i] * p.scale, dq[j][2 * i + 1] * p.scale);
       }
     }
   }
@@ -530,10 +555,8 @@ QF_DEV void backward(const QfBackward& p) {
     long long at = ((long long)(b * p.kv_heads + kvh) * p.seq + key[i]) * D + 2 * t;
     #pragma unroll
     for (int j = 0; j < D / 8; j++) {
-      atomic_add(p.dk + at + j * 8, dk[j][2 * i] * p.scale);
-      atomic_add(p.dk + at + j * 8 + 1, dk[j][2 * i + 1] * p.scale);
-      atomic_add(p.dv + at + j * 8, dv[j][2 * i]);
-      atomic_add(p.dv + at + j * 8 + 1, dv[j][2 * i + 1]);
+      atomic_add2(p.dk + at + j * 8, dk[j][2 * i] * p.scale, dk[j][2 * i + 1] * p.scale);
+      atomic_add2(p.dv + at + j * 8, dv[j][2 * i], dv[j][2 * i + 1]);
     }
   }
 }
