@@ -137,49 +137,37 @@ inline void mma_bf16(float* c, const u32* a, const u32* b) {
   std::memcpy(c, d, sizeof(float) * 4);
 }
 
-// ldmatrix.m8n8.x2.trans: lanes 0-7 and 8-15 give the rows of two 8x8 matrices; each lane
-// receives, from each, the elements (2t, g) and (2t + 1, g).
-inline void ldmatrix_b_trans(u32* b, const u16* row) {
+// The ldmatrix family: every lane gives a row address, then each lane reads what the
+// instruction hands it (`take(rows, g, t)`) once all have.
+template <class Take>
+inline void exchange_rows(const u16* row, Take take) {
   qf_emu::Warp& w = qf_emu::warp();
   int lane = qf_emu::lane();
   w.row[lane] = row;
   w.barrier.arrive_and_wait();
-  int g = lane / 4, t = lane % 4;
-  for (int m = 0; m < 2; m++) {
-    u16 lo = w.row[m * 8 + 2 * t][g], hi = w.row[m * 8 + 2 * t + 1][g];
-    b[m] = (u32)lo | ((u32)hi << 16);
-  }
+  take(w.row, lane / 4, lane % 4);
   w.barrier.arrive_and_wait();
 }
+
+inline u32 pair(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
 
 // ldmatrix.m8n8.x4: lanes 8m..8m+7 give the rows of matrix m; each lane receives M_m[g][2t..2t+1]
 // in register m.
 inline void ldmatrix_x4(u32* r, const u16* row) {
-  qf_emu::Warp& w = qf_emu::warp();
-  int lane = qf_emu::lane();
-  w.row[lane] = row;
-  w.barrier.arrive_and_wait();
-  int g = lane / 4, t = lane % 4;
-  for (int m = 0; m < 4; m++) {
-    const u16* at = w.row[m * 8 + g] + 2 * t;
-    r[m] = (u32)at[0] | ((u32)at[1] << 16);
-  }
-  w.barrier.arrive_and_wait();
+  exchange_rows(row, [&](const u16* const* rows, int g, int t) {
+    for (int m = 0; m < 4; m++) r[m] = pair(rows[m * 8 + g][2 * t], rows[m * 8 + g][2 * t + 1]);
+  });
 }
 
-// ldmatrix.m8n8.x4.trans: each lane receives (M_m[2t][g], M_m[2t + 1][g]) in register m.
-inline void ldmatrix_x4_trans(u32* r, const u16* row) {
-  qf_emu::Warp& w = qf_emu::warp();
-  int lane = qf_emu::lane();
-  w.row[lane] = row;
-  w.barrier.arrive_and_wait();
-  int g = lane / 4, t = lane % 4;
-  for (int m = 0; m < 4; m++) {
-    u16 lo = w.row[m * 8 + 2 * t][g], hi = w.row[m * 8 + 2 * t + 1][g];
-    r[m] = (u32)lo | ((u32)hi << 16);
-  }
-  w.barrier.arrive_and_wait();
+// The .trans forms (x2: matrices 0 and 1, from lanes 0-15): register m holds
+// (M_m[2t][g], M_m[2t + 1][g]).
+inline void ldmatrix_trans(u32* r, int matrices, const u16* row) {
+  exchange_rows(row, [&](const u16* const* rows, int g, int t) {
+    for (int m = 0; m < matrices; m++) r[m] = pair(rows[m * 8 + 2 * t][g], rows[m * 8 + 2 * t + 1][g]);
+  });
 }
+inline void ldmatrix_b_trans(u32* b, const u16* row) { ldmatrix_trans(b, 2, row); }
+inline void ldmatrix_x4_trans(u32* r, const u16* row) { ldmatrix_trans(r, 4, row); }
 
 // Runs `kernel` over `grid`, one block after another, 128 threads each.
 template <class P>

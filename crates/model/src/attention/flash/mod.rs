@@ -17,8 +17,9 @@
 //!
 //! What they take ([`takes`]): bf16 `q`, `k`, `v` with `head_dim` 64 or 128, as many queries
 //! as keys, no query offset and no window (training); i32 segment ids; rows contiguous and every
-//! other stride a multiple of 8 elements. Anything else, and any machine where the module does
-//! not build (said once on stderr), runs the chunked attention instead.
+//! other stride a multiple of 8 elements. Anything else runs the chunked attention instead; where
+//! the sizes and settings fit but a layout or dtype does not, or the module does not build on
+//! the machine, stderr says why, once per reason (the results are the same, the speed is not).
 //!
 //! The kernels' logic is tested without a GPU: `flash.cu` also compiles on the host against
 //! `emulate.hpp`, and `tests/flash_emulated.rs` runs it against a plain f64 attention.
@@ -200,10 +201,6 @@ fn build(index: usize) -> Result<Kernels, Box<dyn std::error::Error>> {
     })
 }
 
-fn s_len(t: &Tensor, dim: usize) -> usize {
-    t.meta.shape()[dim]
-}
-
 fn cuda<R: CubeRuntime>(t: &CubeTensor<R>) -> Option<&Tensor> {
     (t as &dyn Any).downcast_ref::<Tensor>()
 }
@@ -214,20 +211,48 @@ fn back<R: CubeRuntime>(t: Tensor) -> CubeTensor<R> {
         .expect("the runtime was checked to be CUDA's")
 }
 
-/// The `[batch, head, row]` strides of a `[batch, heads, len, d]` bf16 tensor whose rows are
-/// contiguous and whose other strides keep 16-byte alignment; `None` otherwise.
-fn row_strides(t: &Tensor) -> Option<[i64; 3]> {
-    let strides = t.meta.strides();
-    (t.dtype == DType::BF16 && strides.len() == 4 && strides[3] == 1)
-        .then_some(())
-        .filter(|()| strides[..3].iter().all(|s| s % 8 == 0))
-        .map(|()| [0, 1, 2].map(|i| strides[i] as i64))
+/// Why a call that [`takes`] admits still runs the chunked attention: said once per reason on
+/// stderr (the result is the same, the speed is not), and `None` for the caller to return.
+fn fall_back<T>(reason: String) -> Option<T> {
+    static SAID: OnceLock<Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+    let said = SAID.get_or_init(Default::default);
+    if said
+        .lock()
+        .is_ok_and(|mut said| said.insert(reason.clone()))
+    {
+        eprintln!("qwen-model: the fused attention falls back to the chunked one: {reason}");
+    }
+    None
 }
 
-/// The `[batch, position]` strides of an i32 `[batch, len]` segment tensor.
-fn segment_strides(t: &Tensor) -> Option<[i64; 2]> {
+/// The `[batch, head, row]` strides of a `[batch, heads, len, d]` bf16 tensor whose rows are
+/// contiguous and whose other strides keep 16-byte alignment; why not otherwise.
+fn row_strides(t: &Tensor, what: &str) -> Result<[i64; 3], String> {
     let strides = t.meta.strides();
-    (t.dtype == DType::I32 && strides.len() == 2).then(|| [strides[0] as i64, strides[1] as i64])
+    let fits = t.dtype == DType::BF16
+        && strides.len() == 4
+        && strides[3] == 1
+        && strides[..3].iter().all(|s| s % 8 == 0);
+    match fits {
+        true => Ok([0, 1, 2].map(|i| strides[i] as i64)),
+        false => Err(format!(
+            "{what} is {:?} with strides {:?}; the kernels read bf16 rows that are contiguous, the other strides multiples of 8",
+            t.dtype,
+            &strides[..]
+        )),
+    }
+}
+
+/// The `[batch, position]` strides of an i32 `[batch, len]` segment tensor; why not otherwise.
+fn segment_strides(t: &Tensor) -> Result<[i64; 2], String> {
+    let strides = t.meta.strides();
+    match t.dtype == DType::I32 && strides.len() == 2 {
+        true => Ok([strides[0] as i64, strides[1] as i64]),
+        false => Err(format!(
+            "segment ids of {:?}; the kernels read i32",
+            t.dtype
+        )),
+    }
 }
 
 /// The checked sizes and strides shared by both passes.
@@ -243,25 +268,27 @@ struct Call {
 }
 
 impl Call {
-    fn new(inputs: [&Tensor; 5]) -> Option<Self> {
+    fn new(inputs: [&Tensor; 5]) -> Result<Self, String> {
         let [q, k, v, qseg, kseg] = inputs;
         let (qs, ks) = (q.meta.shape(), k.meta.shape());
         let (batch, heads, seq, head_dim) = (qs[0], qs[1], qs[2], qs[3]);
         let kv_heads = ks[1];
         let mut strides = [0; 13];
-        for (i, t) in [q, k, v].into_iter().enumerate() {
-            strides[3 * i..3 * i + 3].copy_from_slice(&row_strides(t)?);
+        for (i, (t, what)) in [(q, "q"), (k, "k"), (v, "v")].into_iter().enumerate() {
+            strides[3 * i..3 * i + 3].copy_from_slice(&row_strides(t, what)?);
         }
         strides[9..11].copy_from_slice(&segment_strides(qseg)?);
         strides[11..13].copy_from_slice(&segment_strides(kseg)?);
-        Some(Self {
+        let kernels = kernels(q.device.index)
+            .ok_or_else(|| "the kernels do not build on this device (said above)".to_string())?;
+        Ok(Self {
             batch,
             heads,
             kv_heads,
             seq,
             head_dim,
             strides,
-            kernels: kernels(q.device.index)?,
+            kernels,
         })
     }
 
@@ -320,7 +347,10 @@ pub fn forward<R: CubeRuntime>(
     if !takes(q.meta.shape(), k.meta.shape(), q.dtype, params) {
         return None;
     }
-    let call = Call::new([q, k, v, qseg, kseg])?;
+    let call = match Call::new([q, k, v, qseg, kseg]) {
+        Ok(call) => call,
+        Err(reason) => return fall_back(reason),
+    };
     let (b, h, s, d) = (call.batch, call.heads, call.seq, call.head_dim);
     let out = call.empty(q, &[b, h, s, d], DType::BF16);
     let lse = call.empty(q, &[b, h, s], DType::F32);
@@ -371,16 +401,34 @@ pub fn backward<R: CubeRuntime>(
         return None;
     };
     let (out, lse, grad_out) = (cuda(out)?, cuda(lse)?, cuda(grad_out)?);
-    if !takes(q.meta.shape(), k.meta.shape(), q.dtype, params)
-        || lse.dtype != DType::F32
-        || lse.meta.strides()[..] != [s_len(lse, 1) * s_len(lse, 2), s_len(lse, 2), 1]
-        || grad_out.meta.shape() != q.meta.shape()
-        || out.meta.shape() != q.meta.shape()
-    {
+    if !takes(q.meta.shape(), k.meta.shape(), q.dtype, params) {
         return None;
     }
-    let call = Call::new([q, k, v, qseg, kseg])?;
-    let (out_strides, grad_strides) = (row_strides(out)?, row_strides(grad_out)?);
+    let lse_shape = lse.meta.shape();
+    let contiguous_lse = lse_shape.num_dims() == 3
+        && lse.meta.strides()[..] == [lse_shape[1] * lse_shape[2], lse_shape[2], 1];
+    if lse.dtype != DType::F32 || !contiguous_lse {
+        return fall_back(format!(
+            "the log-sum-exp is {:?} {:?} with strides {:?}, not the forward's contiguous f32",
+            lse.dtype,
+            &lse_shape[..],
+            &lse.meta.strides()[..]
+        ));
+    }
+    if grad_out.meta.shape() != q.meta.shape() || out.meta.shape() != q.meta.shape() {
+        return fall_back("the output or its gradient is not shaped like q".to_string());
+    }
+    let checked = Call::new([q, k, v, qseg, kseg]).and_then(|call| {
+        let strides = (
+            row_strides(out, "the output")?,
+            row_strides(grad_out, "dO")?,
+        );
+        Ok((call, strides))
+    });
+    let (call, (out_strides, grad_strides)) = match checked {
+        Ok(checked) => checked,
+        Err(reason) => return fall_back(reason),
+    };
     let (b, h, s, d) = (call.batch, call.heads, call.seq, call.head_dim);
     let delta = call.empty(q, &[b, h, s], DType::F32);
     let grad_q = call.empty(q, &[b, h, s, d], DType::F32);
