@@ -4,7 +4,7 @@
 //! definitions. `emulate_test.cpp` runs the forward, the row sums and the backward on random
 //! bf16 inputs and compares them with a plain attention in f64: outputs, log-sum-exp and the
 //! three gradients, and rows that see no key (zero output and gradient, lse +inf). Each block
-//! gets the shared memory the CUDA launcher gives it (`attention::flash_sizes`), and the
+//! gets the shared memory the CUDA launcher gives it (`attention::flash_plan`), and the
 //! emulator checks that the kernels' layouts fit in it.
 //!
 //! Needs a C++20 compiler: `$CXX`, else `c++` (`.ci/run` installs g++).
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use qwen_model::attention::flash_sizes;
+use qwen_model::attention::flash_plan;
 
 /// The harness, built once per test process.
 fn harness() -> &'static Path {
@@ -38,8 +38,8 @@ fn harness() -> &'static Path {
 /// Runs one configuration; fails with the harness's report line if it does.
 fn run(head_dim: usize, batch: usize, heads: usize, kv_heads: usize, seq: usize, seed: u64) {
     let shared = [
-        flash_sizes::forward_shared_bytes(head_dim),
-        flash_sizes::backward_shared_bytes(head_dim),
+        flash_plan::forward_shared_bytes(head_dim),
+        flash_plan::backward_shared_bytes(head_dim),
     ];
     let args = [
         head_dim,

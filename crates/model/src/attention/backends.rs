@@ -86,7 +86,7 @@ mod cube {
             {
                 let cuda = qwen_gemm::is_cuda::<R>();
                 cuda && crate::kernels::kernel_runs(crate::kernels::Kernel::Flash, cuda)
-                    && crate::attention::flash::takes(q, k, dtype, params)
+                    && crate::attention::flash_plan::takes(q, k, dtype, params)
             }
             #[cfg(not(feature = "flash"))]
             false

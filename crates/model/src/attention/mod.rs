@@ -56,7 +56,7 @@ mod backends;
 pub mod cube;
 #[cfg(feature = "flash")]
 pub mod flash;
-pub mod flash_sizes;
+pub mod flash_plan;
 pub mod kernel;
 mod mask;
 pub mod softmax;

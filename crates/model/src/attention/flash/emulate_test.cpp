@@ -4,7 +4,7 @@
 //   emulate_test HEAD_DIM BATCH HEADS KV_HEADS SEQ SEED FORWARD_SHARED BACKWARD_SHARED
 //
 // (the last two: the shared-memory bytes of a forward and a backward block, as the CUDA
-// launcher gives them, `attention::flash_sizes`)
+// launcher gives them, `attention::flash_plan`)
 //
 // Prints one line of relative errors (max |x - ref| / max |ref|) and exits 1 if one is over its
 // tolerance, or if a row that sees no key has a non-zero output or gradient or a finite lse.

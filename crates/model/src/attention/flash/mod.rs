@@ -15,7 +15,7 @@
 //! `mma.sync` on bf16), and run on burn's own stream through
 //! [`qwen_gemm::on_burn_stream`], in order with burn's kernels and without a host wait.
 //!
-//! What they take ([`takes`]): bf16 `q`, `k`, `v` with `head_dim` 64 or 128, as many queries
+//! What they take ([`takes`](super::flash_plan::takes)): bf16 `q`, `k`, `v` with `head_dim` 64 or 128, as many queries
 //! as keys, no query offset and no window (training); i32 segment ids; rows contiguous and every
 //! other stride a multiple of 8 elements. Anything else runs the chunked attention instead; where
 //! the sizes and settings fit but a layout or dtype does not, or the module does not build on
@@ -41,7 +41,7 @@ use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr, LaunchConfig, PushKe
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::AttentionParams;
-use super::flash_sizes::{TILE, backward_shared_bytes, forward_shared_bytes};
+use super::flash_plan::{TILE, backward_shared_bytes, forward_shared_bytes, takes};
 
 type Tensor = CubeTensor<CudaRuntime>;
 
@@ -50,24 +50,6 @@ pub const SOURCE: &str = include_str!("flash.cu");
 
 /// Threads per block of every kernel (4 warps).
 const THREADS: u32 = 128;
-
-/// Whether the fused kernels take a call of these sizes and settings (the inner backend still
-/// checks the layouts, and falls back to the chunked path where they do not fit).
-///
-/// # Shapes
-/// - q: `[batch, heads, q_len, head_dim]`, k: `[batch, kv_heads, k_len, head_dim]`
-pub fn takes(q: &Shape, k: &Shape, dtype: DType, params: &AttentionParams) -> bool {
-    let (q, k) = (q.as_slice(), k.as_slice());
-    q.len() == 4
-        && k.len() == 4
-        && dtype == DType::BF16
-        && matches!(q[3], 64 | 128)
-        && q[2] == k[2]
-        && q[2] > 0
-        && params.query_offset == 0
-        && params.window.is_none()
-        && i32::try_from(q[0] * q[1] * q[2]).is_ok()
-}
 
 /// The forward pass's arguments, field for field `QfForward` in `flash.cu`.
 #[repr(C)]
