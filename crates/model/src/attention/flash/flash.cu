@@ -8,8 +8,8 @@
 // attention, so the kernels' logic is tested without a GPU.
 //
 // Who sees whom (attention/mask.rs): query i sees key j iff j <= i and both carry the same
-// non-zero segment id. Queries and keys share positions (no offset, no window: mod.rs sends
-// anything else to the chunked path).
+// non-zero segment id. Queries and keys share positions (no offset, no window: `takes` in
+// attention/flash_plan.rs sends anything else to the chunked path).
 //
 // Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"), with
 // g = lane / 4 and t = lane % 4:

@@ -4,19 +4,19 @@
 //! ```text
 //! forward:  per 64 queries of a head, for each 64 keys they may see:
 //!           S = q k^T (mma), online softmax in registers, o += P v (mma)  -> o, lse
-//! backward: D = rowsum(dO o); per 64 keys of a kv head, for each query head of its group and
-//!           each query tile that may see them: S^T, dP^T (mma), P^T and dS^T in registers,
-//!           dV += P^T dO, dK += dS^T q (registers), dQ += dS k (atomic f32)
+//! backward: D = rowsum(dO o); per 64 keys and query head, for each query tile that may see
+//!           them: S^T, dP^T (mma), P^T and dS^T in registers, dV += P^T dO and dK += dS^T q
+//!           (registers, added to the kv head's in f32 at the end), dQ += dS k (f32, per tile)
 //! ```
 //!
-//! Nothing of size `seq^2` is ever written to memory; GQA reads each kv head once per group,
-//! with no repeat. The kernels are CUDA C compiled at run time by NVRTC (the one cubecl-cuda
+//! Nothing of size `seq^2` is ever written to memory, and K/V are never repeated for GQA: a
+//! query head reads its kv head's rows. The kernels are CUDA C compiled at run time by NVRTC (the one cubecl-cuda
 //! loads), once per device and process, for the device's compute capability (8.0 or newer:
 //! `mma.sync` on bf16), and run on burn's own stream through
 //! [`qwen_gemm::on_burn_stream`], in order with burn's kernels and without a host wait.
 //!
-//! What they take ([`takes`](super::flash_plan::takes)): bf16 `q`, `k`, `v` with `head_dim` 64 or 128, as many queries
-//! as keys, no query offset and no window (training); i32 segment ids; rows contiguous and every
+//! What they take ([`takes`](super::flash_plan::takes)): bf16 `q`, `k`, `v` with `head_dim` 64
+//! or 128, as many queries as keys, no query offset and no window (training); i32 segment ids; rows contiguous and every
 //! other stride a multiple of 8 elements. Anything else runs the chunked attention instead; where
 //! the sizes and settings fit but a layout or dtype does not, or the module does not build on
 //! the machine, stderr says why, once per reason (the results are the same, the speed is not).
@@ -369,8 +369,9 @@ pub fn forward<R: CubeRuntime>(
     Some((back(out), back(lse)))
 }
 
-/// `dQ`, `dK` and `dV`, in f32 (the kernels add them up atomically), or `None` where the fused
-/// kernels do not take these inputs. `out` and `lse` are [`forward`]'s.
+/// `dQ`, `dK` and `dV`, in f32 (the kernels add them up atomically, so their last bits may
+/// differ from run to run, as PyTorch's flash backward's do), or `None` where the fused kernels
+/// do not take these inputs. `out` and `lse` are [`forward`]'s.
 pub fn backward<R: CubeRuntime>(
     inputs: [&CubeTensor<R>; 5],
     out: &CubeTensor<R>,
