@@ -15,7 +15,7 @@
 //! `mma.sync` on bf16), and run on burn's own stream through
 //! [`qwen_gemm::on_burn_stream`], in order with burn's kernels and without a host wait.
 //!
-//! What they take ([`takes`](super::flash_plan::takes)): bf16 `q`, `k`, `v` with `head_dim` 64
+//! What they take ([`takes`]): bf16 `q`, `k`, `v` with `head_dim` 64
 //! or 128, as many queries as keys, no query offset and no window (training); i32 segment ids; rows contiguous and every
 //! other stride a multiple of 8 elements. Anything else runs the chunked attention instead; where
 //! the sizes and settings fit but a layout or dtype does not, or the module does not build on
