@@ -8,12 +8,7 @@
 #
 # Results: $OUT/results.tar.xz (the device returns at most 8 files), packed also when the call
 # is cut short.
-set -u
-O=${OUT:-/tmp/issue6}
-export OUT=/tmp/issue6-results SAVE_CACHE=0
-mkdir -p "$OUT" "$O"
-trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
-G=xtask/device/gpu_bench.sh
+source xtask/device/call.sh issue6
 {
   bash $G check_bf16 check_f32 gemm_bf16
   env STEPS=20 bash $G ours_b8_bf16 peer_amp_b8

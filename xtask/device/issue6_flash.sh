@@ -13,12 +13,8 @@
 #  5. the 1.5b preset at batch 4 and its peer.
 # Results: $OUT/results.tar.xz (the device returns at most 8 files), packed also when the call
 # is cut short.
-set -u
-O=${OUT:-/tmp/issue6}
-export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8}
-mkdir -p "$OUT" "$O"
-trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
-G=xtask/device/gpu_bench.sh
+source xtask/device/call.sh issue6
+export STEPS=${STEPS:-8}
 {
   bash $G check_attn_64 check_attn_128
   bash $G ours_b8_bf16 peer_amp_b8
@@ -26,8 +22,5 @@ G=xtask/device/gpu_bench.sh
   bash $G check_bf16
   bash $G ours_1p5b_b4 peer_amp_1p5b_b4
 } > "$OUT/run.log" 2>&1
-cd "$OUT" && for f in *.json; do python3 -c "
-import json; d=json.load(open('$f'))
-keys=('tokens_per_second','step_seconds_mean','peak_delta_gib','fused_attention_passes_per_step','pass','fused_passes','fused_vs_chunked','fused_vs_f32','chunked_vs_f32','logits_rel','grad_rel_max','first_loss','last_loss')
-print('$f', {k: d.get(k) for k in keys if k in d})"; done
-grep -i "error\|panic\|exit" "$OUT/run.log" | head -20
+summary tokens_per_second step_seconds_mean peak_delta_gib fused_attention_passes_per_step pass fused_passes fused_vs_chunked fused_vs_f32 chunked_vs_f32 logits_rel grad_rel_max first_loss last_loss
+run_errors

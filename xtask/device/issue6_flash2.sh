@@ -5,12 +5,8 @@
 # again. Build first (`cargo xtask device-bundle`), then with carry [".device"]:
 #
 #   bash xtask/device/issue6_flash2.sh
-set -u
-O=${OUT:-/tmp/issue6}
-export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8}
-mkdir -p "$OUT" "$O"
-trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
-G=xtask/device/gpu_bench.sh
+source xtask/device/call.sh issue6
+export STEPS=${STEPS:-8}
 {
   bash $G check_attn_64 peer_attn_64 check_attn_128 peer_attn_128
   bash $G ours_b8_bf16 peer_amp_b8
@@ -20,8 +16,5 @@ G=xtask/device/gpu_bench.sh
   python3 xtask/device/profile_summary.py "$OUT/ours_b8_bf16_profile.log" 40 > "$O/profile_b8.md"
 } > "$OUT/run.log" 2>&1
 cat "$O/profile_b8.md" "$OUT/curve_compare.json"
-cd "$OUT" && for f in *.json; do python3 -c "
-import json; d=json.load(open('$f'))
-keys=('tokens_per_second','step_seconds_mean','peak_delta_gib','fused_attention_passes_per_step','pass','fused_passes','fused_vs_chunked','fused_vs_f32','chunked_vs_f32','fused_seconds','chunked_seconds','seconds','max_relative_diff')
-print('$f', {k: d.get(k) for k in keys if k in d})"; done
-grep -i "error\|panic\|exit" "$OUT/run.log" | head -20
+summary tokens_per_second step_seconds_mean peak_delta_gib fused_attention_passes_per_step pass fused_passes fused_vs_chunked fused_vs_f32 chunked_vs_f32 fused_seconds chunked_seconds seconds max_relative_diff
+run_errors

@@ -6,20 +6,13 @@
 # then with carry [".device"]:
 #
 #   bash xtask/device/issue6_flash3.sh
-set -u
-O=${OUT:-/tmp/issue6}
-export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8} ATTN_ITERS=${ATTN_ITERS:-30}
-mkdir -p "$OUT" "$O"
-trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
-G=xtask/device/gpu_bench.sh
+source xtask/device/call.sh issue6
+export STEPS=${STEPS:-8} ATTN_ITERS=${ATTN_ITERS:-30}
 {
   bash $G check_attn_128 peer_attn_128 check_attn_64 peer_attn_64
   bash $G ours_b8_bf16 peer_amp_b8
   bash $G ours_1p5b_b4 peer_amp_1p5b_b4
   bash $G curve_fast_b4
 } > "$OUT/run.log" 2>&1
-cd "$OUT" && for f in *.json; do python3 -c "
-import json; d=json.load(open('$f'))
-keys=('tokens_per_second','peak_delta_gib','fused_attention_passes_per_step','pass','fused_passes','fused_vs_f32','chunked_vs_f32','fused_seconds','chunked_seconds','seconds','first_loss','last_loss')
-print('$f', {k: d.get(k) for k in keys if k in d})"; done
-grep -i "error\|panic\|exit" "$OUT/run.log" | head -20
+summary tokens_per_second peak_delta_gib fused_attention_passes_per_step pass fused_passes fused_vs_f32 chunked_vs_f32 fused_seconds chunked_seconds seconds first_loss last_loss
+run_errors

@@ -17,12 +17,8 @@
 #  5. the 50-step loss curve of the fast path against the reference path (issue 6's 1% rule).
 # Results: $OUT/results.tar.xz (the device returns at most 8 files), packed also when the call
 # is cut short (trap), and the profile summary beside it; the CubeCL cache is not packed.
-set -u
-O=${OUT:-/tmp/issue6}
-export OUT=/tmp/issue6-results SAVE_CACHE=0 STEPS=${STEPS:-8}
-mkdir -p "$OUT" "$O"
-trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
-G=xtask/device/gpu_bench.sh
+source xtask/device/call.sh issue6
+export STEPS=${STEPS:-8}
 {
   bash $G check_bf16 ours_b8_bf16 peer_amp_b8
   env CUBECL_PROFILE=basic STEPS=2 TAG=profile bash $G ours_b8_bf16
@@ -32,6 +28,4 @@ G=xtask/device/gpu_bench.sh
   python3 xtask/peer/compare_curves.py "$OUT/curve_fast_b4.json" "$OUT/curve_ref_b4.json" > "$OUT/curve_compare.json"
 } > "$OUT/run.log" 2>&1
 cat "$O/profile_b8.md" "$OUT/curve_compare.json"
-cd "$OUT" && for f in *.json; do python3 -c "
-import json; d=json.load(open('$f'))
-print('$f', {k: d.get(k) for k in ('tokens_per_second','step_seconds_mean','queued_seconds_mean','peak_delta_gib','pass','logits_rel','grad_rel_max','max_relative_diff') if k in d})"; done
+summary tokens_per_second step_seconds_mean queued_seconds_mean peak_delta_gib pass logits_rel grad_rel_max max_relative_diff

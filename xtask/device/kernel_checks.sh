@@ -7,12 +7,7 @@
 #   bash xtask/device/kernel_checks.sh
 #
 # Prints one line per check; everything is also packed into $OUT/results.tar.xz.
-set -u
-O=${OUT:-/tmp/kernel-checks}
-export OUT=/tmp/kernel-checks-results SAVE_CACHE=0
-mkdir -p "$OUT" "$O"
-trap 'tar -cJf "$O/results.tar.xz" -C "$OUT" .' EXIT
-G=xtask/device/gpu_bench.sh
+source xtask/device/call.sh kernel-checks
 {
   for precision in f32 bf16; do
     env KERNELS=tensor-ops TAG=tensor_ops bash $G check_$precision

@@ -25,6 +25,29 @@ mod cube {
         AttentionParams, SoftmaxBackward, SoftmaxForward, cube, kernel,
     };
 
+    /// The call's five inputs (q, k, v, query and key segments), where the fused attention
+    /// takes the call on `B` (`has_fused_attention`).
+    #[cfg(feature = "flash")]
+    fn fused_inputs<'a, R: CubeRuntime, B>(
+        inputs: &'a AttentionInputs<B>,
+        params: &AttentionParams,
+    ) -> Option<[&'a CubeTensor<R>; 5]>
+    where
+        B: AttentionBackend<
+                FloatTensorPrimitive = CubeTensor<R>,
+                IntTensorPrimitive = CubeTensor<R>,
+            >,
+    {
+        let q = &inputs.q;
+        B::has_fused_attention(q.meta.shape(), inputs.k.meta.shape(), q.dtype, params).then_some([
+            q,
+            &inputs.k,
+            &inputs.v,
+            &inputs.query_segments,
+            &inputs.key_segments,
+        ])
+    }
+
     impl<R, F, I, BT> AttentionBackend for CubeBackend<R, F, I, BT>
     where
         R: CubeRuntime,
@@ -97,21 +120,9 @@ mod cube {
             params: &AttentionParams,
         ) -> AttentionForward<Self> {
             #[cfg(feature = "flash")]
-            if Self::has_fused_attention(
-                inputs.q.meta.shape(),
-                inputs.k.meta.shape(),
-                inputs.q.dtype,
-                params,
-            ) && let Some((output, lse)) = crate::attention::flash::forward::<R>(
-                [
-                    &inputs.q,
-                    &inputs.k,
-                    &inputs.v,
-                    &inputs.query_segments,
-                    &inputs.key_segments,
-                ],
-                params,
-            ) {
+            if let Some(fused) = fused_inputs::<R, Self>(&inputs, params)
+                && let Some((output, lse)) = crate::attention::flash::forward::<R>(fused, params)
+            {
                 crate::attention::count_fused_pass();
                 return AttentionForward { output, lse };
             }
@@ -126,24 +137,15 @@ mod cube {
             request: AttentionGradRequest,
         ) -> AttentionGrads<Self> {
             #[cfg(feature = "flash")]
-            if Self::has_fused_attention(
-                inputs.q.meta.shape(),
-                inputs.k.meta.shape(),
-                inputs.q.dtype,
-                params,
-            ) && let Some([grad_q, grad_k, grad_v]) = crate::attention::flash::backward::<R>(
-                [
-                    &inputs.q,
-                    &inputs.k,
-                    &inputs.v,
-                    &inputs.query_segments,
-                    &inputs.key_segments,
-                ],
-                &forward.output,
-                &forward.lse,
-                &grad_output,
-                params,
-            ) {
+            if let Some(fused) = fused_inputs::<R, Self>(&inputs, params)
+                && let Some([grad_q, grad_k, grad_v]) = crate::attention::flash::backward::<R>(
+                    fused,
+                    &forward.output,
+                    &forward.lse,
+                    &grad_output,
+                    params,
+                )
+            {
                 use burn::tensor::ops::FloatTensorOps;
                 crate::attention::count_fused_pass();
                 // The kernels accumulate in f32; the gradients come back in the inputs' dtype.

@@ -282,15 +282,27 @@ impl Call {
     fn tiles(&self) -> u32 {
         self.seq.div_ceil(TILE) as u32
     }
+}
 
-    fn empty(&self, like: &Tensor, dims: &[usize], dtype: DType) -> Tensor {
-        empty_device_contiguous_dtype(
-            like.client.clone(),
-            like.device.clone(),
-            Shape::from(dims.to_vec()),
-            dtype,
-        )
-    }
+/// A contiguous tensor of `dims` on `like`'s device, uninitialised.
+fn empty(like: &Tensor, dims: &[usize], dtype: DType) -> Tensor {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(dims.to_vec()),
+        dtype,
+    )
+}
+
+/// The inputs as CUDA tensors, if they are and [`takes`] admits their sizes and settings.
+fn cuda_inputs<'a, R: CubeRuntime>(
+    inputs: [&'a CubeTensor<R>; 5],
+    params: &AttentionParams,
+) -> Option<[&'a Tensor; 5]> {
+    let [Some(q), Some(k), Some(v), Some(qseg), Some(kseg)] = inputs.map(cuda::<R>) else {
+        return None;
+    };
+    takes(q.meta.shape(), k.meta.shape(), q.dtype, params).then_some([q, k, v, qseg, kseg])
 }
 
 fn launch<A: DeviceRepr>(
@@ -322,20 +334,14 @@ pub fn forward<R: CubeRuntime>(
     inputs: [&CubeTensor<R>; 5],
     params: &AttentionParams,
 ) -> Option<(CubeTensor<R>, CubeTensor<R>)> {
-    let inputs = inputs.map(cuda::<R>);
-    let [Some(q), Some(k), Some(v), Some(qseg), Some(kseg)] = inputs else {
-        return None;
-    };
-    if !takes(q.meta.shape(), k.meta.shape(), q.dtype, params) {
-        return None;
-    }
+    let [q, k, v, qseg, kseg] = cuda_inputs(inputs, params)?;
     let call = match Call::new([q, k, v, qseg, kseg]) {
         Ok(call) => call,
         Err(reason) => return fall_back(reason),
     };
     let (b, h, s, d) = (call.batch, call.heads, call.seq, call.head_dim);
-    let out = call.empty(q, &[b, h, s, d], DType::BF16);
-    let lse = call.empty(q, &[b, h, s], DType::F32);
+    let out = empty(q, &[b, h, s, d], DType::BF16);
+    let lse = empty(q, &[b, h, s], DType::F32);
     let mut args = ForwardArgs {
         strides: call.strides,
         seq: s as i32,
@@ -379,14 +385,8 @@ pub fn backward<R: CubeRuntime>(
     grad_out: &CubeTensor<R>,
     params: &AttentionParams,
 ) -> Option<[CubeTensor<R>; 3]> {
-    let inputs = inputs.map(cuda::<R>);
-    let [Some(q), Some(k), Some(v), Some(qseg), Some(kseg)] = inputs else {
-        return None;
-    };
+    let [q, k, v, qseg, kseg] = cuda_inputs(inputs, params)?;
     let (out, lse, grad_out) = (cuda(out)?, cuda(lse)?, cuda(grad_out)?);
-    if !takes(q.meta.shape(), k.meta.shape(), q.dtype, params) {
-        return None;
-    }
     let lse_shape = lse.meta.shape();
     let contiguous_lse = lse_shape.num_dims() == 3
         && lse.meta.strides()[..] == [lse_shape[1] * lse_shape[2], lse_shape[2], 1];
@@ -413,10 +413,10 @@ pub fn backward<R: CubeRuntime>(
         Err(reason) => return fall_back(reason),
     };
     let (b, h, s, d) = (call.batch, call.heads, call.seq, call.head_dim);
-    let delta = call.empty(q, &[b, h, s], DType::F32);
-    let grad_q = call.empty(q, &[b, h, s, d], DType::F32);
-    let grad_k = call.empty(q, &[b, call.kv_heads, s, d], DType::F32);
-    let grad_v = call.empty(q, &[b, call.kv_heads, s, d], DType::F32);
+    let delta = empty(q, &[b, h, s], DType::F32);
+    let grad_q = empty(q, &[b, h, s, d], DType::F32);
+    let grad_k = empty(q, &[b, call.kv_heads, s, d], DType::F32);
+    let grad_v = empty(q, &[b, call.kv_heads, s, d], DType::F32);
     let rows = b * h * s;
     let mut delta_args = DeltaArgs {
         strides: [
