@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 12's planned next device call (superseded: session 13 ran issue6_flash*.sh instead;
-# issue6_flash4.sh is the fullest current call), in order of importance, for one call of at
-# most 600 s. Every measurement is gpu_bench.sh's; this only
+# `NCU=1 bash xtask/device/issue6_flash3.sh` is the fullest current call), in order of
+# importance, for one call of at most 600 s. Every measurement is gpu_bench.sh's; this only
 # picks the settings and tags the runs, so that a call cut short still brings back the first
 # figures. Build first (`cargo xtask device-bundle`), then, with the device tool and carry
 # [".device"]:
