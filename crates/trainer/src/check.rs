@@ -129,6 +129,13 @@ impl AgainstF32 {
     }
 }
 
+/// How far one figure of a path (`ours`, its distance from the f32 path) is, as
+/// `ours / max(slack * theirs, floor)` where `theirs` is the bf16 reference's: at most 1 when
+/// it is no farther than the rule allows, infinite for NaN.
+pub(crate) fn farther_ratio(ours: f64, theirs: f64, slack: f64, floor: f64) -> f64 {
+    nan_last(ours / (slack * theirs).max(floor))
+}
+
 /// How much farther from the f32 path than the bf16 reference the fast path may be: rounding
 /// at other places gives errors of the same size, not the same errors. A wrong gradient (a
 /// lost term, a wrong scale) is many times farther.
@@ -183,8 +190,12 @@ impl Differences {
             .into_iter()
             .chain(grads)
             .map(|(name, ours, theirs)| {
-                let ratio = nan_last(ours / (slack * theirs).max(floor));
-                (ratio, name, ours, theirs)
+                (
+                    farther_ratio(ours, theirs, slack, floor),
+                    name,
+                    ours,
+                    theirs,
+                )
             })
             .max_by(|a, b| a.0.total_cmp(&b.0))
             .expect("the logits and the loss are always there")
