@@ -44,19 +44,20 @@ fn rows_bytes(rows: usize, head_dim: usize) -> usize {
 }
 
 /// Shared memory of a forward block: the q tile, two k and two v tiles (the next one is copied
-/// while this one is used) and two tiles' key segments.
+/// while this one is used), two tiles' key segments and each tile's common segment.
 pub fn forward_shared_bytes(head_dim: usize) -> usize {
-    5 * rows_bytes(TILE, head_dim) + 2 * TILE * 4
+    5 * rows_bytes(TILE, head_dim) + 2 * TILE * 4 + 2 * 4
 }
 
 /// Shared memory of a backward block: the k and v tiles, the dS^T tile (`[TILE][rows + 8]`),
-/// two q and two dO tiles, and two tiles' lse, D and query segments.
+/// two q and two dO tiles, two tiles' lse, D and query segments and each tile's common segment.
 pub fn backward_shared_bytes(head_dim: usize) -> usize {
     let rows = backward_rows(head_dim);
     2 * rows_bytes(TILE, head_dim)
         + TILE * (rows + 8) * 2
         + 4 * rows_bytes(rows, head_dim)
         + 6 * rows * 4
+        + 2 * 4
 }
 
 #[cfg(test)]

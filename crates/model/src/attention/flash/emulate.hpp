@@ -110,6 +110,17 @@ inline float shfl_xor(float x, int mask) {
   return other;
 }
 
+// __all_sync over the whole warp.
+inline bool warp_all(bool predicate) {
+  qf_emu::Warp& w = qf_emu::warp();
+  w.value[qf_emu::lane()] = predicate ? 1.0f : 0.0f;
+  w.barrier.arrive_and_wait();
+  bool all = true;
+  for (int lane = 0; lane < 32; lane++) all = all && w.value[lane] != 0.0f;
+  w.barrier.arrive_and_wait();
+  return all;
+}
+
 inline float half_of(u32 reg, int high) { return bf16_to_f32((u16)(high ? reg >> 16 : reg & 0xffffu)); }
 
 // D = A B + C for m16n8k16, each lane computing its own four outputs from every lane's
@@ -159,15 +170,12 @@ inline void ldmatrix_x4(u32* r, const u16* row) {
   });
 }
 
-// The .trans forms (x2: matrices 0 and 1, from lanes 0-15): register m holds
-// (M_m[2t][g], M_m[2t + 1][g]).
-inline void ldmatrix_trans(u32* r, int matrices, const u16* row) {
+// The .trans form: register m holds (M_m[2t][g], M_m[2t + 1][g]).
+inline void ldmatrix_x4_trans(u32* r, const u16* row) {
   exchange_rows(row, [&](const u16* const* rows, int g, int t) {
-    for (int m = 0; m < matrices; m++) r[m] = pair(rows[m * 8 + 2 * t][g], rows[m * 8 + 2 * t + 1][g]);
+    for (int m = 0; m < 4; m++) r[m] = pair(rows[m * 8 + 2 * t][g], rows[m * 8 + 2 * t + 1][g]);
   });
 }
-inline void ldmatrix_b_trans(u32* b, const u16* row) { ldmatrix_trans(b, 2, row); }
-inline void ldmatrix_x4_trans(u32* r, const u16* row) { ldmatrix_trans(r, 4, row); }
 
 // Runs `kernel` over `grid`, one block after another, 128 threads each.
 template <class P>

@@ -37,19 +37,11 @@ QF_DEV void mma_bf16(float* c, const u32* a, const u32* b) {
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// The B fragment of a 16x8 block of a row-major [k][n] matrix in shared memory: lanes 0-15
-// give the addresses of rows 0-15 (columns n0..n0+7); .trans hands each lane B[2t..2t+1][g].
 QF_DEV u32 shared_address(const void* p) {
   u32 address;
   asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
                : "=r"(address) : "l"(p));
   return address;
-}
-
-QF_DEV void ldmatrix_b_trans(u32* b, const u16* row) {
-  u32 address = shared_address(row);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
-               : "=r"(b[0]), "=r"(b[1]) : "r"(address));
 }
 
 // Four 8x8 matrices of b16 from shared memory: lanes 8m..8m+7 give the rows of matrix m, and
@@ -96,6 +88,7 @@ QF_DEV void copy_async_wait() { asm volatile("cp.async.wait_group 0;" ::: "memor
 #define QF_CHECK_SHARED(end) ((void)0)
 
 QF_DEV float shfl_xor(float x, int mask) { return __shfl_xor_sync(0xffffffffu, x, mask); }
+QF_DEV bool warp_all(bool predicate) { return __all_sync(0xffffffffu, predicate); }
 QF_DEV float bf16_to_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
 QF_DEV u16 f32_to_bf16(float x) { return (u16)(pack_bf16(x, 0.0f) & 0xffffu); }
 // at[0] += x, at[1] += y, atomically (one vector reduction on sm_90 and newer).
@@ -164,27 +157,53 @@ struct QfDelta {
   int pad;
 };
 
-// Copies `rows` rows of D bf16 from global memory (row `r` at src + r * stride) into shared
-// memory with row pitch `ld`, zeros past `valid` rows. Every thread of the block takes part.
-template <int D>
-QF_DEV void load_rows(u16* dst, int ld, const u16* src, long long stride, int rows, int valid) {
-  constexpr int PER_ROW = D / 8;
-  for (int i = threadIdx.x; i < rows * PER_ROW; i += 128) {
-    int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+// Copies ROWS rows of D bf16 from global memory (row `r` at src + r * stride) into shared
+// memory with row pitch `ld`, zeros past `valid` rows. Every thread of the block takes part,
+// each copying 16 bytes at a time: rows r0, r0 + 128 / (D / 8), ... at its column, with the
+// count known at compile time (no loop and no division per copy).
+template <int D, int ROWS>
+QF_DEV void load_rows(u16* dst, int ld, const u16* src, long long stride, int valid) {
+  constexpr int PER_ROW = D / 8, STRIDE_ROWS = 128 / PER_ROW;
+  static_assert(ROWS % STRIDE_ROWS == 0, "whole rounds of the block's 128 threads");
+  const int r0 = threadIdx.x / PER_ROW, c = (threadIdx.x % PER_ROW) * 8;
+  src += r0 * stride + c;
+  dst += r0 * ld + c;
+  #pragma unroll
+  for (int round = 0; round < ROWS / STRIDE_ROWS; round++) {
     QfVec value = {0u, 0u, 0u, 0u};
-    if (r < valid) value = *(const QfVec*)(src + r * stride + c);
-    *(QfVec*)(dst + r * ld + c) = value;
+    if (r0 + round * STRIDE_ROWS < valid) value = *(const QfVec*)src;
+    *(QfVec*)dst = value;
+    src += STRIDE_ROWS * stride;
+    dst += STRIDE_ROWS * ld;
   }
 }
 
 // As `load_rows`, but with asynchronous copies: the caller commits, waits and synchronises.
-template <int D>
-QF_DEV void copy_rows_async(u16* dst, int ld, const u16* src, long long stride, int rows, int valid) {
-  constexpr int PER_ROW = D / 8;
-  for (int i = threadIdx.x; i < rows * PER_ROW; i += 128) {
-    int r = i / PER_ROW, c = (i % PER_ROW) * 8;
-    copy_async16(dst + r * ld + c, r < valid ? src + r * stride + c : src, r < valid);
+template <int D, int ROWS>
+QF_DEV void copy_rows_async(u16* dst, int ld, const u16* src, long long stride, int valid) {
+  constexpr int PER_ROW = D / 8, STRIDE_ROWS = 128 / PER_ROW;
+  static_assert(ROWS % STRIDE_ROWS == 0, "whole rounds of the block's 128 threads");
+  const int r0 = threadIdx.x / PER_ROW, c = (threadIdx.x % PER_ROW) * 8;
+  const u16* row = src + r0 * stride + c;
+  dst += r0 * ld + c;
+  #pragma unroll
+  for (int round = 0; round < ROWS / STRIDE_ROWS; round++) {
+    bool in = r0 + round * STRIDE_ROWS < valid;
+    copy_async16(dst, in ? row : src, in);
+    row += STRIDE_ROWS * stride;
+    dst += STRIDE_ROWS * ld;
   }
+}
+
+// The segment that each of the `count` rows from `first` carries (row r's at seg[r * stride]),
+// or 0 where they differ or some lie past `seq`. Called by a whole warp. Two row ranges of one
+// common segment need no mask between them beyond causality.
+QF_DEV int common_segment(const int* seg, long long stride, int first, int count, int seq) {
+  int common = first < seq ? seg[first * stride] : 0;
+  bool same = true;
+  for (int r = threadIdx.x & 31; r < count; r += 32)
+    same = same && first + r < seq && seg[(first + r) * stride] == common;
+  return warp_all(same) ? common : 0;
 }
 
 // The A fragment of the 16x16 block at (row0, col0) of a row-major bf16 matrix in shared
@@ -218,10 +237,16 @@ QF_DEV void load_b2_of_transposed(u32* b, u32* next, const u16* m, int ld, int n
   next[1] = r[3];
 }
 
-// The B fragment at (k0, n0) of a row-major [k][n] matrix in shared memory.
-QF_DEV void load_b(u32* b, const u16* m, int ld, int k0, int n0) {
-  int lane = threadIdx.x & 31;
-  ldmatrix_b_trans(b, m + (k0 + (lane & 15)) * ld + n0);
+// The B fragments at (k0, n0) and (k0, n0 + 8) of a row-major [k][n] matrix in shared memory:
+// matrices (rows 0-7, cols 0-7), (rows 8-15, cols 0-7) are b, the same 8 columns further next.
+QF_DEV void load_b2(u32* b, u32* next, const u16* m, int ld, int k0, int n0) {
+  int lane = threadIdx.x & 31, quarter = lane >> 3;
+  u32 r[4];
+  ldmatrix_x4_trans(r, m + (k0 + (lane & 7) + 8 * (quarter & 1)) * ld + n0 + 8 * (quarter >> 1));
+  b[0] = r[0];
+  b[1] = r[1];
+  next[0] = r[2];
+  next[1] = r[3];
 }
 
 // Two C tiles (keys 16kb..16kb+15 of a score row block) as one A fragment of bf16.
@@ -245,7 +270,8 @@ QF_DEV void forward(const QfForward& p) {
   u16* k_tiles = q_tile + BR * LD;        // [2][BC][LD]
   u16* v_tiles = k_tiles + 2 * BC * LD;   // [2][BC][LD]
   int* key_segs = (int*)(v_tiles + 2 * BC * LD);  // [2][BC]
-  QF_CHECK_SHARED(key_segs + 2 * BC);
+  int* key_tile_seg = key_segs + 2 * BC;          // [2]: the tile's common segment, or 0
+  QF_CHECK_SHARED(key_tile_seg + 2);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   // The last query blocks see the most keys: start them first.
@@ -256,12 +282,13 @@ QF_DEV void forward(const QfForward& p) {
   const u16* k = p.k + b * p.k_b + kvh * p.k_h;
   const u16* v = p.v + b * p.v_b + kvh * p.v_h;
 
-  load_rows<D>(q_tile, LD, q + q0 * p.q_s, p.q_s, BR, p.seq - q0);
+  load_rows<D, BR>(q_tile, LD, q + q0 * p.q_s, p.q_s, p.seq - q0);
   // This thread's two rows: g and g + 8 of the warp's 16.
   const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   int seg[2];
   #pragma unroll
   for (int i = 0; i < 2; i++) seg[i] = row[i] < p.seq ? p.qseg[b * p.qseg_b + row[i] * p.qseg_s] : 0;
+  const int warp_seg = common_segment(p.qseg + b * p.qseg_b, p.qseg_s, q0 + warp * 16, 16, p.seq);
   QF_SYNC_BLOCK();
   u32 qa[D / 16][4];
   #pragma unroll
@@ -274,12 +301,16 @@ QF_DEV void forward(const QfForward& p) {
   const int last_query = (q0 + BR < p.seq ? q0 + BR : p.seq) - 1;
   // Starts the copy of the key tile at `k0` into buffer `buf`.
   auto fetch = [&](int k0, int buf) {
-    copy_rows_async<D>(k_tiles + buf * BC * LD, LD, k + k0 * p.k_s, p.k_s, BC, p.seq - k0);
-    copy_rows_async<D>(v_tiles + buf * BC * LD, LD, v + k0 * p.v_s, p.v_s, BC, p.seq - k0);
+    copy_rows_async<D, BC>(k_tiles + buf * BC * LD, LD, k + k0 * p.k_s, p.k_s, p.seq - k0);
+    copy_rows_async<D, BC>(v_tiles + buf * BC * LD, LD, v + k0 * p.v_s, p.v_s, p.seq - k0);
     copy_async_commit();
     int key = k0 + (int)threadIdx.x;
     if (threadIdx.x < BC)
       key_segs[buf * BC + threadIdx.x] = key < p.seq ? p.kseg[b * p.kseg_b + key * p.kseg_s] : 0;
+    if (warp == 0) {
+      int common = common_segment(p.kseg + b * p.kseg_b, p.kseg_s, k0, BC, p.seq);
+      if (lane == 0) key_tile_seg[buf] = common;
+    }
   };
   fetch(0, 0);
 
@@ -308,19 +339,30 @@ QF_DEV void forward(const QfForward& p) {
         mma_bf16(s[n + 1], qa[kk], kb_next);
       }
     }
-    // Mask and scale (in log2 units), then the rows' new maxima over the 4 lanes of a row.
+    // Mask and scale (in log2 units), then the rows' new maxima over the 4 lanes of a row. A
+    // tile wholly before the warp's rows, in their one segment, needs no mask.
+    const bool unmasked = warp_seg != 0 && key_tile_seg[buf] == warp_seg &&
+                          k0 + BC - 1 <= q0 + warp * 16;
     float tile_max[2] = {-QF_INF, -QF_INF};
-    #pragma unroll
-    for (int n = 0; n < 8; n++) {
+    // Inlined twice, once per constant `masked`: the common, unmasked tiles run no mask code.
+    auto scale_and_mask = [&](bool masked) {
       #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int i = e >> 1, col = n * 8 + 2 * t + (e & 1), key = k0 + col;
-        int ks = key_seg[col];
-        bool seen = key <= row[i] && ks != 0 && ks == seg[i];
-        s[n][e] = seen ? s[n][e] * p.scale_log2 : -QF_INF;
-        tile_max[i] = s[n][e] > tile_max[i] ? s[n][e] : tile_max[i];
+      for (int n = 0; n < 8; n++) {
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+          int i = e >> 1, col = n * 8 + 2 * t + (e & 1), key = k0 + col;
+          s[n][e] *= p.scale_log2;
+          if (masked) {
+            int ks = key_seg[col];
+            bool seen = (key <= row[i]) & (ks != 0) & (ks == seg[i]);  // no branch per element
+            s[n][e] = seen ? s[n][e] : -QF_INF;
+          }
+          tile_max[i] = s[n][e] > tile_max[i] ? s[n][e] : tile_max[i];
+        }
       }
-    }
+    };
+    if (unmasked) scale_and_mask(false);
+    else scale_and_mask(true);
     float alpha[2];
     #pragma unroll
     for (int i = 0; i < 2; i++) {
@@ -361,10 +403,11 @@ QF_DEV void forward(const QfForward& p) {
       u32 pa[4];
       c_pair_to_a(pa, s[2 * kb], s[2 * kb + 1]);
       #pragma unroll
-      for (int j = 0; j < D / 8; j++) {
-        u32 vb[2];
-        load_b(vb, v_tile, LD, kb * 16, j * 8);
+      for (int j = 0; j < D / 8; j += 2) {
+        u32 vb[2], vb_next[2];
+        load_b2(vb, vb_next, v_tile, LD, kb * 16, j * 8);
         mma_bf16(o[j], pa, vb);
+        mma_bf16(o[j + 1], pa, vb_next);
       }
     }
   }
@@ -410,20 +453,35 @@ QF_DEV void backward(const QfBackward& p) {
   float* lse2s = (float*)(do_tiles + 2 * BR * LD);  // [2][BR]: lse in log2 units
   float* deltas = lse2s + 2 * BR;                    // [2][BR]
   int* query_segs = (int*)(deltas + 2 * BR);         // [2][BR]
-  QF_CHECK_SHARED(query_segs + 2 * BR);
+  int* query_tile_seg = query_segs + 2 * BR;         // [2]: the tile's common segment, or 0
+  QF_CHECK_SHARED(query_tile_seg + 2);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int k0 = blockIdx.x * BC, h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / (p.heads / p.kv_heads);
   const u16* k = p.k + b * p.k_b + kvh * p.k_h;
   const u16* v = p.v + b * p.v_b + kvh * p.v_h;
-  load_rows<D>(k_tile, LD, k + k0 * p.k_s, p.k_s, BC, p.seq - k0);
-  load_rows<D>(v_tile, LD, v + k0 * p.v_s, p.v_s, BC, p.seq - k0);
+  load_rows<D, BC>(k_tile, LD, k + k0 * p.k_s, p.k_s, p.seq - k0);
+  load_rows<D, BC>(v_tile, LD, v + k0 * p.v_s, p.v_s, p.seq - k0);
   // This thread's two keys: rows g and g + 8 of the warp's 16.
   const int key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
   int kseg[2];
   #pragma unroll
   for (int i = 0; i < 2; i++) kseg[i] = key[i] < p.seq ? p.kseg[b * p.kseg_b + key[i] * p.kseg_s] : 0;
+  const int warp_seg = common_segment(p.kseg + b * p.kseg_b, p.kseg_s, k0 + warp * 16, 16, p.seq);
+
+  // At head size 64 the warp's K and V rows stay in registers as A fragments for the whole
+  // walk (at 128 they would spill: read from shared memory per query tile instead).
+  constexpr bool HOLD_KV = D == 64;
+  u32 kv_held[HOLD_KV ? D / 16 : 1][2][4];
+  if (HOLD_KV) {
+    QF_SYNC_BLOCK();
+    #pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+      load_a(kv_held[kk][0], k_tile, LD, warp * 16, kk * 16);
+      load_a(kv_held[kk][1], v_tile, LD, warp * 16, kk * 16);
+    }
+  }
 
   float dk[D / 8][4], dv[D / 8][4];
   #pragma unroll
@@ -438,10 +496,10 @@ QF_DEV void backward(const QfBackward& p) {
   // Starts the copies of query tile `it` into buffer `buf`.
   auto fetch = [&](int it, int buf) {
     int q0 = first_q0 + it * BR;
-    copy_rows_async<D>(q_tiles + buf * BR * LD, LD, p.q + b * p.q_b + h * p.q_h + q0 * p.q_s,
-                       p.q_s, BR, p.seq - q0);
-    copy_rows_async<D>(do_tiles + buf * BR * LD, LD,
-                       p.dout + b * p.do_b + h * p.do_h + q0 * p.do_s, p.do_s, BR, p.seq - q0);
+    copy_rows_async<D, BR>(q_tiles + buf * BR * LD, LD,
+                           p.q + b * p.q_b + h * p.q_h + q0 * p.q_s, p.q_s, p.seq - q0);
+    copy_rows_async<D, BR>(do_tiles + buf * BR * LD, LD,
+                           p.dout + b * p.do_b + h * p.do_h + q0 * p.do_s, p.do_s, p.seq - q0);
     copy_async_commit();
     if (threadIdx.x < BR) {
       int qi = q0 + threadIdx.x;
@@ -449,6 +507,10 @@ QF_DEV void backward(const QfBackward& p) {
       lse2s[buf * BR + threadIdx.x] = valid ? p.lse[head_row + qi] * QF_LOG2E : QF_INF;
       deltas[buf * BR + threadIdx.x] = valid ? p.delta[head_row + qi] : 0.0f;
       query_segs[buf * BR + threadIdx.x] = valid ? p.qseg[b * p.qseg_b + qi * p.qseg_s] : 0;
+    }
+    if (warp == 0) {
+      int common = common_segment(p.qseg + b * p.qseg_b, p.qseg_s, q0, BR, p.seq);
+      if (lane == 0) query_tile_seg[buf] = common;
     }
   };
   fetch(0, 0);
@@ -474,8 +536,16 @@ QF_DEV void backward(const QfBackward& p) {
       #pragma unroll
       for (int kk = 0; kk < D / 16; kk++) {
         u32 ka[4], va[4];
-        load_a(ka, k_tile, LD, warp * 16, kk * 16);
-        load_a(va, v_tile, LD, warp * 16, kk * 16);
+        if (HOLD_KV) {
+          #pragma unroll
+          for (int r = 0; r < 4; r++) {
+            ka[r] = kv_held[HOLD_KV ? kk : 0][0][r];
+            va[r] = kv_held[HOLD_KV ? kk : 0][1][r];
+          }
+        } else {
+          load_a(ka, k_tile, LD, warp * 16, kk * 16);
+          load_a(va, v_tile, LD, warp * 16, kk * 16);
+        }
         #pragma unroll
         for (int n = 0; n < BR / 8; n += 2) {
           u32 qb[2], qb_next[2], dob[2], dob_next[2];
@@ -487,24 +557,36 @@ QF_DEV void backward(const QfBackward& p) {
           mma_bf16(dpt[n + 1], va, dob_next);
         }
       }
-      // P^T and dS^T in place; dS^T (bf16) to shared memory for dQ, two queries per store.
-      #pragma unroll
-      for (int n = 0; n < BR / 8; n++) {
+      // P^T and dS^T in place; dS^T (bf16) to shared memory for dQ, two queries per store. A
+      // tile wholly after the warp's keys, in their one segment, needs no mask.
+      const bool unmasked = warp_seg != 0 && query_tile_seg[buf] == warp_seg &&
+                            q0 >= k0 + warp * 16 + 15;
+      // Inlined twice, once per constant `masked`: the common, unmasked tiles run no mask code.
+      auto probabilities = [&](bool masked) {
         #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          int i = e >> 1, col = n * 8 + 2 * t + (e & 1), query = q0 + col;
-          int qs = query_seg[col];
-          bool seen = key[i] <= query && kseg[i] != 0 && kseg[i] == qs;
-          float prob = seen ? qf_exp2(st[n][e] * p.scale_log2 - lse2[col]) : 0.0f;
-          float ds = prob * (dpt[n][e] - delta[col]);
-          st[n][e] = prob;
-          dpt[n][e] = ds;
+        for (int n = 0; n < BR / 8; n++) {
+          #pragma unroll
+          for (int e = 0; e < 4; e++) {
+            int i = e >> 1, col = n * 8 + 2 * t + (e & 1), query = q0 + col;
+            float x = st[n][e] * p.scale_log2 - lse2[col];
+            if (masked) {
+              int qs = query_seg[col];
+              bool seen = (key[i] <= query) & (kseg[i] != 0) & (kseg[i] == qs);
+              x = seen ? x : -QF_INF;  // exp2(-inf) = 0, with no branch per element
+            }
+            float prob = qf_exp2(x);
+            float ds = prob * (dpt[n][e] - delta[col]);
+            st[n][e] = prob;
+            dpt[n][e] = ds;
+          }
+          #pragma unroll
+          for (int i = 0; i < 2; i++)
+            *(u32*)(ds_tile + (warp * 16 + g + 8 * i) * LDS + n * 8 + 2 * t) =
+                pack_bf16(dpt[n][2 * i], dpt[n][2 * i + 1]);
         }
-        #pragma unroll
-        for (int i = 0; i < 2; i++)
-          *(u32*)(ds_tile + (warp * 16 + g + 8 * i) * LDS + n * 8 + 2 * t) =
-              pack_bf16(dpt[n][2 * i], dpt[n][2 * i + 1]);
-      }
+      };
+      if (unmasked) probabilities(false);
+      else probabilities(true);
       // dV += P^T dO and dK += dS^T Q, the A operands straight from the registers.
       #pragma unroll
       for (int kb = 0; kb < BR / 16; kb++) {
@@ -512,12 +594,14 @@ QF_DEV void backward(const QfBackward& p) {
         c_pair_to_a(pa, st[2 * kb], st[2 * kb + 1]);
         c_pair_to_a(dsa, dpt[2 * kb], dpt[2 * kb + 1]);
         #pragma unroll
-        for (int j = 0; j < D / 8; j++) {
-          u32 dob[2], qb[2];
-          load_b(dob, do_tile, LD, kb * 16, j * 8);
-          load_b(qb, q_tile, LD, kb * 16, j * 8);
+        for (int j = 0; j < D / 8; j += 2) {
+          u32 dob[2], dob_next[2], qb[2], qb_next[2];
+          load_b2(dob, dob_next, do_tile, LD, kb * 16, j * 8);
+          load_b2(qb, qb_next, q_tile, LD, kb * 16, j * 8);
           mma_bf16(dv[j], pa, dob);
+          mma_bf16(dv[j + 1], pa, dob_next);
           mma_bf16(dk[j], dsa, qb);
+          mma_bf16(dk[j + 1], dsa, qb_next);
         }
       }
       QF_SYNC_BLOCK();  // dS is complete
@@ -531,10 +615,11 @@ QF_DEV void backward(const QfBackward& p) {
         u32 dsa[4];
         load_a_of_transposed(dsa, ds_tile, LDS, rg * 16, kb * 16);
         #pragma unroll
-        for (int j = 0; j < DQ_COLS / 8; j++) {
-          u32 kbf[2];
-          load_b(kbf, k_tile, LD, kb * 16, part * DQ_COLS + j * 8);
+        for (int j = 0; j < DQ_COLS / 8; j += 2) {
+          u32 kbf[2], kbf_next[2];
+          load_b2(kbf, kbf_next, k_tile, LD, kb * 16, part * DQ_COLS + j * 8);
           mma_bf16(dq[j], dsa, kbf);
+          mma_bf16(dq[j + 1], dsa, kbf_next);
         }
       }
       #pragma unroll
