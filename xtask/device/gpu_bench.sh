@@ -70,19 +70,19 @@ step() { # name timeout command...
   $M "$name" "$OUT" "$limit" -- "$@" || echo "$name: exit $?"
 }
 
-# nsys_report NAME COMMAND...: one run under Nsight Systems (CUDA trace); writes each kernel's
-# total GPU time (`cuda_gpu_kern_sum`, CSV) and the run's output. Every kernel counts: CubeCL's,
-# cuBLASLt's and the fused attention's alike, without CUBECL_PROFILE's per-kernel syncs.
-nsys_report() {
-  local name=$1${TAG:+_$TAG} nsys; shift
-  nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
-    /usr/local/cuda/nsight-systems-*/bin/nsys 2>/dev/null | head -1)
+# ncu_times NAME COMMAND...: each kernel's GPU time over one run under Nsight Compute, one
+# metric (gpu__time_duration: one pass per kernel), without flushing caches between kernels
+# and at the GPU's own clocks; CubeCL's, cuBLASLt's and the fused attention's kernels alike,
+# without CUBECL_PROFILE's per-kernel syncs (ncu serialises kernels, so the sum leaves out any
+# idle time between them). xtask/peer/step_breakdown.py takes one step out of the CSV.
+ncu_times() {
+  local name=$1${TAG:+_$TAG}; shift
   echo "== $name"
-  [ -n "$nsys" ] || { echo "$name: no nsys on this machine"; return; }
-  timeout 300 "$nsys" profile -o "/tmp/$name" --force-overwrite true --trace cuda "$@" \
-    > "$OUT/$name.stdout" 2>&1 || echo "$name: exit $?"
-  "$nsys" stats --report cuda_gpu_kern_sum --format csv --output "$OUT/$name" "/tmp/$name.nsys-rep" \
-    > /dev/null 2>&1 || echo "$name: nsys stats exit $?"
+  timeout "${NCU_LIMIT:-300}" /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum \
+    --cache-control none --clock-control none --csv --print-units base "$@" \
+    > "$OUT/$name.csv" 2> "$OUT/$name.stderr" || echo "$name: exit $?"
+  python3 xtask/peer/step_breakdown.py "$OUT/$name.csv" > "$OUT/$name.json" || echo "$name: breakdown exit $?"
+  xz -T0 -f "$OUT/$name.csv"
 }
 
 # Each measurement by name; the arguments pick which run, in that order (default: all, in order
@@ -123,10 +123,10 @@ for name in ${@:-$ALL}; do
     check_attn_128) step $name 120 $B check-attention --heads 12 --kv-heads 2 --head-dim 128 --seq-len 2048 --batch-size 4 --iterations "${ATTN_ITERS:-10}" ;;
     peer_attn_64)   step $name 60 python3 xtask/peer/attention_peer.py --heads 14 --kv-heads 2 --head-dim 64 --seq-len 2048 --batch-size 8 --iterations "${ATTN_ITERS:-10}" ;;
     peer_attn_128)  step $name 60 python3 xtask/peer/attention_peer.py --heads 12 --kv-heads 2 --head-dim 128 --seq-len 2048 --batch-size 4 --iterations "${ATTN_ITERS:-10}" ;;
-    # Where a step's GPU time goes, ours and the peer's (NSYS_STEPS timed steps after one
-    # warm-up step; the kernel sums cover all of them).
-    nsys_b8)      nsys_report $name $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps "${NSYS_STEPS:-3}" --warmup-steps 1 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" --loss-chunk-mib "${LOSS_MIB:-1024}" ;;
-    nsys_peer_b8) nsys_report $name python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps "${NSYS_STEPS:-3}" --warmup-steps 1 --mode amp ;;
+    # Where a step's GPU time goes, ours and the peer's: three steps (one warm-up) under ncu,
+    # the last one taken apart by step_breakdown.py.
+    ncu_b8)       ncu_times $name $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps 2 --warmup-steps 1 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" --loss-chunk-mib "${LOSS_MIB:-1024}" ;;
+    ncu_peer_b8)  ncu_times $name python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps 2 --warmup-steps 1 --mode amp ;;
     check_f32)    step $name 120 $B check-fast-path $G --model tests/fixtures/model/tied_f32 --precision f32 --tolerance 1e-3 ;;
     *) echo "unknown measurement: $name" ;;
   esac

@@ -297,6 +297,7 @@ QF_DEV void forward(const QfForward& p) {
   float o[D / 8][4];
   #pragma unroll
   for (int j = 0; j < D / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  // Each row's running maximum of the unscaled scores and sum of exp2(scale_log2 (s - m)).
   float m[2] = {-QF_INF, -QF_INF}, l[2] = {0.0f, 0.0f};
   const int last_query = (q0 + BR < p.seq ? q0 + BR : p.seq) - 1;
   // Starts the copy of the key tile at `k0` into buffer `buf`.
@@ -339,51 +340,53 @@ QF_DEV void forward(const QfForward& p) {
         mma_bf16(s[n + 1], qa[kk], kb_next);
       }
     }
-    // Mask and scale (in log2 units), then the rows' new maxima over the 4 lanes of a row. A
-    // tile wholly before the warp's rows, in their one segment, needs no mask.
+    // Mask, then the rows' new maxima over the 4 lanes of a row, in unscaled scores (the scale
+    // is positive: it joins the exponent below, one FFMA per score). A tile wholly before the
+    // warp's rows, in their one segment, needs no mask.
     const bool unmasked = warp_seg != 0 && key_tile_seg[buf] == warp_seg &&
                           k0 + BC - 1 <= q0 + warp * 16;
     float tile_max[2] = {-QF_INF, -QF_INF};
     // Inlined twice, once per constant `masked`: the common, unmasked tiles run no mask code.
-    auto scale_and_mask = [&](bool masked) {
+    auto mask_and_max = [&](bool masked) {
       #pragma unroll
       for (int n = 0; n < 8; n++) {
         #pragma unroll
         for (int e = 0; e < 4; e++) {
           int i = e >> 1, col = n * 8 + 2 * t + (e & 1), key = k0 + col;
-          s[n][e] *= p.scale_log2;
           if (masked) {
             int ks = key_seg[col];
             bool seen = (key <= row[i]) & (ks != 0) & (ks == seg[i]);  // no branch per element
             s[n][e] = seen ? s[n][e] : -QF_INF;
           }
-          tile_max[i] = s[n][e] > tile_max[i] ? s[n][e] : tile_max[i];
+          tile_max[i] = fmaxf(tile_max[i], s[n][e]);  // one FMNMX (no NaN reaches it)
         }
       }
     };
-    if (unmasked) scale_and_mask(false);
-    else scale_and_mask(true);
+    if (unmasked) mask_and_max(false);
+    else mask_and_max(true);
     float alpha[2];
     #pragma unroll
     for (int i = 0; i < 2; i++) {
       float mx = tile_max[i];
       float other = shfl_xor(mx, 1);
-      mx = other > mx ? other : mx;
+      mx = fmaxf(mx, other);
       other = shfl_xor(mx, 2);
-      mx = other > mx ? other : mx;
-      float new_max = mx > m[i] ? mx : m[i];
+      mx = fmaxf(mx, other);
+      float new_max = fmaxf(mx, m[i]);
       // A row that has seen no key yet keeps o = 0 and l = 0, and its p are 0.
-      alpha[i] = new_max == -QF_INF ? 1.0f : qf_exp2(m[i] - new_max);
+      alpha[i] = new_max == -QF_INF ? 1.0f : qf_exp2((m[i] - new_max) * p.scale_log2);
       m[i] = new_max;
     }
-    float base[2] = {m[0] == -QF_INF ? 0.0f : m[0], m[1] == -QF_INF ? 0.0f : m[1]};
+    // p = exp2(scale_log2 (s - m)), as one FFMA and the exponential.
+    float base[2] = {m[0] == -QF_INF ? 0.0f : m[0] * p.scale_log2,
+                     m[1] == -QF_INF ? 0.0f : m[1] * p.scale_log2};
     float sum[2] = {0.0f, 0.0f};
     #pragma unroll
     for (int n = 0; n < 8; n++) {
       #pragma unroll
       for (int e = 0; e < 4; e++) {
         int i = e >> 1;
-        s[n][e] = qf_exp2(s[n][e] - base[i]);
+        s[n][e] = qf_exp2(s[n][e] * p.scale_log2 - base[i]);
         sum[i] += s[n][e];
       }
     }
@@ -425,7 +428,7 @@ QF_DEV void forward(const QfForward& p) {
     #pragma unroll
     for (int j = 0; j < D / 8; j++)
       *(u32*)(p.out + at * D + j * 8 + 2 * t) = pack_bf16(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
-    if (t == 0) p.lse[at] = l[i] > 0.0f ? (m[i] + qf_log2(l[i])) * QF_LN2 : QF_INF;
+    if (t == 0) p.lse[at] = l[i] > 0.0f ? (m[i] * p.scale_log2 + qf_log2(l[i])) * QF_LN2 : QF_INF;
   }
 }
 
