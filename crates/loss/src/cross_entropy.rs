@@ -91,17 +91,51 @@ pub(crate) fn row_losses_with_lse<B: Backend>(
     label_smoothing: f32,
     z_loss_weight: f32,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let vocab = x.dims()[1];
+    let stats = row_stats(x, targets, label_smoothing > 0.0);
+    losses_from_stats(stats, label_smoothing, z_loss_weight)
+}
+
+/// What the loss needs of each row of logits, `[rows, 3]`: the log-sum-exp, the target's logit
+/// and the mean logit (0 unless `with_mean`: only label smoothing reads it).
+///
+/// # Shapes
+/// - `x`: `[rows, vocab]`, f32
+/// - `targets`: `[rows]`
+/// - output: `[rows, 3]`
+pub(crate) fn row_stats<B: Backend>(
+    x: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    with_mean: bool,
+) -> Tensor<B, 2> {
+    let [rows, vocab] = x.dims();
     let target_logit = x.clone().gather(1, targets.unsqueeze_dim(1)); // [rows, 1]
-    let mean_logit = (label_smoothing > 0.0)
-        .then(|| row_reduce(x.clone(), Tensor::sum_dim).div_scalar(vocab as f32)); // [rows, 1]
+    let mean_logit = if with_mean {
+        row_reduce(x.clone(), Tensor::sum_dim).div_scalar(vocab as f32)
+    } else {
+        Tensor::zeros([rows, 1], (&x.device(), x.dtype()))
+    }; // [rows, 1]
     // The maximum only shifts the exponent; d lse / d max is exactly 0, so it needs no gradient.
     let max = row_reduce(x.clone(), Tensor::max_dim).detach(); // [rows, 1]
     let lse = row_reduce((x - max.clone()).exp(), Tensor::sum_dim).log() + max; // [rows, 1]
+    Tensor::cat(vec![lse, target_logit, mean_logit], 1)
+}
 
-    let mut loss = lse.clone() - target_logit.mul_scalar(1.0 - label_smoothing);
-    if let Some(mean_logit) = mean_logit {
-        loss = loss - mean_logit.mul_scalar(label_smoothing);
+/// Per-row loss and log-sum-exp from [`row_stats`]' columns:
+/// `lse - (1 - ε) x_t - ε mean(x) + λ lse²`.
+///
+/// # Shapes
+/// - `stats`: `[rows, 3]`
+/// - output: (`[rows, 1]`, `[rows, 1]`)
+pub(crate) fn losses_from_stats<B: Backend>(
+    stats: Tensor<B, 2>,
+    label_smoothing: f32,
+    z_loss_weight: f32,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let column = |i: usize| stats.clone().narrow(1, i, 1); // [rows, 1]
+    let lse = column(0);
+    let mut loss = lse.clone() - column(1).mul_scalar(1.0 - label_smoothing);
+    if label_smoothing > 0.0 {
+        loss = loss - column(2).mul_scalar(label_smoothing);
     }
     if z_loss_weight > 0.0 {
         loss = loss + lse.clone().powi_scalar(2).mul_scalar(z_loss_weight);

@@ -62,8 +62,9 @@ mod targets;
 pub mod bench;
 
 pub use chunked::{
-    ChunkPlan, ChunkedCeBackend, GradRequest, LIVE_TILE_BUFFERS, LmHeadCeForward, LmHeadCeGrads,
-    LmHeadCeParams, MIN_TILE_COLS, chunked_lm_head_cross_entropy, kernel,
+    ChunkPlan, ChunkedCeBackend, GradRequest, GradTile, LIVE_TILE_BUFFERS, LmHeadCeForward,
+    LmHeadCeGrads, LmHeadCeParams, LossKernels, MIN_TILE_COLS, chunked_lm_head_cross_entropy,
+    kernel, loss_kernels, set_loss_kernels,
 };
 pub use cross_entropy::masked_cross_entropy;
 pub use error::LossError;

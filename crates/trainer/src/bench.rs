@@ -479,6 +479,18 @@ pub fn linear<B: qwen_model::LinearBackend>(
     Ok(reports)
 }
 
+/// Sets where this workspace's own kernels run, for the whole process: the model's
+/// ([`qwen_model::set_kernel_body`]) and the chunked loss's ([`qwen_loss::set_loss_kernels`]),
+/// under one setting (`--kernels`).
+pub fn set_kernel_bodies(body: qwen_model::KernelBody) {
+    qwen_model::set_kernel_body(body);
+    qwen_loss::set_loss_kernels(match body {
+        qwen_model::KernelBody::Auto => qwen_loss::LossKernels::Auto,
+        qwen_model::KernelBody::Kernel => qwen_loss::LossKernels::Kernel,
+        qwen_model::KernelBody::TensorOps => qwen_loss::LossKernels::TensorOps,
+    });
+}
+
 /// What the model's own kernels run on `B`: `kernel` or `tensor-ops` (one switch sets them
 /// all, [`qwen_model::kernels`]), and the kernels turned off, as in `kernel (off: rotary)`.
 pub fn kernels_name<B: AttentionBackend + qwen_model::RowwiseBackend>() -> String {

@@ -41,7 +41,7 @@ use qwen_model::linear::{GemmBody, gemm_body, set_gemm_body};
 use qwen_model::{
     AttentionBackend, AttentionImpl, Qwen2Config, Qwen2ForCausalLM, named_parameters,
 };
-use qwen_model::{KernelBody, kernel_body, set_kernel_body};
+use qwen_model::{KernelBody, kernel_body};
 use serde::Serialize;
 
 use crate::config::Precision;
@@ -308,14 +308,14 @@ where
     let kernels = crate::bench::kernels_name::<B>();
     let fast_kernels = kernel_body();
     set_gemm_body(GemmBody::Burn);
-    set_kernel_body(KernelBody::TensorOps);
+    crate::bench::set_kernel_bodies(KernelBody::TensorOps);
     let reference = run_path(&model, PathKind::Reference, &device_batch, &loss_opts);
     let reference_f32 = model_f32
         .map(|model| run_path(&model, PathKind::Reference, &device_batch, &loss_opts))
         .transpose();
     B::sync(&device).expect("the device failed");
     set_gemm_body(fast_body);
-    set_kernel_body(fast_kernels);
+    crate::bench::set_kernel_bodies(fast_kernels);
     let (reference, reference_f32) = (reference?, reference_f32?);
     let differences = compare(&fast, &reference);
     let against_f32 = reference_f32.map(|f32_path| {

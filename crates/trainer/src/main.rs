@@ -38,7 +38,8 @@ struct Cli {
     /// (cuBLASLt pays host syncs per product, more than a small product takes).
     #[arg(long, global = true, default_value_t = qwen_gemm::DEFAULT_MIN_FLOPS as f64 * 1e-9)]
     gemm_min_gflop: f64,
-    /// The model's own kernels (the attention's block softmax, the rotary embedding, RMSNorm):
+    /// This workspace's own kernels (the attention's block softmax, the rotary embedding,
+    /// RMSNorm, the chunked loss's row statistics and logit gradient):
     /// auto (the kernels on CUDA, tensor ops elsewhere), tensor-ops (burn's ops everywhere) or
     /// kernel (on any CubeCL backend, wgpu too).
     #[arg(long, global = true, default_value = "auto")]
@@ -349,7 +350,7 @@ fn main() -> Result<()> {
         cli.gemm_min_gflop
     );
     qwen_gemm::set_gemm_min_flops((cli.gemm_min_gflop * 1e9) as u64);
-    qwen_model::set_kernel_body(cli.kernels);
+    qwen_sft::bench::set_kernel_bodies(cli.kernels);
     qwen_model::set_kernels_off(&cli.kernels_off);
     match cli.command {
         Command::Train(args) => train(args),

@@ -4,14 +4,18 @@
 //! [`ChunkedCeBackend`](super::ChunkedCeBackend)'s methods instead of changing these.
 
 use burn::tensor::{
-    IndexingUpdateOp, Int, Tensor, TensorPrimitive,
+    IndexingUpdateOp, Int, Tensor, TensorMetadata, TensorPrimitive,
     backend::Backend,
     ops::{FloatTensor, IntTensor},
 };
 use qwen_gemm::GemmBackend;
 
-use super::{ChunkPlan, GradRequest, LmHeadCeForward, LmHeadCeGrads, LmHeadCeParams, plan::chunks};
-use crate::{cross_entropy::row_losses_with_lse, options::LOSS_DTYPE};
+use super::{
+    ChunkPlan, ChunkedCeBackend, GradRequest, GradTile, LmHeadCeForward, LmHeadCeGrads,
+    LmHeadCeParams, plan::chunks,
+};
+use crate::cross_entropy::{losses_from_stats, row_stats};
+use crate::options::LOSS_DTYPE;
 
 fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
@@ -32,7 +36,7 @@ fn gemm<B: GemmBackend>(a: Tensor<B, 2>, b: Tensor<B, 2>, ta: bool, tb: bool) ->
 /// # Shapes
 /// - `hidden`: `[n, hidden]`, `weight`: `[vocab, hidden]`, `targets`: `[n]` all in range
 /// - output: `loss` and `lse`, both `[n]` f32
-pub fn forward<B: GemmBackend>(
+pub fn forward<B: ChunkedCeBackend>(
     hidden: FloatTensor<B>,
     weight: FloatTensor<B>,
     targets: IntTensor<B>,
@@ -49,13 +53,13 @@ pub fn forward<B: GemmBackend>(
     let mut lses = Vec::new();
     for (start, rows) in chunks(n, plan.forward_rows) {
         let hidden_rows = hidden.clone().narrow(0, start, rows);
-        let logits = gemm(hidden_rows, weight.clone(), false, true).cast(LOSS_DTYPE); // [rows, vocab]
-        let (loss, lse) = row_losses_with_lse(
-            logits,
-            targets.clone().narrow(0, start, rows),
-            params.label_smoothing,
-            params.z_loss_weight,
-        ); // [rows, 1] each
+        let logits = gemm(hidden_rows, weight.clone(), false, true); // [rows, vocab]
+        let stats = float::<B, 2>(B::logit_row_stats(
+            primitive(logits),
+            targets.clone().narrow(0, start, rows).into_primitive(),
+            params.label_smoothing > 0.0,
+        )); // [rows, 3]
+        let (loss, lse) = losses_from_stats(stats, params.label_smoothing, params.z_loss_weight); // [rows, 1] each
         losses.push(loss.reshape([rows]));
         lses.push(lse.reshape([rows]));
     }
@@ -82,7 +86,7 @@ pub fn forward<B: GemmBackend>(
 /// # Shapes
 /// - `hidden`: `[n, hidden]`, `weight`: `[vocab, hidden]`, `targets`, `lse`, `grad_loss`: `[n]`
 /// - output: `[n, hidden]` and `[vocab, hidden]`, where requested
-pub fn backward<B: GemmBackend>(
+pub fn backward<B: ChunkedCeBackend>(
     hidden: FloatTensor<B>,
     weight: FloatTensor<B>,
     targets: IntTensor<B>,
@@ -107,19 +111,16 @@ pub fn backward<B: GemmBackend>(
 
     let row_chunks: Vec<(usize, usize)> = chunks(n, plan.backward_rows).collect();
     // Per row chunk: the upstream gradient and the multiplier of p, `g (1 + 2 λ lse)`.
-    let row_state: Vec<(Tensor<B, 2>, Tensor<B, 2>)> = row_chunks
+    let row_state: Vec<(Tensor<B, 1>, Tensor<B, 1>)> = row_chunks
         .iter()
         .map(|&(start, rows)| {
-            let g = grad_loss
-                .clone()
-                .narrow(0, start, rows)
-                .unsqueeze_dim::<2>(1); // [rows, 1]
+            let g = grad_loss.clone().narrow(0, start, rows); // [rows]
             let p_scale = if z > 0.0 {
-                let lse = lse.clone().narrow(0, start, rows).unsqueeze_dim::<2>(1);
+                let lse = lse.clone().narrow(0, start, rows);
                 g.clone() * lse.mul_scalar(2.0 * z).add_scalar(1.0)
             } else {
                 g.clone()
-            }; // [rows, 1]
+            }; // [rows]
             (g, p_scale)
         })
         .collect();
@@ -146,29 +147,19 @@ pub fn backward<B: GemmBackend>(
         for (chunk, &(row_start, rows)) in row_chunks.iter().enumerate() {
             let (g, p_scale) = &row_state[chunk];
             let hidden_rows = hidden.clone().narrow(0, row_start, rows); // [rows, hidden]
-            let lse_rows = lse.clone().narrow(0, row_start, rows).unsqueeze_dim::<2>(1); // [rows, 1]
-            let logits =
-                gemm(hidden_rows.clone(), weight_slab.clone(), false, true).cast(LOSS_DTYPE); // [rows, cols]
-            let mut dlogits = (logits - lse_rows).exp() * p_scale.clone(); // [rows, cols]
-            if eps > 0.0 {
-                dlogits = dlogits - g.clone().mul_scalar(eps / vocab as f32);
-            }
-
-            // The one-hot term, for rows whose target falls in this slab.
-            let t = targets.clone().narrow(0, row_start, rows); // [rows]
-            let outside = t
-                .clone()
-                .lower_elem(col_start as i64)
-                .bool_or(t.clone().greater_equal_elem(col_end as i64))
-                .unsqueeze_dim::<2>(1); // [rows, 1]
-            let local = t
-                .sub_scalar(col_start as i64)
-                .clamp(0, cols as i64 - 1)
-                .unsqueeze_dim::<2>(1); // [rows, 1]
-            let one_hot = g.clone().mul_scalar(eps - 1.0).mask_fill(outside, 0.0); // [rows, 1]
-            let dlogits = dlogits
-                .scatter(1, local, one_hot, IndexingUpdateOp::Add)
-                .cast(compute_dtype); // [rows, cols]
+            let logits = gemm(hidden_rows.clone(), weight_slab.clone(), false, true); // [rows, cols]
+            let dlogits = float::<B, 2>(B::logits_grad(
+                primitive(logits),
+                primitive(lse.clone().narrow(0, row_start, rows)),
+                primitive(p_scale.clone()),
+                primitive(g.clone()),
+                targets.clone().narrow(0, row_start, rows).into_primitive(),
+                GradTile {
+                    col_start,
+                    vocab,
+                    label_smoothing: eps,
+                },
+            )); // [rows, cols], compute dtype
 
             if request.hidden {
                 let part =
@@ -194,4 +185,57 @@ pub fn backward<B: GemmBackend>(
         }),
         weight: grad_weight.map(primitive),
     }
+}
+
+/// The tensor-op body of [`ChunkedCeBackend::logit_row_stats`]: the tile cast to f32, then the
+/// plain path's row statistics.
+pub fn logit_row_stats<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    with_mean: bool,
+) -> FloatTensor<B> {
+    let x = float::<B, 2>(logits).cast(LOSS_DTYPE);
+    primitive(row_stats(x, Tensor::from_primitive(targets), with_mean))
+}
+
+/// The tensor-op body of [`ChunkedCeBackend::logits_grad`]:
+/// `dx = p_scale exp(x - lse) - g ε / V + [c = t] g (ε - 1)` in f32, cast to the logits' dtype.
+pub fn logits_grad<B: Backend>(
+    logits: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    p_scale: FloatTensor<B>,
+    g: FloatTensor<B>,
+    targets: IntTensor<B>,
+    tile: GradTile,
+) -> FloatTensor<B> {
+    let dtype = logits.dtype();
+    let logits = float::<B, 2>(logits).cast(LOSS_DTYPE); // [rows, cols]
+    let [rows, cols] = logits.dims();
+    let column = |t: FloatTensor<B>| float::<B, 1>(t).cast(LOSS_DTYPE).unsqueeze_dim::<2>(1); // [rows, 1]
+    let (lse, p_scale, g) = (column(lse), column(p_scale), column(g));
+    let eps = tile.label_smoothing;
+    let mut dlogits = (logits - lse).exp() * p_scale; // [rows, cols]
+    if eps > 0.0 {
+        dlogits = dlogits - g.clone().mul_scalar(eps / tile.vocab as f32);
+    }
+
+    // The one-hot term, for rows whose target falls in this tile.
+    let (col_start, col_end) = (tile.col_start, tile.col_start + cols);
+    let t = Tensor::<B, 1, Int>::from_primitive(targets); // [rows]
+    debug_assert_eq!(t.dims(), [rows]);
+    let outside = t
+        .clone()
+        .lower_elem(col_start as i64)
+        .bool_or(t.clone().greater_equal_elem(col_end as i64))
+        .unsqueeze_dim::<2>(1); // [rows, 1]
+    let local = t
+        .sub_scalar(col_start as i64)
+        .clamp(0, cols as i64 - 1)
+        .unsqueeze_dim::<2>(1); // [rows, 1]
+    let one_hot = g.mul_scalar(eps - 1.0).mask_fill(outside, 0.0); // [rows, 1]
+    primitive(
+        dlogits
+            .scatter(1, local, one_hot, IndexingUpdateOp::Add)
+            .cast(dtype),
+    )
 }

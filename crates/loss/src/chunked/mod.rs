@@ -2,6 +2,8 @@
 
 mod autodiff;
 mod backends;
+#[cfg(feature = "cubecl")]
+pub mod cube;
 pub mod kernel;
 mod plan;
 
@@ -66,6 +68,59 @@ pub struct LmHeadCeGrads<B: Backend> {
     pub weight: Option<FloatTensor<B>>,
 }
 
+/// The settings of one backward tile of logits, for [`ChunkedCeBackend::logits_grad`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradTile {
+    /// The vocabulary id of the tile's first column.
+    pub col_start: usize,
+    /// The whole vocabulary's size (label smoothing spreads `ε` over it).
+    pub vocab: usize,
+    /// Label smoothing `ε`.
+    pub label_smoothing: f32,
+}
+
+/// Where the chunked loss's element-wise work runs as kernels of its own
+/// ([`ChunkedCeBackend::logit_row_stats`] and [`ChunkedCeBackend::logits_grad`], `cube`),
+/// rather than as tensor ops; set for the whole process with [`set_loss_kernels`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LossKernels {
+    /// On CUDA; tensor ops elsewhere (wgpu keeps the reference path).
+    #[default]
+    Auto,
+    /// On every CubeCL runtime (tests run them on wgpu this way).
+    Kernel,
+    /// Tensor ops everywhere.
+    TensorOps,
+}
+
+static LOSS_KERNELS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets where the loss's kernels run, for the whole process.
+pub fn set_loss_kernels(setting: LossKernels) {
+    LOSS_KERNELS.store(setting as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current [`LossKernels`] setting.
+pub fn loss_kernels() -> LossKernels {
+    match LOSS_KERNELS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => LossKernels::Auto,
+        1 => LossKernels::Kernel,
+        _ => LossKernels::TensorOps,
+    }
+}
+
+impl LossKernels {
+    /// Whether a CubeCL runtime runs the kernels under this setting (`on_cuda`: whether the
+    /// runtime is CUDA's).
+    pub fn runs_kernels(self, on_cuda: bool) -> bool {
+        match self {
+            Self::Auto => on_cuda,
+            Self::Kernel => true,
+            Self::TensorOps => false,
+        }
+    }
+}
+
 /// A backend that can run the fused lm_head + cross-entropy.
 ///
 /// The inputs are already restricted to supervised rows, so every target is in `[0, vocab)`.
@@ -115,6 +170,46 @@ pub trait ChunkedCeBackend: qwen_gemm::GemmBackend {
         request: GradRequest,
     ) -> LmHeadCeGrads<Self> {
         kernel::backward::<Self>(hidden, weight, targets, lse, grad_loss, params, request)
+    }
+
+    /// What the loss needs of each row of a tile of whole rows of logits, `[rows, 3]` f32: the
+    /// log-sum-exp, the target's logit and the mean logit (0 unless `with_mean` in the
+    /// tensor-op body; a kernel may compute it anyway). The default body
+    /// ([`kernel::logit_row_stats`]) casts the tile to f32 and reduces it in tensor ops.
+    ///
+    /// # Shapes
+    /// - `logits`: `[rows, vocab]`, `targets`: `[rows]` in range
+    fn logit_row_stats(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        with_mean: bool,
+    ) -> FloatTensor<Self> {
+        kernel::logit_row_stats::<Self>(logits, targets, with_mean)
+    }
+
+    /// The gradient of the summed loss with respect to a tile of logits, in their dtype (the
+    /// formula at [`kernel::backward`]), given each row's `lse`, `p_scale = g (1 + 2 λ lse)`,
+    /// upstream gradient `g` and target. The default body is [`kernel::logits_grad`].
+    ///
+    /// # Shapes
+    /// - `logits`: `[rows, cols]`, vocabulary columns `tile.col_start..`
+    /// - `lse`, `p_scale`, `g`: `[rows]` f32; `targets`: `[rows]` vocabulary ids
+    fn logits_grad(
+        logits: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        p_scale: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        tile: GradTile,
+    ) -> FloatTensor<Self> {
+        kernel::logits_grad::<Self>(logits, lse, p_scale, g, targets, tile)
+    }
+
+    /// Whether [`logit_row_stats`](Self::logit_row_stats) and
+    /// [`logits_grad`](Self::logits_grad) run as kernels of this crate (on CubeCL backends, as
+    /// [`loss_kernels`] says); the tensor-op bodies otherwise.
+    fn loss_kernels_run() -> bool {
+        false
     }
 
     /// The differentiable per-row loss, `[n]`, f32.
