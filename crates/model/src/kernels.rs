@@ -93,10 +93,19 @@ pub enum Kernel {
     /// that keep the scores on chip. Off, the chunked attention runs, with the block softmax
     /// kernel unless that is off too.
     Flash,
+    /// The gradient of the token embedding: one kernel adding each row of the output gradient
+    /// into its token's row (burn's `select_add` walks every token serially per column).
+    Embedding,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 4] = [Self::Softmax, Self::Rotary, Self::RmsNorm, Self::Flash];
+    pub const ALL: [Kernel; 5] = [
+        Self::Softmax,
+        Self::Rotary,
+        Self::RmsNorm,
+        Self::Flash,
+        Self::Embedding,
+    ];
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -105,6 +114,7 @@ impl Kernel {
             Self::Rotary => "rotary",
             Self::RmsNorm => "rms-norm",
             Self::Flash => "flash",
+            Self::Embedding => "embedding",
         }
     }
 
@@ -117,8 +127,9 @@ impl std::str::FromStr for Kernel {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        by_name(Self::ALL, Self::name, s)
-            .ok_or_else(|| format!("unknown kernel `{s}`; use softmax, rotary, rms-norm or flash"))
+        by_name(Self::ALL, Self::name, s).ok_or_else(|| {
+            format!("unknown kernel `{s}`; use softmax, rotary, rms-norm, flash or embedding")
+        })
     }
 }
 

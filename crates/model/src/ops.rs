@@ -47,13 +47,18 @@ pub fn linear<B: LinearBackend, const D: usize>(
     y.reshape(out_dims)
 }
 
-/// Token embedding lookup.
+/// Token embedding lookup: under autodiff one node whose backward adds each position's
+/// gradient into its token's row ([`RowwiseBackend::token_embedding_backward`]).
 ///
 /// # Shapes
 /// - weight: `[vocab, hidden]`, ids: `[batch, seq]`
 /// - output: `[batch, seq, hidden]`
-pub fn embedding<B: Backend>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-    burn::tensor::module::embedding(weight, ids)
+pub fn embedding<B: RowwiseBackend>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let [batch, seq] = ids.dims();
+    let [_, hidden] = weight.dims();
+    let ids = ids.reshape([batch * seq]).into_primitive();
+    let rows = B::token_embedding(weight.into_primitive().tensor(), ids); // [batch * seq, hidden]
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(rows)).reshape([batch, seq, hidden])
 }
 
 /// RMSNorm as in transformers' `Qwen2RMSNorm`: normalised in f32, cast back to the input's

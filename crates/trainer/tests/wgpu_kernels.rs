@@ -13,7 +13,8 @@
 //! The rotary embedding (`qwen_model::rowwise`, one kernel each way): output and the gradient
 //! of `x` under autodiff, with `x` a `swap_dims` view as the model hands it in, and tables per
 //! batch row or shared. RMSNorm (one kernel forward, one for the gradient of `x`): output and
-//! the gradients of `x` and the weight under autodiff.
+//! the gradients of `x` and the weight under autodiff. The token embedding's gradient (one
+//! kernel): the table's gradient under autodiff, ids repeating.
 //!
 //! Run with `cargo test -p qwen-sft --features wgpu --test wgpu_kernels`.
 #![cfg(feature = "wgpu")]
@@ -425,4 +426,56 @@ fn rms_norm_is_the_same_with_the_kernels() {
         let diff = relative_diff(got, want);
         assert!(diff <= 1e-5, "{what} {diff}");
     }
+}
+
+/// The token embedding under autodiff with the given body: the lookup and the table's gradient
+/// for a fixed upstream gradient, with ids that repeat (several rows add into one table row,
+/// by compare-and-swap on wgpu, which has no f32 atomic addition) and table rows no id uses.
+fn embedding_with(body: KernelBody, seed: u64) -> [Vec<f32>; 2] {
+    type AB = Autodiff<B>;
+    let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
+    set_kernel_body(body);
+    assert_eq!(AB::has_rowwise_kernels(), body == KernelBody::Kernel);
+    let (vocab, hidden, batch, seq) = (40, 24, 3, 50);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let table: Vec<f32> = (0..vocab * hidden)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    // Ids from the first 30 rows only; id 7 at most positions.
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|i| {
+            if i % 3 == 0 {
+                rng.random_range(0..30)
+            } else {
+                7
+            }
+        })
+        .collect();
+    let upstream: Vec<f32> = (0..batch * seq * hidden)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let table = Tensor::<AB, 2>::from_data(TensorData::new(table, [vocab, hidden]), &device())
+        .require_grad();
+    let ids = Tensor::<AB, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device());
+    let upstream =
+        Tensor::<AB, 3>::from_data(TensorData::new(upstream, [batch, seq, hidden]), &device());
+    let y = qwen_model::ops::embedding(table.clone(), ids);
+    let grads = (y.clone() * upstream).sum().backward();
+    let out = [
+        values(y.inner()),
+        values(table.grad(&grads).expect("the table's gradient")),
+    ];
+    set_kernel_body(KernelBody::default());
+    out
+}
+
+#[test]
+fn embedding_gradient_is_the_same_with_the_kernel() {
+    let kernel = embedding_with(KernelBody::Kernel, 5);
+    let tensor_ops = embedding_with(KernelBody::TensorOps, 5);
+    assert_eq!(kernel[0], tensor_ops[0], "the lookup");
+    let diff = relative_diff(&kernel[1], &tensor_ops[1]);
+    assert!(diff <= 1e-5, "the table's gradient: {diff}");
+    // Rows no id uses stay exactly zero.
+    assert!(kernel[1][30 * 24..].iter().all(|&x| x == 0.0));
 }

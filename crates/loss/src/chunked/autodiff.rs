@@ -1,4 +1,5 @@
-//! `ChunkedCeBackend` for `Autodiff<B, C>`: one backward node that recomputes the logits.
+//! `ChunkedCeBackend` for `Autodiff<B, C>`: one backward node that recomputes the logits, and
+//! one for the gather of the supervised rows.
 
 use burn::{
     backend::autodiff::{
@@ -7,7 +8,10 @@ use burn::{
         grads::Gradients,
         ops::{Backward, Ops, OpsKind},
     },
-    tensor::ops::{FloatTensor, IntTensor},
+    tensor::{
+        Shape, TensorMetadata,
+        ops::{FloatTensor, IntTensor},
+    },
 };
 
 use super::{ChunkedCeBackend, GradRequest, LmHeadCeParams};
@@ -53,7 +57,55 @@ impl<B: ChunkedCeBackend> Backward<B, 2> for LmHeadCeBackward {
     }
 }
 
+/// The backward step of [`ChunkedCeBackend::select_unique_rows`]; its one parent is `x`.
+#[derive(Debug)]
+struct SelectRowsBackward;
+
+impl<B: ChunkedCeBackend> Backward<B, 1> for SelectRowsBackward {
+    /// The inverse map (`[n]`, each row's place among the selected, or `k` for none).
+    type State = IntTensor<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // [k, hidden]
+        if let Some(node) = node_x {
+            // A zero row at index k for the rows not selected, then one gather: every row of
+            // the result is read once, where a scatter into zeros would walk the k rows
+            // serially (burn's `select_assign` on CubeCL: 2.5 ms a step on the H200).
+            let [k, hidden] = grad.shape().dims();
+            let zero = B::float_zeros(
+                Shape::new([1, hidden]),
+                &B::float_device(&grad),
+                grad.dtype().into(),
+            );
+            let padded = B::float_cat(vec![grad, zero], 0); // [k + 1, hidden]
+            debug_assert_eq!(k + 1, padded.shape()[0]);
+            grads.register::<B>(node.id, B::float_select(padded, 0, ops.state));
+        }
+    }
+}
+
 impl<B: ChunkedCeBackend, C: CheckpointStrategy> ChunkedCeBackend for Autodiff<B, C> {
+    fn select_unique_rows(
+        x: FloatTensor<Self>,
+        rows: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match SelectRowsBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(inverse, B::float_select(x.primitive, 0, rows)),
+            OpsKind::UnTracked(prep) => prep.finish(B::float_select(x.primitive, 0, rows)),
+        }
+    }
+
     fn lm_head_cross_entropy(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,

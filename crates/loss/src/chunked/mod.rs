@@ -172,6 +172,22 @@ pub trait ChunkedCeBackend: qwen_gemm::GemmBackend {
         kernel::backward::<Self>(hidden, weight, targets, lse, grad_loss, params, request)
     }
 
+    /// Rows `rows` of `x`, all distinct; `inverse` maps each row of `x` to its place among
+    /// them, or to `k` (the count) where it is not selected. On `Autodiff<B>` one node whose
+    /// backward is a gather through `inverse` (of the upstream gradient with a zero row
+    /// appended), not a scatter.
+    ///
+    /// # Shapes
+    /// - `x`: `[n, hidden]`, `rows`: `[k]`, `inverse`: `[n]` in `0..=k`
+    /// - output: `[k, hidden]`
+    fn select_unique_rows(
+        x: FloatTensor<Self>,
+        rows: IntTensor<Self>,
+        _inverse: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::float_select(x, 0, rows)
+    }
+
     /// What the loss needs of each row of a tile of whole rows of logits, `[rows, 3]` f32: the
     /// log-sum-exp, the target's logit and the mean logit (0 unless `with_mean` in the
     /// tensor-op body; a kernel may compute it anyway). The default body
@@ -273,13 +289,24 @@ pub fn chunked_lm_head_cross_entropy<B: ChunkedCeBackend>(
         return Ok(zero_output(hidden, weight, opts.reduction));
     }
 
+    // Each row's place among the supervised ones, or n_tokens for an ignored row.
+    let mut inverse = vec![n_tokens as i64; n];
+    for (place, &row) in checked.rows.iter().enumerate() {
+        inverse[row as usize] = place as i64;
+    }
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(checked.rows, [n_tokens]), &device);
     let labels =
         Tensor::<B, 1, Int>::from_data(TensorData::new(checked.labels, [n_tokens]), &device);
     let hidden = if n_tokens == n {
         hidden
     } else {
-        hidden.select(0, rows.clone()) // [n_tokens, hidden]
+        let inverse = Tensor::<B, 1, Int>::from_data(TensorData::new(inverse, [n]), &device);
+        let selected = B::select_unique_rows(
+            hidden.into_primitive().tensor(),
+            rows.clone().into_primitive(),
+            inverse.into_primitive(),
+        );
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(selected)) // [n_tokens, hidden]
     };
 
     let per_row = B::lm_head_cross_entropy(

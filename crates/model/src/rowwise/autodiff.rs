@@ -1,5 +1,5 @@
-//! `RowwiseBackend` for `Autodiff<B, C>`: one backward node per RMSNorm, per SwiGLU and per
-//! rotary embedding.
+//! `RowwiseBackend` for `Autodiff<B, C>`: one backward node per RMSNorm, per SwiGLU, per
+//! rotary embedding and per embedding lookup.
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -7,7 +7,8 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, TensorMetadata};
 
 use super::RowwiseBackend;
 
@@ -87,6 +88,32 @@ impl<B: RowwiseBackend> Backward<B, 1> for RotaryBackward {
     }
 }
 
+/// The backward step of an embedding lookup; its one parent is the table.
+#[derive(Debug)]
+struct EmbeddingBackward;
+
+impl<B: RowwiseBackend> Backward<B, 1> for EmbeddingBackward {
+    /// The ids, and the table's row count and dtype.
+    type State = (IntTensor<B>, usize, DType);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node); // [n, hidden]
+        let (ids, vocab, dtype) = ops.state;
+        if let Some(node) = node_weight {
+            grads.register::<B>(
+                node.id,
+                B::token_embedding_backward(grad, ids, vocab, dtype),
+            );
+        }
+    }
+}
+
 // The nodes are marked compute-bound, as the attention's is: under a checkpointing strategy
 // their small state is kept rather than the forward re-run.
 impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C> {
@@ -139,6 +166,21 @@ impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C>
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::rotary(x.primitive, cos.primitive, sin.primitive))
             }
+        }
+    }
+
+    fn token_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        let prepared = EmbeddingBackward
+            .prepare::<C>([weight.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let (vocab, dtype) = (weight.primitive.shape()[0], weight.primitive.dtype());
+                let y = B::token_embedding(weight.primitive, ids.clone());
+                prep.finish((ids, vocab, dtype), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::token_embedding(weight.primitive, ids)),
         }
     }
 

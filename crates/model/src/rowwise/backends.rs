@@ -10,7 +10,9 @@ impl super::RowwiseBackend for burn::backend::NdArray {}
 
 #[cfg(feature = "cubecl")]
 mod cube {
+    use burn::tensor::DType;
     use burn::tensor::backend::Backend;
+    use burn::tensor::ops::FloatTensorOps;
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
@@ -23,7 +25,7 @@ mod cube {
         F: FloatElement,
         I: IntElement,
         BT: BoolElement,
-        Self: Backend<FloatTensorPrimitive = CubeTensor<R>>,
+        Self: Backend<FloatTensorPrimitive = CubeTensor<R>, IntTensorPrimitive = CubeTensor<R>>,
     {
         fn rms_norm_forward(
             x: CubeTensor<R>,
@@ -78,6 +80,22 @@ mod cube {
             cube::rotary(grad, cos, sin, true)
         }
 
+        fn token_embedding_backward(
+            grad: CubeTensor<R>,
+            ids: CubeTensor<R>,
+            vocab: usize,
+            dtype: DType,
+        ) -> CubeTensor<R> {
+            if !Self::rowwise_kernel_runs(Kernel::Embedding) {
+                return tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype);
+            }
+            let out = cube::embedding_backward(grad, ids, vocab);
+            match dtype {
+                DType::F32 => out,
+                _ => Self::float_cast(out, dtype.into()),
+            }
+        }
+
         fn has_rowwise_kernels() -> bool {
             crate::kernels::kernel_body().runs_kernels(qwen_gemm::is_cuda::<R>())
         }
@@ -96,7 +114,7 @@ mod fusion {
     use std::marker::PhantomData;
 
     use burn::tensor::DType;
-    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::ops::{FloatTensor, IntTensor};
     use burn_fusion::stream::{Operation, OperationStreams};
     use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
@@ -116,6 +134,8 @@ mod fusion {
         RmsNormBackwardX,
         /// `[x, cos, sin] -> [y]`
         Rotary { backward: bool },
+        /// `[grad, ids (int)] -> [table gradient]`
+        EmbeddingBackward { vocab: usize, dtype: DType },
     }
 
     impl Kind {
@@ -125,6 +145,7 @@ mod fusion {
                 Self::RmsNormBackwardX => "qwen_model::rms_norm_backward_x",
                 Self::Rotary { backward: false } => "qwen_model::rotary",
                 Self::Rotary { backward: true } => "qwen_model::rotary_backward",
+                Self::EmbeddingBackward { .. } => "qwen_model::embedding_backward",
             }
         }
     }
@@ -138,6 +159,18 @@ mod fusion {
 
     impl<B: FusionBackend + RowwiseBackend> Operation<B::FusionRuntime> for RowOp<B> {
         fn execute(&self, handles: &mut Handles<B>) {
+            if let Kind::EmbeddingBackward { vocab, dtype } = self.kind {
+                let [grad, ids] = &self.desc.inputs[..] else {
+                    unreachable!("the embedding's gradient takes two inputs")
+                };
+                let (grad, ids) = (
+                    handles.get_float_tensor::<B>(grad),
+                    handles.get_int_tensor::<B>(ids),
+                );
+                let out = B::token_embedding_backward(grad, ids, vocab, dtype);
+                handles.register_float_tensor::<B>(&self.desc.outputs[0].id, out);
+                return;
+            }
             let mut inputs = self
                 .desc
                 .inputs
@@ -154,6 +187,7 @@ mod fusion {
                     let [dx, _] = B::rms_norm_backward(x, rstd, weight, grad, [true, false]);
                     vec![dx.expect("dx was asked for")]
                 }
+                Kind::EmbeddingBackward { .. } => unreachable!("handled above"),
                 Kind::Rotary { backward } => {
                     let (x, cos, sin) = (next(), next(), next());
                     vec![if backward {
@@ -262,6 +296,21 @@ mod fusion {
                 return tensor_ops::rotary_backward::<Self>(grad, cos, sin);
             }
             register_like_first::<B>(Kind::Rotary { backward: true }, vec![grad, cos, sin])
+        }
+
+        fn token_embedding_backward(
+            grad: FloatTensor<Self>,
+            ids: IntTensor<Self>,
+            vocab: usize,
+            dtype: DType,
+        ) -> FloatTensor<Self> {
+            if !B::rowwise_kernel_runs(Kernel::Embedding) {
+                return tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype);
+            }
+            let hidden = grad.shape.as_slice()[1];
+            let kind = Kind::EmbeddingBackward { vocab, dtype };
+            let mut out = register::<B>(kind, vec![grad, ids], vec![(vec![vocab, hidden], dtype)]);
+            out.pop().expect("the table's gradient")
         }
 
         fn has_rowwise_kernels() -> bool {

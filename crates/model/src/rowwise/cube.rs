@@ -1,5 +1,5 @@
-//! The rotary embedding as one CubeCL kernel each way, and RMSNorm's forward and the
-//! gradient of its input as one kernel each.
+//! The rotary embedding as one CubeCL kernel each way, RMSNorm's forward and the gradient of
+//! its input as one kernel each, and the token embedding's gradient as one kernel.
 //!
 //! RMSNorm in tensor ops is four kernels forward (the squared mean fused into a reduction, then
 //! the two broadcast products alone) and several backward; here a cube takes one row, sums in
@@ -23,6 +23,8 @@
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::cubecl;
+use burn_cubecl::cubecl::features::AtomicUsage;
+use burn_cubecl::cubecl::ir::FloatKind;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -300,4 +302,107 @@ pub fn rms_norm_backward_x<R: CubeRuntime>(
         dtype,
     );
     dx
+}
+
+/// `out[ids[r], c] += grad[r, c]` for every element of `grad` (a unit each), on f32 atomics
+/// where the runtime adds f32 atomically (CUDA).
+#[cube(launch)]
+fn embedding_backward_kernel<E: Float, I: Int>(
+    grad: &Tensor<E>,
+    ids: &Tensor<I>,
+    out: &mut Tensor<Atomic<f32>>,
+    #[define(E, I)] _dtypes: [StorageType; 2],
+) {
+    let cols = grad.shape(1);
+    if ABSOLUTE_POS >= grad.shape(0) * cols {
+        terminate!();
+    }
+    let (at, value) = embedding_term::<E, I>(grad, ids, out.stride(0), cols);
+    out[at].fetch_add(value);
+}
+
+/// As [`embedding_backward_kernel`], the f32 sums kept as their bits in u32 atomics and added
+/// by compare-and-swap, for runtimes without f32 atomic addition (wgpu).
+#[cube(launch)]
+fn embedding_backward_cas_kernel<E: Float, I: Int>(
+    grad: &Tensor<E>,
+    ids: &Tensor<I>,
+    out: &mut Tensor<Atomic<u32>>,
+    #[define(E, I)] _dtypes: [StorageType; 2],
+) {
+    let cols = grad.shape(1);
+    if ABSOLUTE_POS >= grad.shape(0) * cols {
+        terminate!();
+    }
+    let (at, value) = embedding_term::<E, I>(grad, ids, out.stride(0), cols);
+    let mut seen = out[at].load();
+    loop {
+        let expected = seen;
+        let sum = f32::from_bits(expected) + value;
+        seen = out[at].compare_exchange_weak(expected, sum.to_bits());
+        if seen == expected {
+            break;
+        }
+    }
+}
+
+/// This unit's element of `grad`: where it goes in the `[vocab, hidden]` output (row pitch
+/// `out_stride`) and its value in f32.
+#[cube]
+fn embedding_term<E: Float, I: Int>(
+    grad: &Tensor<E>,
+    ids: &Tensor<I>,
+    out_stride: usize,
+    cols: usize,
+) -> (usize, f32) {
+    let r = ABSOLUTE_POS / cols;
+    let c = ABSOLUTE_POS % cols;
+    let row = usize::cast_from(ids[r * ids.stride(0)]);
+    let value = f32::cast_from(grad[r * grad.stride(0) + c * grad.stride(1)]);
+    (row * out_stride + c, value)
+}
+
+/// The gradient of an embedding lookup, `[vocab, hidden]` f32: zeros, then each row of `grad`
+/// added into its id's row atomically (rows of one token add in any order).
+pub fn embedding_backward<R: CubeRuntime>(
+    grad: CubeTensor<R>,
+    ids: CubeTensor<R>,
+    vocab: usize,
+) -> CubeTensor<R> {
+    let dims = grad.meta.shape().as_slice().to_vec();
+    let [rows, hidden] = dims[..] else {
+        panic!("embedding_backward: grad must be [n, hidden], not {dims:?}")
+    };
+    let out = burn_cubecl::ops::numeric::zeros_client(
+        grad.client.clone(),
+        grad.device.clone(),
+        Shape::new([vocab, hidden]),
+        DType::F32,
+    );
+    if rows * hidden == 0 {
+        return out;
+    }
+    let client = grad.client.clone();
+    let cube_dim = CubeDim::new_1d(CUBE_SIZE as u32);
+    let count = cubecl::calculate_cube_count_elemwise(&client, rows * hidden, cube_dim);
+    let dtypes = [grad.dtype.into(), ids.dtype.into()];
+    let native = client
+        .properties()
+        .atomic_type_usage(Type::new(StorageType::Atomic(FloatKind::F32.into())))
+        .contains(AtomicUsage::Add);
+    let (grad_arg, ids_arg, out_arg) = (
+        grad.into_tensor_arg(),
+        ids.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+    );
+    if native {
+        embedding_backward_kernel::launch::<R>(
+            &client, count, cube_dim, grad_arg, ids_arg, out_arg, dtypes,
+        );
+    } else {
+        embedding_backward_cas_kernel::launch::<R>(
+            &client, count, cube_dim, grad_arg, ids_arg, out_arg, dtypes,
+        );
+    }
+    out
 }

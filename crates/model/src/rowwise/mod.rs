@@ -37,8 +37,8 @@ mod cube;
 
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 
 /// A backend whose RMSNorm, SwiGLU and rotary embedding are one autodiff node each.
 ///
@@ -141,6 +141,31 @@ pub trait RowwiseBackend: Backend {
         false
     }
 
+    /// The gradient of an embedding lookup with respect to its table: row `v` is the sum of
+    /// the rows of `grad` whose id is `v`, in `dtype`.
+    ///
+    /// # Shapes
+    /// - grad: `[n, hidden]`, ids: `[n]` in `0..vocab`
+    /// - output: `[vocab, hidden]`
+    fn token_embedding_backward(
+        grad: FloatTensor<Self>,
+        ids: IntTensor<Self>,
+        vocab: usize,
+        dtype: DType,
+    ) -> FloatTensor<Self> {
+        tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype)
+    }
+
+    /// The differentiable embedding lookup (rows `ids` of `weight`): on `Autodiff<B>` one node
+    /// keeping the ids, whose backward is [`token_embedding_backward`](Self::token_embedding_backward).
+    ///
+    /// # Shapes
+    /// - weight: `[vocab, hidden]`, ids: `[n]`
+    /// - output: `[n, hidden]`
+    fn token_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::float_select(weight, 0, ids)
+    }
+
     /// The rotary embedding, differentiable in `x`: on `Autodiff<B>` one node keeping the
     /// tables. The tables are constants to it (they get no gradient); callers with tables that
     /// need one use the plain ops, as [`ops::apply_rotary`](crate::ops::apply_rotary) does.
@@ -161,7 +186,8 @@ fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
 /// defaults, and what a backend with kernels runs when [`crate::kernels`] says tensor ops.
 pub(crate) mod tensor_ops {
     use burn::tensor::backend::Backend;
-    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor};
 
     use super::float;
 
@@ -210,6 +236,24 @@ pub(crate) mod tensor_ops {
         sin: FloatTensor<B>,
     ) -> FloatTensor<B> {
         super::rotary_backward::<B>(float(grad), float(cos), float(sin))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// Zeros, then each row of `grad` added into its id's row (burn's `select_add`), in f32,
+    /// cast to `dtype`.
+    pub fn embedding_backward<B: Backend>(
+        grad: FloatTensor<B>,
+        ids: IntTensor<B>,
+        vocab: usize,
+        dtype: DType,
+    ) -> FloatTensor<B> {
+        let grad = float::<B, 2>(grad).cast(FloatDType::F32);
+        let [_, hidden] = grad.dims();
+        let ids = Tensor::<B, 1, Int>::from_primitive(ids);
+        Tensor::<B, 2>::zeros([vocab, hidden], (&grad.device(), DType::F32))
+            .select_assign(0, ids, grad, IndexingUpdateOp::Add)
+            .cast(dtype)
             .into_primitive()
             .tensor()
     }
