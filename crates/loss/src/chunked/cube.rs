@@ -24,7 +24,8 @@ use burn_cubecl::tensor::CubeTensor;
 
 use super::GradTile;
 
-/// Units per cube of [`row_stats`], and the size of its shared buffer (a power of two).
+/// Units per cube of both kernels, and the size of [`row_stats`]' shared buffer (a power of
+/// two).
 const CUBE_SIZE: usize = 256;
 
 /// The largest cube count along one axis that every runtime takes.
@@ -110,7 +111,9 @@ fn row_stats_kernel<E: Float, I: Int>(
 
 /// `logits`: `[rows, cols]`, columns `col_start..` of the vocabulary; `lse`, `p_scale`, `g`:
 /// `[rows]` f32 (any strides); `targets`: `[rows]` vocabulary ids; `out`: `[rows, cols]`
-/// contiguous, in the logits' dtype.
+/// contiguous, in the logits' dtype. A unit per column of a cube's 256, a cube row (`y`) per
+/// row, striding over rows where there are more than the grid's `y` extent: no division per
+/// element.
 #[cube(launch)]
 fn logits_grad_kernel<E: Float, I: Int>(
     logits: &Tensor<E>,
@@ -124,21 +127,24 @@ fn logits_grad_kernel<E: Float, I: Int>(
     eps_minus_one: f32,
     #[define(E, I)] _dtypes: [StorageType; 2],
 ) {
-    let id = ABSOLUTE_POS;
     let cols = logits.shape(1);
-    if id >= logits.shape(0) * cols {
+    let c = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if c >= cols {
         terminate!();
     }
-    let r = id / cols;
-    let c = id % cols;
-    let x = f32::cast_from(logits[r * logits.stride(0) + c * logits.stride(1)]);
-    let row_g = g[r * g.stride(0)];
-    let mut d = (x - lse[r * lse.stride(0)]).exp() * p_scale[r * p_scale.stride(0)]
-        - row_g * eps_over_vocab;
-    if usize::cast_from(targets[r * targets.stride(0)]) == c + col_start as usize {
-        d += row_g * eps_minus_one;
+    let column = c + col_start as usize;
+    let mut r = CUBE_POS_Y as usize;
+    while r < logits.shape(0) {
+        let x = f32::cast_from(logits[r * logits.stride(0) + c * logits.stride(1)]);
+        let row_g = g[r * g.stride(0)];
+        let mut d = (x - lse[r * lse.stride(0)]).exp() * p_scale[r * p_scale.stride(0)]
+            - row_g * eps_over_vocab;
+        if usize::cast_from(targets[r * targets.stride(0)]) == column {
+            d += row_g * eps_minus_one;
+        }
+        out[r * cols + c] = E::cast_from(d);
+        r += CUBE_COUNT_Y as usize;
     }
-    out[id] = E::cast_from(d);
 }
 
 /// Per-row `[lse, target logit, mean logit]` of whole rows of logits, `[rows, 3]` f32.
@@ -204,13 +210,18 @@ pub fn logits_grad<R: CubeRuntime>(
         return out;
     }
     let client = logits.client.clone();
-    let cube_dim = CubeDim::new_1d(CUBE_SIZE as u32);
     let dtypes = [logits.dtype.into(), targets.dtype.into()];
     let col_start = u32::try_from(tile.col_start).expect("vocabulary ids fit in u32");
+    let column_cubes = cols.div_ceil(CUBE_SIZE);
+    assert!(
+        column_cubes <= MAX_CUBES_PER_AXIS,
+        "logits_grad: {cols} columns in one tile"
+    );
+    let count = CubeCount::Static(column_cubes as u32, rows.min(MAX_CUBES_PER_AXIS) as u32, 1);
     logits_grad_kernel::launch::<R>(
         &client,
-        cubecl::calculate_cube_count_elemwise(&client, rows * cols, cube_dim),
-        cube_dim,
+        count,
+        CubeDim::new_1d(CUBE_SIZE as u32),
         logits.into_tensor_arg(),
         lse.into_tensor_arg(),
         p_scale.into_tensor_arg(),
