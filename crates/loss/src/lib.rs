@@ -63,8 +63,8 @@ pub mod bench;
 
 pub use chunked::{
     ChunkPlan, ChunkedCeBackend, GradRequest, GradTile, LIVE_TILE_BUFFERS, LmHeadCeForward,
-    LmHeadCeGrads, LmHeadCeParams, LossKernels, MIN_TILE_COLS, chunked_lm_head_cross_entropy,
-    kernel, loss_kernels, set_loss_kernels,
+    LmHeadCeGrads, LmHeadCeParams, LossKernels, MIN_TILE_COLS, TILE_COL_MULTIPLE,
+    chunked_lm_head_cross_entropy, kernel, loss_kernels, set_loss_kernels,
 };
 pub use cross_entropy::masked_cross_entropy;
 pub use error::LossError;

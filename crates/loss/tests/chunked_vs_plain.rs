@@ -158,6 +158,19 @@ fn chunk_plan_respects_the_budget_and_its_floors() {
         "{plan:?}"
     );
     assert_eq!(plan.backward_rows, 8192, "{plan:?}");
+    // Aligned slabs: each tile's bf16 rows start on 16-byte boundaries.
+    assert_eq!(
+        plan.backward_cols % qwen_loss::TILE_COL_MULTIPLE,
+        0,
+        "{plan:?}"
+    );
+    let odd = ChunkPlan::new(8013, 151_936, 1 << 30);
+    assert_eq!(
+        odd.backward_cols % qwen_loss::TILE_COL_MULTIPLE,
+        0,
+        "{odd:?}"
+    );
+    assert!(odd.backward_cols > 8000, "{odd:?}");
     // A budget too small for anything still gives a plan that runs.
     let tiny = ChunkPlan::new(10, 1000, 0);
     assert_eq!(tiny.forward_rows, 1);

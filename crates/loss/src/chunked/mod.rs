@@ -7,7 +7,7 @@ pub mod cube;
 pub mod kernel;
 mod plan;
 
-pub use plan::{ChunkPlan, LIVE_TILE_BUFFERS, MIN_TILE_COLS};
+pub use plan::{ChunkPlan, LIVE_TILE_BUFFERS, MIN_TILE_COLS, TILE_COL_MULTIPLE};
 
 use burn::tensor::{
     Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,

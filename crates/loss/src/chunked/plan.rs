@@ -11,6 +11,12 @@ pub const LIVE_TILE_BUFFERS: usize = 4;
 /// matmuls too thin to run well on a GPU.
 pub const MIN_TILE_COLS: usize = 128;
 
+/// Backward tiles are a multiple of this many columns (but the vocabulary's last slab), so
+/// that the rows of a tile's bf16 logits start on 16-byte boundaries: cuBLASLt picks its
+/// fast kernels only for such leading dimensions. Tiles of 8,375 columns ran the loss's three
+/// products at 250-420 TFLOP/s on the H200 (docs/BENCHMARKS.md, session 14).
+pub const TILE_COL_MULTIPLE: usize = 64;
+
 /// The tiling of one chunked lm_head + loss call.
 ///
 /// The forward pass runs over row chunks of `forward_rows` rows against the whole vocabulary,
@@ -39,6 +45,11 @@ impl ChunkPlan {
 
         let forward_rows = (elements / vocab).clamp(1, rows);
         let backward_cols = (elements / rows).clamp(MIN_TILE_COLS.min(vocab), vocab);
+        let backward_cols = match backward_cols < vocab {
+            true => (backward_cols / TILE_COL_MULTIPLE * TILE_COL_MULTIPLE).max(MIN_TILE_COLS),
+            false => vocab,
+        }
+        .min(vocab);
         let backward_rows = (elements / backward_cols).clamp(1, rows);
         Self {
             forward_rows,
