@@ -82,8 +82,9 @@ fn row_stats_kernel_equals_tensor_ops() {
     let _turn = SETTING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    // A row longer than a cube's 256 units many times over, and one shorter than a cube.
-    for (rows, vocab) in [(5, 3001), (3, 100)] {
+    // Rows longer than a cube's 256 units many times over (9001: several groups of 8 per
+    // unit, then a tail), and one shorter than a cube.
+    for (rows, vocab) in [(4, 9001), (5, 3001), (3, 100)] {
         let logits =
             Tensor::<B, 2>::random([rows, vocab], Distribution::Normal(0.0, 4.0), &device());
         let ids: Vec<i64> = (0..rows).map(|r| ((r * 977 + 13) % vocab) as i64).collect();

@@ -28,6 +28,9 @@ use super::GradTile;
 /// two).
 const CUBE_SIZE: usize = 256;
 
+/// Columns each unit of [`row_stats`] loads at once.
+const GROUP: usize = 8;
+
 /// The largest cube count along one axis that every runtime takes.
 const MAX_CUBES_PER_AXIS: usize = 65_535;
 
@@ -81,21 +84,38 @@ fn row_stats_kernel<E: Float, I: Int>(
     let step = logits.stride(1);
     let unit = UNIT_POS_X as usize;
 
-    // The unit's running maximum `m`, sum of exp(x - m) and sum of x, in one read of its columns.
+    // The unit's running maximum `m`, sum of exp(x - m) and sum of x, in one read of its
+    // columns, GROUP at a time: their loads in flight together, the sum rescaled once per group.
     let mut m = f32::min_value();
     let mut sum_exp = 0.0f32;
     let mut sum_x = 0.0f32;
+    let stride = CUBE_DIM_X as usize;
+    let mut xs = Array::<f32>::new(GROUP);
     let mut j = unit;
+    while j + (GROUP - 1) * stride < cols {
+        let mut group_max = m;
+        #[unroll]
+        for k in 0..GROUP {
+            let x = f32::cast_from(logits[base + (j + k * stride) * step]);
+            xs[k] = x;
+            group_max = max(group_max, x);
+        }
+        sum_exp *= (m - group_max).exp();
+        m = group_max;
+        #[unroll]
+        for k in 0..GROUP {
+            sum_exp += (xs[k] - m).exp();
+            sum_x += xs[k];
+        }
+        j += GROUP * stride;
+    }
     while j < cols {
         let x = f32::cast_from(logits[base + j * step]);
-        if x > m {
-            sum_exp = sum_exp * (m - x).exp() + 1.0;
-            m = x;
-        } else {
-            sum_exp += (x - m).exp();
-        }
+        let new_max = max(m, x);
+        sum_exp = sum_exp * (m - new_max).exp() + (x - new_max).exp();
+        m = new_max;
         sum_x += x;
-        j += CUBE_DIM_X as usize;
+        j += stride;
     }
     let row_max = reduce_cube(m, true);
     // A unit with no column has sum 0, whatever exp(m - row_max) is.
