@@ -39,7 +39,7 @@ fn in_dtype<E: Float>(v: f32) -> f32 {
 }
 
 /// `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[batch or 1, 1, seq, head_dim]`;
-/// `out`: like `x`, contiguous.
+/// `out`: `[batch, seq, heads, head_dim]`, contiguous.
 #[cube(launch)]
 fn rotary_kernel<E: Float>(
     x: &Tensor<E>,
@@ -84,7 +84,8 @@ fn rotary_kernel<E: Float>(
         y1 = in_dtype::<E>(x1 * c1) + in_dtype::<E>(x2 * s2);
         y2 = in_dtype::<E>(x2 * c2) - in_dtype::<E>(x1 * s1);
     }
-    let o = ((b * heads + h) * seq + s) * 2 * half;
+    // `out` is [batch, seq, heads, head_dim] in memory (see `rotary`).
+    let o = ((b * seq + s) * heads + h) * 2 * half;
     out[o + i] = E::cast_from(y1);
     out[o + i + half] = E::cast_from(y2);
 }
@@ -117,10 +118,13 @@ pub fn rotary<R: CubeRuntime>(
         );
     }
     assert!(head_dim % 2 == 0, "rotary: odd head_dim {head_dim}");
+    // Written as [batch, seq, heads, head_dim] and given back as a [batch, heads, seq,
+    // head_dim] view of it: the layout the projections use, so that the model's swap back
+    // (the gradient of q and k on its way to their projections) costs no copy.
     let out = empty_device_contiguous_dtype(
         x.client.clone(),
         x.device.clone(),
-        Shape::from(dims.clone()),
+        Shape::new([batch, seq, dims[1], head_dim]),
         x.dtype,
     );
     let pairs = dims.iter().product::<usize>() / 2;
@@ -138,6 +142,8 @@ pub fn rotary<R: CubeRuntime>(
         backward,
         dtype,
     );
+    let mut out = out;
+    out.meta.swap(1, 2);
     out
 }
 

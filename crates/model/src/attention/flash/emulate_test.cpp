@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
     }
 
   // The kernels.
-  std::vector<u16> out((size_t)B * H * S * D, 0x7fc0);
+  std::vector<u16> out((size_t)B * H * S * D, 0x7fc0);  // [B, S, H, D], as the forward writes it
   std::vector<float> dk(ref_dk.size(), 0.0f), dv(ref_dk.size(), 0.0f);
   std::vector<float> lse((size_t)B * H * S, NAN), delta(lse.size(), NAN), dq(ref_dq.size(), 0.0f);
   const int tiles = (S + 63) / 64;
@@ -127,7 +127,7 @@ int main(int argc, char** argv) {
 
   QfDelta dl{};
   dl.out = out.data(), dl.dout = dout.data(), dl.delta = delta.data();
-  dl.o_b = (long long)H * S * D, dl.o_h = (long long)S * D, dl.o_s = D;
+  dl.o_b = (long long)S * H * D, dl.o_h = D, dl.o_s = (long long)H * D;
   dl.do_b = f.q_b, dl.do_h = f.q_h, dl.do_s = f.q_s;
   dl.seq = S, dl.heads = H, dl.rows = B * H * S;
   const int delta_rows = 128 / (D / 8);
@@ -142,11 +142,13 @@ int main(int argc, char** argv) {
   bw.seq = S, bw.heads = H, bw.kv_heads = KV, bw.scale_log2 = f.scale_log2, bw.scale = (float)scale;
   qf_launch(D == 64 ? qf_backward_64 : qf_backward_128, bw, {(unsigned)tiles, (unsigned)H, (unsigned)B}, bwd_smem);
 
-  auto widen = [](const std::vector<u16>& x) {
-    std::vector<double> out(x.size());
-    for (size_t i = 0; i < x.size(); i++) out[i] = bf16_to_f32(x[i]);
-    return out;
-  };
+  // The output in the reference's [B, H, S, D] order.
+  std::vector<double> got_out(out.size());
+  for (int b = 0; b < B; b++)
+    for (int h = 0; h < H; h++)
+      for (int i = 0; i < S; i++)
+        for (int c = 0; c < D; c++)
+          got_out[(((size_t)b * H + h) * S + i) * D + c] = bf16_to_f32(out[(((size_t)b * S + i) * H + h) * D + c]);
   std::vector<double> got_lse(lse.begin(), lse.end()), got_dq(dq.begin(), dq.end());
   // Rows that see no key: exactly zero output and dQ, lse +inf; lse elsewhere compared directly.
   bool empty_rows_ok = true;
@@ -154,12 +156,12 @@ int main(int argc, char** argv) {
   for (size_t row = 0; row < ref_lse.size(); row++) {
     if (std::isinf(ref_lse[row])) {
       empty_rows_ok &= std::isinf(lse[row]) && lse[row] > 0;
-      for (int c = 0; c < D; c++) empty_rows_ok &= out[row * D + c] == 0 && dq[row * D + c] == 0.0f;
+      for (int c = 0; c < D; c++) empty_rows_ok &= got_out[row * D + c] == 0 && dq[row * D + c] == 0.0f;
     } else {
       lse_err = std::max(lse_err, std::abs(ref_lse[row] - got_lse[row]));
     }
   }
-  double e_out = rel_err(ref_out, widen(out)), e_dq = rel_err(ref_dq, got_dq);
+  double e_out = rel_err(ref_out, got_out), e_dq = rel_err(ref_dq, got_dq);
   double e_dk = rel_err(ref_dk, std::vector<double>(dk.begin(), dk.end()));
   double e_dv = rel_err(ref_dv, std::vector<double>(dv.begin(), dv.end()));
   std::printf("out %.3e lse %.3e dq %.3e dk %.3e dv %.3e empty_rows %s\n", e_out, lse_err, e_dq, e_dk, e_dv,

@@ -119,7 +119,7 @@ struct QfForward {
   const u16* v;      // as k
   const int* qseg;   // [batch, seq], strided
   const int* kseg;   // [batch, seq], strided
-  u16* out;          // [batch, heads, seq, D], contiguous
+  u16* out;          // [batch, seq, heads, D], contiguous: the output projection's layout
   float* lse;        // [batch, heads, seq], contiguous: natural log, +inf where no key is seen
   long long q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h, v_s, qseg_b, qseg_s, kseg_b, kseg_s;
   int seq, heads, kv_heads;
@@ -424,10 +424,11 @@ QF_DEV void forward(const QfForward& p) {
   for (int i = 0; i < 2; i++) {
     if (row[i] >= p.seq) continue;
     long long at = ((long long)(b * p.heads + h) * p.seq + row[i]);
+    long long out_at = ((long long)b * p.seq + row[i]) * p.heads + h;
     float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
     #pragma unroll
     for (int j = 0; j < D / 8; j++)
-      *(u32*)(p.out + at * D + j * 8 + 2 * t) = pack_bf16(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
+      *(u32*)(p.out + out_at * D + j * 8 + 2 * t) = pack_bf16(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
     if (t == 0) p.lse[at] = l[i] > 0.0f ? (m[i] * p.scale_log2 + qf_log2(l[i])) * QF_LN2 : QF_INF;
   }
 }

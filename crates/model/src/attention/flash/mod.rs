@@ -340,7 +340,9 @@ pub fn forward<R: CubeRuntime>(
         Err(reason) => return fall_back(reason),
     };
     let (b, h, s, d) = (call.batch, call.heads, call.seq, call.head_dim);
-    let out = empty(q, &[b, h, s, d], DType::BF16);
+    // Written as [b, s, h, d], the layout the output projection reads: the model's swap back
+    // to [b, s, h * d] is then free (a contiguous output took two copies a layer, ncu).
+    let out = empty(q, &[b, s, h, d], DType::BF16);
     let lse = empty(q, &[b, h, s], DType::F32);
     let mut args = ForwardArgs {
         strides: call.strides,
@@ -372,6 +374,9 @@ pub fn forward<R: CubeRuntime>(
             forward_shared_bytes(d),
         );
     });
+    // [b, h, s, d] as a view of it.
+    let mut out = out;
+    out.meta.swap(1, 2);
     Some((back(out), back(lse)))
 }
 
