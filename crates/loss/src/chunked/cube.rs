@@ -34,6 +34,10 @@ const GROUP: usize = 8;
 /// The largest cube count along one axis that every runtime takes.
 const MAX_CUBES_PER_AXIS: usize = 65_535;
 
+// The cube-per-row grid and the shared-memory reduction below are also in
+// `qwen_model::attention::cube`: qwen-loss does not depend on qwen-model (docs/ARCHITECTURE.md,
+// "Contracts between crates"), and qwen-gemm, which both use, holds matrix products only.
+
 /// This cube's row; past the last row where the grid overshoots.
 #[cube]
 fn row_id() -> usize {

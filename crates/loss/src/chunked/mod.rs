@@ -132,6 +132,9 @@ impl LossKernels {
 ///   kernel. On `Autodiff<B>` it runs `B`'s forward kernel with no graph inside, and registers
 ///   one backward node that calls `B`'s backward kernel, which recomputes each tile's logits.
 ///   So autodiff never stores per-chunk logits: only the inputs and the `[n]` log-sum-exp.
+/// - `logit_row_stats` and `logits_grad` are a tile's element-wise work inside the default
+///   kernels; on CubeCL backends one CubeCL kernel each (`chunked/cube.rs`, where [`loss_kernels`] says).
+/// - `select_unique_rows` gathers the supervised rows; its backward is a gather too.
 ///
 /// Implemented for `Autodiff<B, C>` whenever `B` implements it, and, behind this crate's
 /// features, for the Flex backend (`flex`), every CubeCL backend (`cubecl`, e.g. CUDA, WGPU)
