@@ -45,7 +45,7 @@ struct Cli {
     #[arg(long, global = true, default_value = "auto")]
     kernels: qwen_model::KernelBody,
     /// Kernels to keep on their tensor-op bodies whatever `--kernels` says, comma-separated:
-    /// softmax, rotary, rms-norm (to find which one a difference comes from).
+    /// softmax, rotary, rms-norm, flash, embedding (to find which one a difference comes from).
     #[arg(long, global = true, value_delimiter = ',')]
     kernels_off: Vec<qwen_model::Kernel>,
 }
