@@ -110,19 +110,24 @@ pub fn backward<B: ChunkedCeBackend>(
     let z = params.z_loss_weight;
 
     let row_chunks: Vec<(usize, usize)> = chunks(n, plan.backward_rows).collect();
-    // Per row chunk: the upstream gradient and the multiplier of p, `g (1 + 2 λ lse)`.
-    let row_state: Vec<(Tensor<B, 1>, Tensor<B, 1>)> = row_chunks
+    // Per row chunk, once for every slab: the upstream gradient `g`, the multiplier of p,
+    // `g (1 + 2 λ lse)`, the log-sum-exp and the targets, each `[rows]`.
+    let row_state: Vec<[FloatTensor<B>; 3]> = row_chunks
         .iter()
         .map(|&(start, rows)| {
-            let g = grad_loss.clone().narrow(0, start, rows); // [rows]
+            let g = grad_loss.clone().narrow(0, start, rows);
+            let lse = lse.clone().narrow(0, start, rows);
             let p_scale = if z > 0.0 {
-                let lse = lse.clone().narrow(0, start, rows);
-                g.clone() * lse.mul_scalar(2.0 * z).add_scalar(1.0)
+                g.clone() * lse.clone().mul_scalar(2.0 * z).add_scalar(1.0)
             } else {
                 g.clone()
-            }; // [rows]
-            (g, p_scale)
+            };
+            [primitive(g), primitive(p_scale), primitive(lse)]
         })
+        .collect();
+    let row_targets: Vec<IntTensor<B>> = row_chunks
+        .iter()
+        .map(|&(start, rows)| targets.clone().narrow(0, start, rows).into_primitive())
         .collect();
 
     let mut grad_hidden: Vec<Tensor<B, 2>> = if request.hidden {
@@ -145,15 +150,15 @@ pub fn backward<B: ChunkedCeBackend>(
             .then(|| Tensor::<B, 2>::zeros([cols, dim], (&device, LOSS_DTYPE)));
 
         for (chunk, &(row_start, rows)) in row_chunks.iter().enumerate() {
-            let (g, p_scale) = &row_state[chunk];
+            let [g, p_scale, lse_rows] = row_state[chunk].clone();
             let hidden_rows = hidden.clone().narrow(0, row_start, rows); // [rows, hidden]
             let logits = gemm(hidden_rows.clone(), weight_slab.clone(), false, true); // [rows, cols]
             let dlogits = float::<B, 2>(B::logits_grad(
                 primitive(logits),
-                primitive(lse.clone().narrow(0, row_start, rows)),
-                primitive(p_scale.clone()),
-                primitive(g.clone()),
-                targets.clone().narrow(0, row_start, rows).into_primitive(),
+                lse_rows,
+                p_scale,
+                g,
+                row_targets[chunk].clone(),
                 GradTile {
                     col_start,
                     vocab,

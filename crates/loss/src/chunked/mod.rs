@@ -292,24 +292,28 @@ pub fn chunked_lm_head_cross_entropy<B: ChunkedCeBackend>(
         return Ok(zero_output(hidden, weight, opts.reduction));
     }
 
-    // Each row's place among the supervised ones, or n_tokens for an ignored row.
-    let mut inverse = vec![n_tokens as i64; n];
-    for (place, &row) in checked.rows.iter().enumerate() {
-        inverse[row as usize] = place as i64;
-    }
+    // Each row's place among the supervised ones, or n_tokens for an ignored row; only needed
+    // where some rows are left out.
+    let inverse = (n_tokens < n).then(|| {
+        let mut inverse = vec![n_tokens as i64; n];
+        for (place, &row) in checked.rows.iter().enumerate() {
+            inverse[row as usize] = place as i64;
+        }
+        Tensor::<B, 1, Int>::from_data(TensorData::new(inverse, [n]), &device)
+    });
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(checked.rows, [n_tokens]), &device);
     let labels =
         Tensor::<B, 1, Int>::from_data(TensorData::new(checked.labels, [n_tokens]), &device);
-    let hidden = if n_tokens == n {
-        hidden
-    } else {
-        let inverse = Tensor::<B, 1, Int>::from_data(TensorData::new(inverse, [n]), &device);
-        let selected = B::select_unique_rows(
-            hidden.into_primitive().tensor(),
-            rows.clone().into_primitive(),
-            inverse.into_primitive(),
-        );
-        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(selected)) // [n_tokens, hidden]
+    let hidden = match inverse {
+        None => hidden,
+        Some(inverse) => {
+            let selected = B::select_unique_rows(
+                hidden.into_primitive().tensor(),
+                rows.clone().into_primitive(),
+                inverse.into_primitive(),
+            );
+            Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(selected)) // [n_tokens, hidden]
+        }
     };
 
     let per_row = B::lm_head_cross_entropy(
