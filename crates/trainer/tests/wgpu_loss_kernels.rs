@@ -82,9 +82,10 @@ fn row_stats_kernel_equals_tensor_ops() {
     let _turn = SETTING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    // Rows longer than a cube's 256 units many times over (9001: several groups of 8 per
-    // unit, then a tail), and one shorter than a cube.
-    for (rows, vocab) in [(4, 9001), (5, 3001), (3, 100)] {
+    // Rows longer than a cube's 256 units many times over (several groups per unit, then a
+    // tail), read in vectors of 4 (9000, 100) and one element at a time (odd lengths), and
+    // one shorter than a cube.
+    for (rows, vocab) in [(4, 9000), (4, 9001), (5, 3001), (3, 100)] {
         let logits =
             Tensor::<B, 2>::random([rows, vocab], Distribution::Normal(0.0, 4.0), &device());
         let ids: Vec<i64> = (0..rows).map(|r| ((r * 977 + 13) % vocab) as i64).collect();
@@ -128,8 +129,9 @@ fn logits_grad_kernel_equals_tensor_ops() {
     let _turn = SETTING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let (rows, cols, vocab) = (6, 700, 5000);
-    for (col_start, eps) in [(0, 0.0), (1200, 0.1)] {
+    let (rows, vocab) = (6, 5000);
+    // 700 columns are read in vectors of 4 (targets in several lanes), 701 one at a time.
+    for (cols, col_start, eps) in [(700, 0, 0.0), (700, 1200, 0.1), (701, 1200, 0.1)] {
         let logits =
             Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 3.0), &device());
         let lse = Tensor::<B, 1>::random([rows], Distribution::Normal(8.0, 1.0), &device());
@@ -161,7 +163,10 @@ fn logits_grad_kernel_equals_tensor_ops() {
             })
         };
         let diff = relative_diff(&run(true), &run(false));
-        assert!(diff <= 1e-5, "tile at {col_start}, eps {eps}: {diff}");
+        assert!(
+            diff <= 1e-5,
+            "{cols} columns at {col_start}, eps {eps}: {diff}"
+        );
     }
 }
 

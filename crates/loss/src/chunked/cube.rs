@@ -9,8 +9,12 @@
 //! - [`row_stats`]: a cube per row, each unit keeping a running maximum and the sum of
 //!   `exp(x - max)` rescaled as the maximum grows (one read of the row), and the sum of `x`;
 //!   the cube combines them in shared memory. Out: `lse`, the target's logit, the mean logit.
-//! - [`logits_grad`]: a unit per logit, `dx = s exp(x - lse) - g ε / V + [c = t] g (ε - 1)`
+//! - [`logits_grad`]: a cube per row, `dx = s exp(x - lse) - g ε / V + [c = t] g (ε - 1)`
 //!   with the row's `s = g (1 + 2 λ lse)`, `g` and `lse`, written in the logits' dtype.
+//!
+//! Both read and write rows a vector at a time (16 bytes on CUDA, [`row_vector_size`]): with
+//! a scalar per unit and per-element index arithmetic they ran at a quarter to a half of the
+//! H200's bandwidth (session 14's step breakdown).
 //!
 //! The arithmetic is that of the tensor-op bodies (`kernel::logit_row_stats`,
 //! `kernel::logits_grad`) in f32; only the order of the sums differs.
@@ -28,8 +32,8 @@ use super::GradTile;
 /// two).
 const CUBE_SIZE: usize = 256;
 
-/// Columns each unit of [`row_stats`] loads at once.
-const GROUP: usize = 8;
+/// Vectors each unit of [`row_stats`] has in flight at once.
+const GROUP: usize = 4;
 
 /// The largest cube count along one axis that every runtime takes.
 const MAX_CUBES_PER_AXIS: usize = 65_535;
@@ -70,11 +74,11 @@ fn reduce_cube(value: f32, #[comptime] maximum: bool) -> f32 {
     result
 }
 
-/// `logits`: `[rows, vocab]`, whole rows; `targets`: `[rows]`; `stats`: `[rows, 3]`
-/// contiguous.
+/// `logits`: `[rows, vocab]`, whole rows, read `N` columns at a time; `targets`: `[rows]`;
+/// `stats`: `[rows, 3]` contiguous.
 #[cube(launch)]
-fn row_stats_kernel<E: Float, I: Int>(
-    logits: &Tensor<E>,
+fn row_stats_kernel<E: Float, I: Int, N: Size>(
+    logits: &Tensor<Vector<E, N>>,
     targets: &Tensor<I>,
     stats: &mut Tensor<f32>,
     #[define(E, I)] _dtypes: [StorageType; 2],
@@ -83,42 +87,44 @@ fn row_stats_kernel<E: Float, I: Int>(
     if row >= logits.shape(0) {
         terminate!();
     }
+    let n = logits.vector_size();
     let cols = logits.shape(1);
-    let base = row * logits.stride(0);
-    let step = logits.stride(1);
+    let vectors = cols / n;
+    let base = row * logits.stride(0) / n;
     let unit = UNIT_POS_X as usize;
 
     // The unit's running maximum `m`, sum of exp(x - m) and sum of x, in one read of its
-    // columns, GROUP at a time: their loads in flight together, the sum rescaled once per group.
+    // vectors, GROUP at a time: their loads in flight together, the sum rescaled once per group.
     let mut m = f32::min_value();
     let mut sum_exp = 0.0f32;
     let mut sum_x = 0.0f32;
     let stride = CUBE_DIM_X as usize;
-    let mut xs = Array::<f32>::new(GROUP);
+    let mut xs = Array::<Vector<f32, N>>::new(GROUP);
     let mut j = unit;
-    while j + (GROUP - 1) * stride < cols {
+    while j + (GROUP - 1) * stride < vectors {
         let mut group_max = m;
         #[unroll]
         for k in 0..GROUP {
-            let x = f32::cast_from(logits[base + (j + k * stride) * step]);
+            let x = Vector::<f32, N>::cast_from(logits[base + j + k * stride]);
             xs[k] = x;
-            group_max = max(group_max, x);
+            group_max = max(group_max, vector_max(x));
         }
         sum_exp *= (m - group_max).exp();
         m = group_max;
         #[unroll]
         for k in 0..GROUP {
-            sum_exp += (xs[k] - m).exp();
-            sum_x += xs[k];
+            let e = (xs[k] - Vector::new(m)).exp();
+            sum_exp += vector_sum(e);
+            sum_x += vector_sum(xs[k]);
         }
         j += GROUP * stride;
     }
-    while j < cols {
-        let x = f32::cast_from(logits[base + j * step]);
-        let new_max = max(m, x);
-        sum_exp = sum_exp * (m - new_max).exp() + (x - new_max).exp();
+    while j < vectors {
+        let x = Vector::<f32, N>::cast_from(logits[base + j]);
+        let new_max = max(m, vector_max(x));
+        sum_exp = sum_exp * (m - new_max).exp() + vector_sum((x - Vector::new(new_max)).exp());
         m = new_max;
-        sum_x += x;
+        sum_x += vector_sum(x);
         j += stride;
     }
     let row_max = reduce_cube(m, true);
@@ -128,47 +134,126 @@ fn row_stats_kernel<E: Float, I: Int>(
     if unit == 0 {
         let t = usize::cast_from(targets[row * targets.stride(0)]);
         stats[row * 3] = row_max + total.ln();
-        stats[row * 3 + 1] = f32::cast_from(logits[base + t * step]);
+        stats[row * 3 + 1] = element(logits[base + t / n], t % n);
         stats[row * 3 + 2] = total_x / f32::cast_from(cols);
     }
 }
 
-/// `logits`: `[rows, cols]`, columns `col_start..` of the vocabulary; `lse`, `p_scale`, `g`:
-/// `[rows]` f32 (any strides); `targets`: `[rows]` vocabulary ids; `out`: `[rows, cols]`
-/// contiguous, in the logits' dtype. A unit per column of a cube's 256, a cube row (`y`) per
-/// row, striding over rows where there are more than the grid's `y` extent: no division per
-/// element.
+/// The largest of a vector's elements.
+#[cube]
+fn vector_max<N: Size>(x: Vector<f32, N>) -> f32 {
+    let mut m = x[0];
+    #[unroll]
+    for k in 1..x.vector_size() {
+        m = max(m, x[k]);
+    }
+    m
+}
+
+/// The sum of a vector's elements.
+#[cube]
+fn vector_sum<N: Size>(x: Vector<f32, N>) -> f32 {
+    let mut s = x[0];
+    #[unroll]
+    for k in 1..x.vector_size() {
+        s += x[k];
+    }
+    s
+}
+
+/// Element `k` of a vector, in f32 (`k` known only at run time: a select per lane).
+#[cube]
+fn element<E: Float, N: Size>(x: Vector<E, N>, k: usize) -> f32 {
+    let mut value = f32::cast_from(x[0]);
+    #[unroll]
+    for lane in 1..x.vector_size() {
+        if k == lane {
+            value = f32::cast_from(x[lane]);
+        }
+    }
+    value
+}
+
+/// `logits`: `[rows, cols]`, columns `col_start..` of the vocabulary, read `N` at a time;
+/// `lse`, `p_scale`, `g`: `[rows]` f32 (any strides); `targets`: `[rows]` vocabulary ids;
+/// `out`: `[rows, cols]` contiguous, in the logits' dtype. A cube per row: the row's scalars
+/// are read once, its units stride over its vectors.
 #[cube(launch)]
-fn logits_grad_kernel<E: Float, I: Int>(
-    logits: &Tensor<E>,
+fn logits_grad_kernel<E: Float, I: Int, N: Size>(
+    logits: &Tensor<Vector<E, N>>,
     lse: &Tensor<f32>,
     p_scale: &Tensor<f32>,
     g: &Tensor<f32>,
     targets: &Tensor<I>,
-    out: &mut Tensor<E>,
+    out: &mut Tensor<Vector<E, N>>,
     col_start: u32,
     eps_over_vocab: f32,
     eps_minus_one: f32,
     #[define(E, I)] _dtypes: [StorageType; 2],
 ) {
-    let cols = logits.shape(1);
-    let c = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
-    if c >= cols {
+    let row = row_id();
+    if row >= logits.shape(0) {
         terminate!();
     }
-    let column = c + col_start as usize;
-    let mut r = CUBE_POS_Y as usize;
-    while r < logits.shape(0) {
-        let x = f32::cast_from(logits[r * logits.stride(0) + c * logits.stride(1)]);
-        let row_g = g[r * g.stride(0)];
-        let mut d = (x - lse[r * lse.stride(0)]).exp() * p_scale[r * p_scale.stride(0)]
-            - row_g * eps_over_vocab;
-        if usize::cast_from(targets[r * targets.stride(0)]) == column {
-            d += row_g * eps_minus_one;
+    let n = logits.vector_size();
+    let vectors = logits.shape(1) / n;
+    let base = row * logits.stride(0) / n;
+    let out_base = row * out.stride(0) / n;
+    let row_g = g[row * g.stride(0)];
+    let row_lse = Vector::<f32, N>::new(lse[row * lse.stride(0)]);
+    let scale = Vector::<f32, N>::new(p_scale[row * p_scale.stride(0)]);
+    let smooth = Vector::<f32, N>::new(row_g * eps_over_vocab);
+    // The target's column within this tile, as a signed offset: negative or past the tile's
+    // end where the target lies in another tile.
+    let target = i64::cast_from(targets[row * targets.stride(0)]) - i64::cast_from(col_start);
+    let hit = row_g * eps_minus_one;
+    let mut j = UNIT_POS_X as usize;
+    while j < vectors {
+        let x = Vector::<f32, N>::cast_from(logits[base + j]);
+        let mut d = (x - row_lse).exp() * scale - smooth;
+        let first = i64::cast_from(j * n);
+        if target >= first && target < first + i64::cast_from(n) {
+            let k = usize::cast_from(target - first);
+            #[unroll]
+            for lane in 0..n {
+                if k == lane {
+                    d[lane] += hit;
+                }
+            }
         }
-        out[r * cols + c] = E::cast_from(d);
-        r += CUBE_COUNT_Y as usize;
+        out[out_base + j] = Vector::cast_from(d);
+        j += CUBE_DIM_X as usize;
     }
+}
+
+/// A cube per row: `x` by `y` cubes, `x` at most [`MAX_CUBES_PER_AXIS`].
+fn row_cubes(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, MAX_CUBES_PER_AXIS);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+/// The most elements a unit may load at once from every row of these `[rows, cols]` tensors
+/// (of one dtype): the runtime's widest load that divides the row length, every row's start
+/// and the buffer's offset, where the columns are contiguous; 1 otherwise.
+fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> VectorSize {
+    let first = tensors[0];
+    let elem = first.dtype.size();
+    first
+        .client
+        .io_optimized_vector_sizes(elem)
+        .filter(|&n| {
+            tensors.iter().all(|t| {
+                let shape = t.meta.shape().as_slice();
+                let strides = t.meta.strides();
+                let offset = t.handle.offset_start.unwrap_or(0) as usize;
+                strides[1] == 1
+                    && shape[1] % n == 0
+                    && strides[0] % n == 0
+                    && offset % (n * elem) == 0
+            })
+        })
+        .max()
+        .unwrap_or(1)
 }
 
 /// Per-row `[lse, target logit, mean logit]` of whole rows of logits, `[rows, 3]` f32.
@@ -189,14 +274,14 @@ pub fn row_stats<R: CubeRuntime>(logits: CubeTensor<R>, targets: CubeTensor<R>) 
     if rows == 0 {
         return stats;
     }
-    let x = rows.min(MAX_CUBES_PER_AXIS);
-    let count = CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1);
     let client = logits.client.clone();
     let dtypes = [logits.dtype.into(), targets.dtype.into()];
+    let vector_size = row_vector_size(&[&logits]);
     row_stats_kernel::launch::<R>(
         &client,
-        count,
+        row_cubes(rows),
         CubeDim::new_1d(CUBE_SIZE as u32),
+        vector_size,
         logits.into_tensor_arg(),
         targets.into_tensor_arg(),
         stats.clone().into_tensor_arg(),
@@ -236,16 +321,12 @@ pub fn logits_grad<R: CubeRuntime>(
     let client = logits.client.clone();
     let dtypes = [logits.dtype.into(), targets.dtype.into()];
     let col_start = u32::try_from(tile.col_start).expect("vocabulary ids fit in u32");
-    let column_cubes = cols.div_ceil(CUBE_SIZE);
-    assert!(
-        column_cubes <= MAX_CUBES_PER_AXIS,
-        "logits_grad: {cols} columns in one tile"
-    );
-    let count = CubeCount::Static(column_cubes as u32, rows.min(MAX_CUBES_PER_AXIS) as u32, 1);
+    let vector_size = row_vector_size(&[&logits, &out]);
     logits_grad_kernel::launch::<R>(
         &client,
-        count,
+        row_cubes(rows),
         CubeDim::new_1d(CUBE_SIZE as u32),
+        vector_size,
         logits.into_tensor_arg(),
         lse.into_tensor_arg(),
         p_scale.into_tensor_arg(),
