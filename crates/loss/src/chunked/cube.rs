@@ -247,9 +247,9 @@ fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> VectorSize {
                 let strides = t.meta.strides();
                 let offset = t.handle.offset_start.unwrap_or(0) as usize;
                 strides[1] == 1
-                    && shape[1] % n == 0
-                    && strides[0] % n == 0
-                    && offset % (n * elem) == 0
+                    && shape[1].is_multiple_of(n)
+                    && strides[0].is_multiple_of(n)
+                    && offset.is_multiple_of(n * elem)
             })
         })
         .max()
