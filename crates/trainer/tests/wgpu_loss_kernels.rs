@@ -130,10 +130,20 @@ fn logits_grad_kernel_equals_tensor_ops() {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let (rows, vocab) = (6, 5000);
-    // 700 columns are read in vectors of 4 (targets in several lanes), 701 one at a time.
-    for (cols, col_start, eps) in [(700, 0, 0.0), (700, 1200, 0.1), (701, 1200, 0.1)] {
-        let logits =
-            Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 3.0), &device());
+    // 700 columns are read in vectors of 4 (targets in several lanes), 701 one at a time, and
+    // a transposed view (columns not contiguous) through a copy.
+    for (cols, col_start, eps, transposed) in [
+        (700, 0, 0.0, false),
+        (700, 1200, 0.1, false),
+        (701, 1200, 0.1, false),
+        (700, 1200, 0.1, true),
+    ] {
+        let logits = if transposed {
+            Tensor::<B, 2>::random([cols, rows], Distribution::Normal(0.0, 3.0), &device())
+                .transpose()
+        } else {
+            Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 3.0), &device())
+        };
         let lse = Tensor::<B, 1>::random([rows], Distribution::Normal(8.0, 1.0), &device());
         let g = Tensor::<B, 1>::random([rows], Distribution::Uniform(0.1, 1.0), &device());
         let p_scale = g.clone() * 1.3;
@@ -165,7 +175,7 @@ fn logits_grad_kernel_equals_tensor_ops() {
         let diff = relative_diff(&run(true), &run(false));
         assert!(
             diff <= 1e-5,
-            "{cols} columns at {col_start}, eps {eps}: {diff}"
+            "{cols} columns at {col_start}, eps {eps}, transposed {transposed}: {diff}"
         );
     }
 }

@@ -232,9 +232,19 @@ fn row_cubes(rows: usize) -> CubeCount {
     CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
 }
 
+/// `x` itself where its columns are contiguous (the products' tiles), else a contiguous copy:
+/// the kernels step through a row's columns in memory order.
+fn unit_columns<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    if x.meta.strides()[1] == 1 {
+        x
+    } else {
+        burn_cubecl::kernel::into_contiguous(x)
+    }
+}
+
 /// The most elements a unit may load at once from every row of these `[rows, cols]` tensors
-/// (of one dtype): the runtime's widest load that divides the row length, every row's start
-/// and the buffer's offset, where the columns are contiguous; 1 otherwise.
+/// (of one dtype, columns contiguous): the runtime's widest load that divides the row length,
+/// every row's start and the buffer's offset; 1 where none does.
 fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> VectorSize {
     let first = tensors[0];
     let elem = first.dtype.size();
@@ -246,8 +256,7 @@ fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> VectorSize {
                 let shape = t.meta.shape().as_slice();
                 let strides = t.meta.strides();
                 let offset = t.handle.offset_start.unwrap_or(0) as usize;
-                strides[1] == 1
-                    && shape[1].is_multiple_of(n)
+                shape[1].is_multiple_of(n)
                     && strides[0].is_multiple_of(n)
                     && offset.is_multiple_of(n * elem)
             })
@@ -261,6 +270,7 @@ fn row_vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> VectorSize {
 /// # Shapes
 /// - `logits`: `[rows, vocab]`, `targets`: `[rows]` in range
 pub fn row_stats<R: CubeRuntime>(logits: CubeTensor<R>, targets: CubeTensor<R>) -> CubeTensor<R> {
+    let logits = unit_columns(logits);
     let dims = logits.meta.shape().as_slice().to_vec();
     let [rows, _] = dims[..] else {
         panic!("row_stats: logits must be [rows, vocab], not {dims:?}")
@@ -302,6 +312,7 @@ pub fn logits_grad<R: CubeRuntime>(
     targets: CubeTensor<R>,
     tile: GradTile,
 ) -> CubeTensor<R> {
+    let logits = unit_columns(logits);
     let dims = logits.meta.shape().as_slice().to_vec();
     let [rows, cols] = dims[..] else {
         panic!("logits_grad: logits must be [rows, cols], not {dims:?}")
