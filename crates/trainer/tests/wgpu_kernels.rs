@@ -327,15 +327,19 @@ fn chunked_attention_is_the_same_with_the_kernels() {
     set_kernel_body(KernelBody::default());
 }
 
-/// `apply_rotary` on `x` `[batch, heads, seq, head_dim]` (a `swap_dims` view) under autodiff
-/// with the given body, in `dtype`: the output and the gradient of `x` for a fixed upstream
-/// gradient.
-fn rotary_with(body: KernelBody, table_batch: usize, seed: u64, dtype: DType) -> [Vec<f32>; 2] {
+/// `apply_rotary` on `x` `[batch, heads, seq, d]` (a `swap_dims` view) under autodiff with the
+/// given body, in `dtype`: the output and the gradient of `x` for a fixed upstream gradient.
+fn rotary_with(
+    body: KernelBody,
+    [table_batch, d]: [usize; 2],
+    seed: u64,
+    dtype: DType,
+) -> [Vec<f32>; 2] {
     type AB = Autodiff<B>;
     let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
     set_kernel_body(body);
     assert_eq!(AB::has_rowwise_kernels(), body == KernelBody::Kernel);
-    let (batch, heads, seq, d) = (2, 3, 5, 8);
+    let (batch, heads, seq) = (2, 3, 5);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut random = |shape: [usize; 4]| {
         let n = shape.iter().product();
@@ -358,15 +362,19 @@ fn rotary_with(body: KernelBody, table_batch: usize, seed: u64, dtype: DType) ->
 
 /// In f32 within rounding; in f16 exactly, since the kernel rounds each product to the
 /// activations' dtype as the tensor ops do (Mesa has no bf16; f16 takes the same code path).
+/// Head sizes 8 and 16 have their pairs read in vectors of 4, 4 in pairs, 6 one at a time.
 #[test]
 fn rotary_is_the_same_with_the_kernel() {
-    for (table_batch, seed, dtype, tolerance) in [
-        (2, 1, DType::F32, 1e-6),
-        (1, 2, DType::F32, 1e-6),
-        (2, 3, DType::F16, 0.0),
+    for (table_batch, d, seed, dtype, tolerance) in [
+        (2, 8, 1, DType::F32, 1e-6),
+        (1, 8, 2, DType::F32, 1e-6),
+        (2, 6, 4, DType::F32, 1e-6),
+        (1, 4, 5, DType::F32, 1e-6),
+        (2, 8, 3, DType::F16, 0.0),
+        (2, 16, 6, DType::F16, 0.0),
     ] {
-        let kernel = rotary_with(KernelBody::Kernel, table_batch, seed, dtype);
-        let tensor_ops = rotary_with(KernelBody::TensorOps, table_batch, seed, dtype);
+        let kernel = rotary_with(KernelBody::Kernel, [table_batch, d], seed, dtype);
+        let tensor_ops = rotary_with(KernelBody::TensorOps, [table_batch, d], seed, dtype);
         for (what, got, want) in [
             ("output", &kernel[0], &tensor_ops[0]),
             ("dx", &kernel[1], &tensor_ops[1]),
@@ -374,21 +382,20 @@ fn rotary_is_the_same_with_the_kernel() {
             let diff = relative_diff(got, want);
             assert!(
                 diff <= tolerance,
-                "tables of batch {table_batch}, {dtype:?}: {what} {diff}"
+                "tables of batch {table_batch}, d {d}, {dtype:?}: {what} {diff}"
             );
         }
     }
 }
 
 /// `rms_norm` on `x` `[rows, hidden]` under autodiff with the given body: the output and the
-/// gradients of `x` and the weight for a fixed upstream gradient. `hidden` is above the cube's
-/// 256 units, so that some units take two entries of a row.
-fn rms_norm_with(body: KernelBody, seed: u64) -> [Vec<f32>; 3] {
+/// gradients of `x` and the weight for a fixed upstream gradient.
+fn rms_norm_with(body: KernelBody, hidden: usize, seed: u64) -> [Vec<f32>; 3] {
     type AB = Autodiff<B>;
     let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
     set_kernel_body(body);
     assert_eq!(AB::has_rowwise_kernels(), body == KernelBody::Kernel);
-    let (rows, hidden) = (12, 300);
+    let rows = 12;
     let mut rng = StdRng::seed_from_u64(seed);
     // Rows of different scales, so that `rstd` differs by row.
     let x: Vec<f32> = (0..rows * hidden)
@@ -414,17 +421,21 @@ fn rms_norm_with(body: KernelBody, seed: u64) -> [Vec<f32>; 3] {
     out
 }
 
+/// Rows read in vectors of 4 (300: 75 vectors, one a unit; 1100: more vectors than the
+/// cube's 256 units) and one element at a time (301: some units take two).
 #[test]
 fn rms_norm_is_the_same_with_the_kernels() {
-    let kernel = rms_norm_with(KernelBody::Kernel, 3);
-    let tensor_ops = rms_norm_with(KernelBody::TensorOps, 3);
-    for (what, got, want) in [
-        ("output", &kernel[0], &tensor_ops[0]),
-        ("dx", &kernel[1], &tensor_ops[1]),
-        ("dweight", &kernel[2], &tensor_ops[2]),
-    ] {
-        let diff = relative_diff(got, want);
-        assert!(diff <= 1e-5, "{what} {diff}");
+    for (hidden, seed) in [(300, 3), (1100, 4), (301, 5)] {
+        let kernel = rms_norm_with(KernelBody::Kernel, hidden, seed);
+        let tensor_ops = rms_norm_with(KernelBody::TensorOps, hidden, seed);
+        for (what, got, want) in [
+            ("output", &kernel[0], &tensor_ops[0]),
+            ("dx", &kernel[1], &tensor_ops[1]),
+            ("dweight", &kernel[2], &tensor_ops[2]),
+        ] {
+            let diff = relative_diff(got, want);
+            assert!(diff <= 1e-5, "hidden {hidden}: {what} {diff}");
+        }
     }
 }
 

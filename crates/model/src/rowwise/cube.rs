@@ -10,8 +10,8 @@
 //!
 //! In tensor ops it is six kernels per tensor and direction: burn's fuser leaves the negation,
 //! the two slice assignments of the `cat`, the two broadcast products and the sum each on its
-//! own (docs/BENCHMARKS.md, "Kernel launches per training step"). Here a unit takes one pair
-//! `(i, i + half)` of one row, reads `x` through its strides (the model hands in a
+//! own (docs/BENCHMARKS.md, "Kernel launches per training step"). Here a unit takes `N`
+//! pairs `(i, i + half)` of one row, reads `x` through its strides (the model hands in a
 //! `swap_dims` view) and the tables through theirs, and writes both results, computing in f32
 //! with each product rounded to the activations' dtype, as the tensor ops round it:
 //!
@@ -19,6 +19,11 @@
 //! forward:  y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2      (x c + rotate_half(x) s)
 //! backward: y1 = x1 c1 + x2 s2,  y2 = x2 c2 - x1 s1      (dy c - rotate_half(dy s))
 //! ```
+//!
+//! All of them load and store `N` elements at once (16 bytes on CUDA, [`vector_size`]): one
+//! element per unit, with its index arithmetic, ran them at a quarter to a third of the H200's
+//! bandwidth (session 14's step breakdown: the rotary embedding of q at 80 us, RMSNorm at 60
+//! and 76 us, for 29 MB each way).
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeRuntime;
@@ -31,63 +36,100 @@ use burn_cubecl::tensor::CubeTensor;
 
 use crate::attention::cube::{CUBE_SIZE, cube_count, reduce_cube, row_id};
 
-/// `v` rounded to `E` and back: a no-op for f32. A product of two values of `E` (bf16, f16) is
-/// exact in f32, so this is the product that a multiplication in `E` returns.
+/// `v` rounded to `E` and back, lane by lane: a no-op for f32. A product of two values of `E`
+/// (bf16, f16) is exact in f32, so this is the product that a multiplication in `E` returns.
 #[cube]
-fn in_dtype<E: Float>(v: f32) -> f32 {
-    f32::cast_from(E::cast_from(v))
+fn in_dtype<E: Float, N: Size>(v: Vector<f32, N>) -> Vector<f32, N> {
+    Vector::<f32, N>::cast_from(Vector::<E, N>::cast_from(v))
 }
 
 /// `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[batch or 1, 1, seq, head_dim]`;
-/// `out`: `[batch, seq, heads, head_dim]`, contiguous.
+/// `out`: `[batch, seq, heads, head_dim]`, contiguous. Each tensor's last dimension is
+/// contiguous; a unit takes `N` pairs of one row, units in `out`'s memory order.
 #[cube(launch)]
-fn rotary_kernel<E: Float>(
-    x: &Tensor<E>,
-    cos: &Tensor<E>,
-    sin: &Tensor<E>,
-    out: &mut Tensor<E>,
+fn rotary_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    cos: &Tensor<Vector<E, N>>,
+    sin: &Tensor<Vector<E, N>>,
+    out: &mut Tensor<Vector<E, N>>,
     #[comptime] backward: bool,
     #[define(E)] _dtype: StorageType,
 ) {
+    let n = x.vector_size();
     let heads = x.shape(1);
     let seq = x.shape(2);
     let half = x.shape(3) / 2;
+    let groups = half / n;
     let id = ABSOLUTE_POS;
-    if id >= x.shape(0) * heads * seq * half {
+    if id >= x.shape(0) * heads * seq * groups {
         terminate!();
     }
-    let i = id % half;
-    let s = (id / half) % seq;
-    let h = (id / (half * seq)) % heads;
-    let b = id / (half * seq * heads);
+    let i = (id % groups) * n;
+    let h = (id / groups) % heads;
+    let s = (id / (groups * heads)) % seq;
+    let b = id / (groups * heads * seq);
 
-    let row = b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
-    let x1 = f32::cast_from(x[row + i * x.stride(3)]);
-    let x2 = f32::cast_from(x[row + (i + half) * x.stride(3)]);
+    let row = b * x.stride(0) + h * x.stride(1) + s * x.stride(2) + i;
+    let x1 = Vector::<f32, N>::cast_from(x[row / n]);
+    let x2 = Vector::<f32, N>::cast_from(x[(row + half) / n]);
     // The tables have one head, and one batch row when every row shares the positions.
     let mut tb = b;
     if cos.shape(0) == 1 {
         tb = 0;
     }
-    let c = tb * cos.stride(0) + s * cos.stride(2);
-    let c1 = f32::cast_from(cos[c + i * cos.stride(3)]);
-    let c2 = f32::cast_from(cos[c + (i + half) * cos.stride(3)]);
-    let t = tb * sin.stride(0) + s * sin.stride(2);
-    let s1 = f32::cast_from(sin[t + i * sin.stride(3)]);
-    let s2 = f32::cast_from(sin[t + (i + half) * sin.stride(3)]);
+    let c = tb * cos.stride(0) + s * cos.stride(2) + i;
+    let c1 = Vector::<f32, N>::cast_from(cos[c / n]);
+    let c2 = Vector::<f32, N>::cast_from(cos[(c + half) / n]);
+    let t = tb * sin.stride(0) + s * sin.stride(2) + i;
+    let s1 = Vector::<f32, N>::cast_from(sin[t / n]);
+    let s2 = Vector::<f32, N>::cast_from(sin[(t + half) / n]);
 
     // Each product rounded to E before the sum, as the tensor ops (one op each) round them, so
     // that bf16 gives the reference's values and not merely closer ones.
-    let mut y1 = in_dtype::<E>(x1 * c1) - in_dtype::<E>(x2 * s1);
-    let mut y2 = in_dtype::<E>(x2 * c2) + in_dtype::<E>(x1 * s2);
+    let mut y1 = in_dtype::<E, N>(x1 * c1) - in_dtype::<E, N>(x2 * s1);
+    let mut y2 = in_dtype::<E, N>(x2 * c2) + in_dtype::<E, N>(x1 * s2);
     if comptime!(backward) {
-        y1 = in_dtype::<E>(x1 * c1) + in_dtype::<E>(x2 * s2);
-        y2 = in_dtype::<E>(x2 * c2) - in_dtype::<E>(x1 * s1);
+        y1 = in_dtype::<E, N>(x1 * c1) + in_dtype::<E, N>(x2 * s2);
+        y2 = in_dtype::<E, N>(x2 * c2) - in_dtype::<E, N>(x1 * s1);
     }
     // `out` is [batch, seq, heads, head_dim] in memory (see `rotary`).
-    let o = ((b * seq + s) * heads + h) * 2 * half;
-    out[o + i] = E::cast_from(y1);
-    out[o + i + half] = E::cast_from(y2);
+    let o = ((b * seq + s) * heads + h) * 2 * half + i;
+    out[o / n] = Vector::cast_from(y1);
+    out[(o + half) / n] = Vector::cast_from(y2);
+}
+
+/// `x` itself where its last dimension is contiguous, else a contiguous copy: the kernels
+/// step through the last dimension in memory order, `N` elements at a time.
+fn unit_last_stride<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    if x.meta.strides().last() == Some(&1) {
+        x
+    } else {
+        burn_cubecl::kernel::into_contiguous(x)
+    }
+}
+
+/// The most elements a unit may load at once from these tensors (of one dtype, last dimension
+/// contiguous), stepping through runs of `run` elements: the runtime's widest load that
+/// divides `run`, every other stride and each buffer's offset; 1 where none does.
+fn vector_size<R: CubeRuntime>(tensors: &[&CubeTensor<R>], run: usize) -> VectorSize {
+    let first = tensors[0];
+    let elem = first.dtype.size();
+    first
+        .client
+        .io_optimized_vector_sizes(elem)
+        .filter(|&n| {
+            run.is_multiple_of(n)
+                && tensors.iter().all(|t| {
+                    let strides = t.meta.strides();
+                    let offset = t.handle.offset_start.unwrap_or(0) as usize;
+                    strides[..strides.len() - 1]
+                        .iter()
+                        .all(|s| s.is_multiple_of(n))
+                        && offset.is_multiple_of(n * elem)
+                })
+        })
+        .max()
+        .unwrap_or(1)
 }
 
 /// The rotary embedding of `x` (`backward`: its gradient, given the upstream gradient as `x`);
@@ -118,6 +160,7 @@ pub fn rotary<R: CubeRuntime>(
         );
     }
     assert!(head_dim % 2 == 0, "rotary: odd head_dim {head_dim}");
+    let [x, cos, sin] = [x, cos, sin].map(unit_last_stride);
     // Written as [batch, seq, heads, head_dim] and given back as a [batch, heads, seq,
     // head_dim] view of it: the layout the projections use, so that the model's swap back
     // (the gradient of q and k on its way to their projections) costs no copy.
@@ -127,14 +170,16 @@ pub fn rotary<R: CubeRuntime>(
         Shape::new([batch, seq, dims[1], head_dim]),
         x.dtype,
     );
-    let pairs = dims.iter().product::<usize>() / 2;
+    let vector_size = vector_size(&[&x, &cos, &sin, &out], head_dim / 2);
+    let units = dims.iter().product::<usize>() / 2 / vector_size;
     let client = x.client.clone();
     let cube_dim = CubeDim::new_1d(CUBE_SIZE as u32);
     let dtype = x.dtype.into();
     rotary_kernel::launch::<R>(
         &client,
-        cubecl::calculate_cube_count_elemwise(&client, pairs, cube_dim),
+        cubecl::calculate_cube_count_elemwise(&client, units, cube_dim),
         cube_dim,
+        vector_size,
         x.into_tensor_arg(),
         cos.into_tensor_arg(),
         sin.into_tensor_arg(),
@@ -147,15 +192,27 @@ pub fn rotary<R: CubeRuntime>(
     out
 }
 
-/// RMSNorm of one row per cube: `x` `[rows, hidden]` (any strides), `weight` `[hidden]`; writes
-/// `y` `[rows, hidden]` (contiguous) and `rstd` `[rows]`. The arithmetic of
-/// [`super::rms_norm_forward`]: the squares summed and the rows scaled in f32, the normalised
-/// row rounded to the activations' dtype, then multiplied by the weight in that dtype.
+/// The sum of a vector's lanes.
+#[cube]
+fn lane_sum<N: Size>(x: Vector<f32, N>) -> f32 {
+    let mut s = x[0];
+    #[unroll]
+    for k in 1..x.vector_size() {
+        s += x[k];
+    }
+    s
+}
+
+/// RMSNorm of one row per cube: `x` `[rows, hidden]` (rows at any pitch), `weight` `[hidden]`;
+/// writes `y` `[rows, hidden]` (contiguous) and `rstd` `[rows]`, `N` columns per load. The
+/// arithmetic of [`super::rms_norm_forward`]: the squares summed and the rows scaled in f32,
+/// the normalised row rounded to the activations' dtype, then multiplied by the weight in that
+/// dtype.
 #[cube(launch)]
-fn rms_norm_forward_kernel<E: Float>(
-    x: &Tensor<E>,
-    weight: &Tensor<E>,
-    y: &mut Tensor<E>,
+fn rms_norm_forward_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    weight: &Tensor<Vector<E, N>>,
+    y: &mut Tensor<Vector<E, N>>,
     rstd: &mut Tensor<f32>,
     eps: f32,
     #[define(E)] _dtype: StorageType,
@@ -164,21 +221,25 @@ fn rms_norm_forward_kernel<E: Float>(
     if row >= x.shape(0) {
         terminate!();
     }
+    let n = x.vector_size();
     let hidden = x.shape(1);
-    let base = row * x.stride(0);
+    let vectors = hidden / n;
+    let base = row * x.stride(0) / n;
     let mut local = 0.0f32;
     let mut j = UNIT_POS_X as usize;
-    while j < hidden {
-        let v = f32::cast_from(x[base + j * x.stride(1)]);
-        local += v * v;
+    while j < vectors {
+        let v = Vector::<f32, N>::cast_from(x[base + j]);
+        local += lane_sum(v * v);
         j += CUBE_DIM_X as usize;
     }
     let sum = reduce_cube(local, false);
     let r = 1.0f32 / (sum / f32::cast_from(hidden) + eps).sqrt();
+    let out = row * vectors;
     let mut j = UNIT_POS_X as usize;
-    while j < hidden {
-        let normed = E::cast_from(f32::cast_from(x[base + j * x.stride(1)]) * r);
-        y[row * hidden + j] = normed * weight[j * weight.stride(0)];
+    while j < vectors {
+        let normed =
+            Vector::<E, N>::cast_from(Vector::<f32, N>::cast_from(x[base + j]) * Vector::new(r));
+        y[out + j] = normed * weight[j];
         j += CUBE_DIM_X as usize;
     }
     if UNIT_POS_X == 0 {
@@ -191,35 +252,38 @@ fn rms_norm_forward_kernel<E: Float>(
 /// [`super::rms_norm_backward`]: `g = (dy * w)` in the activations' dtype, then in f32
 /// `dx = rstd * (g - n * mean(g * n))` with `n = x * rstd`.
 #[cube(launch)]
-fn rms_norm_backward_kernel<E: Float>(
-    x: &Tensor<E>,
+fn rms_norm_backward_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
     rstd: &Tensor<f32>,
-    weight: &Tensor<E>,
-    grad: &Tensor<E>,
-    dx: &mut Tensor<E>,
+    weight: &Tensor<Vector<E, N>>,
+    grad: &Tensor<Vector<E, N>>,
+    dx: &mut Tensor<Vector<E, N>>,
     #[define(E)] _dtype: StorageType,
 ) {
     let row = row_id();
     if row >= x.shape(0) {
         terminate!();
     }
+    let n = x.vector_size();
     let hidden = x.shape(1);
-    let r = rstd[row * rstd.stride(0)];
-    let xb = row * x.stride(0);
-    let gb = row * grad.stride(0);
+    let vectors = hidden / n;
+    let r = Vector::<f32, N>::new(rstd[row * rstd.stride(0)]);
+    let xb = row * x.stride(0) / n;
+    let gb = row * grad.stride(0) / n;
     let mut local = 0.0f32;
     let mut j = UNIT_POS_X as usize;
-    while j < hidden {
-        let g = f32::cast_from(grad[gb + j * grad.stride(1)] * weight[j * weight.stride(0)]);
-        local += g * (f32::cast_from(x[xb + j * x.stride(1)]) * r);
+    while j < vectors {
+        let g = Vector::<f32, N>::cast_from(grad[gb + j] * weight[j]);
+        local += lane_sum(g * (Vector::<f32, N>::cast_from(x[xb + j]) * r));
         j += CUBE_DIM_X as usize;
     }
-    let dot = reduce_cube(local, false) / f32::cast_from(hidden);
+    let dot = Vector::<f32, N>::new(reduce_cube(local, false) / f32::cast_from(hidden));
+    let out = row * vectors;
     let mut j = UNIT_POS_X as usize;
-    while j < hidden {
-        let g = f32::cast_from(grad[gb + j * grad.stride(1)] * weight[j * weight.stride(0)]);
-        let n = f32::cast_from(x[xb + j * x.stride(1)]) * r;
-        dx[row * hidden + j] = E::cast_from((g - n * dot) * r);
+    while j < vectors {
+        let g = Vector::<f32, N>::cast_from(grad[gb + j] * weight[j]);
+        let normed = Vector::<f32, N>::cast_from(x[xb + j]) * r;
+        dx[out + j] = Vector::cast_from((g - normed * dot) * r);
         j += CUBE_DIM_X as usize;
     }
 }
@@ -241,6 +305,12 @@ fn check_rows<R: CubeRuntime>(what: &str, x: &CubeTensor<R>, weight: &CubeTensor
     [rows, hidden]
 }
 
+/// Units per cube of the RMSNorm kernels: about one vector of the row each (a power of two,
+/// 32 to [`CUBE_SIZE`]; the cube's reduction wants a power of two).
+fn norm_cube_dim(vectors: usize) -> CubeDim {
+    CubeDim::new_1d(vectors.next_power_of_two().clamp(32, CUBE_SIZE) as u32)
+}
+
 /// RMSNorm forward: `y` in `x`'s dtype and `rstd` `[rows, 1]` f32; see
 /// [`super::rms_norm_forward`].
 pub fn rms_norm_forward<R: CubeRuntime>(
@@ -249,17 +319,20 @@ pub fn rms_norm_forward<R: CubeRuntime>(
     eps: f64,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let [rows, hidden] = check_rows("rms_norm", &x, &weight);
+    let [x, weight] = [x, weight].map(unit_last_stride);
     let empty = |shape: [usize; 2], dtype| {
         empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new(shape), dtype)
     };
     let y = empty([rows, hidden], x.dtype);
     let rstd = empty([rows, 1], DType::F32);
+    let vector_size = vector_size(&[&x, &weight, &y], hidden);
     let client = x.client.clone();
     let dtype = x.dtype.into();
     rms_norm_forward_kernel::launch::<R>(
         &client,
         cube_count(rows),
-        CubeDim::new_1d(CUBE_SIZE as u32),
+        norm_cube_dim(hidden / vector_size),
+        vector_size,
         x.into_tensor_arg(),
         weight.into_tensor_arg(),
         y.clone().into_tensor_arg(),
@@ -288,18 +361,21 @@ pub fn rms_norm_backward_x<R: CubeRuntime>(
         &[rows, 1],
         "rms_norm backward: rstd"
     );
+    let [x, weight, grad] = [x, weight, grad].map(unit_last_stride);
     let dx = empty_device_contiguous_dtype(
         x.client.clone(),
         x.device.clone(),
         Shape::new([rows, hidden]),
         x.dtype,
     );
+    let vector_size = vector_size(&[&x, &weight, &grad, &dx], hidden);
     let client = x.client.clone();
     let dtype = x.dtype.into();
     rms_norm_backward_kernel::launch::<R>(
         &client,
         cube_count(rows),
-        CubeDim::new_1d(CUBE_SIZE as u32),
+        norm_cube_dim(hidden / vector_size),
+        vector_size,
         x.into_tensor_arg(),
         rstd.into_tensor_arg(),
         weight.into_tensor_arg(),
