@@ -96,15 +96,19 @@ pub enum Kernel {
     /// The gradient of the token embedding: one kernel adding each row of the output gradient
     /// into its token's row (burn's `select_add` walks every token serially per column).
     Embedding,
+    /// SwiGLU's backward: both gradients from one read of `gate`, `up` and the upstream
+    /// gradient (burn's fuser splits the tensor ops into two kernels that read them twice).
+    SwiGlu,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 6] = [
         Self::Softmax,
         Self::Rotary,
         Self::RmsNorm,
         Self::Flash,
         Self::Embedding,
+        Self::SwiGlu,
     ];
 
     /// The name used on the command line and in reports.
@@ -115,6 +119,7 @@ impl Kernel {
             Self::RmsNorm => "rms-norm",
             Self::Flash => "flash",
             Self::Embedding => "embedding",
+            Self::SwiGlu => "swiglu",
         }
     }
 

@@ -14,7 +14,8 @@
 //! of `x` under autodiff, with `x` a `swap_dims` view as the model hands it in, and tables per
 //! batch row or shared. RMSNorm (one kernel forward, one for the gradient of `x`): output and
 //! the gradients of `x` and the weight under autodiff. The token embedding's gradient (one
-//! kernel): the table's gradient under autodiff, ids repeating.
+//! kernel): the table's gradient under autodiff, ids repeating. SwiGLU's backward (one kernel):
+//! both gradients under autodiff.
 //!
 //! Run with `cargo test -p qwen-sft --features wgpu --test wgpu_kernels`.
 #![cfg(feature = "wgpu")]
@@ -489,4 +490,55 @@ fn embedding_gradient_is_the_same_with_the_kernel() {
     assert!(diff <= 1e-5, "the table's gradient: {diff}");
     // Rows no id uses stay exactly zero.
     assert!(kernel[1][30 * 24..].iter().all(|&x| x == 0.0));
+}
+
+/// `swiglu` on `gate`, `up` `[rows, cols]` under autodiff with the given body: the output and
+/// both gradients for a fixed upstream gradient.
+fn swiglu_with(body: KernelBody, cols: usize, seed: u64) -> [Vec<f32>; 3] {
+    type AB = Autodiff<B>;
+    let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
+    set_kernel_body(body);
+    assert_eq!(AB::has_rowwise_kernels(), body == KernelBody::Kernel);
+    let rows = 7;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut random = |scale: f32| {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0) * scale)
+            .collect();
+        Tensor::<AB, 2>::from_data(TensorData::new(data, [rows, cols]), &device())
+    };
+    // Gates well into both tails of the sigmoid.
+    let gate = random(6.0).require_grad();
+    let up = random(1.0).require_grad();
+    let upstream = random(1.0);
+    let y = qwen_model::ops::swiglu(gate.clone(), up.clone());
+    let grads = (y.clone() * upstream).sum().backward();
+    let out = [
+        values(y.inner()),
+        values(gate.grad(&grads).expect("gate's gradient")),
+        values(up.grad(&grads).expect("up's gradient")),
+    ];
+    set_kernel_body(KernelBody::default());
+    out
+}
+
+/// SwiGLU's backward as one kernel: rows read in vectors of 4 (300 columns) and one element at
+/// a time (301).
+#[test]
+fn swiglu_gradients_are_the_same_with_the_kernel() {
+    for (cols, seed) in [(300, 6), (301, 7)] {
+        let kernel = swiglu_with(KernelBody::Kernel, cols, seed);
+        let tensor_ops = swiglu_with(KernelBody::TensorOps, cols, seed);
+        assert_eq!(
+            kernel[0], tensor_ops[0],
+            "{cols} columns: the forward is the same ops"
+        );
+        for (what, got, want) in [
+            ("d gate", &kernel[1], &tensor_ops[1]),
+            ("d up", &kernel[2], &tensor_ops[2]),
+        ] {
+            let diff = relative_diff(got, want);
+            assert!(diff <= 1e-5, "{cols} columns: {what} {diff}");
+        }
+    }
 }

@@ -205,7 +205,6 @@ fn chunked_loss_with_kernels_equals_tensor_ops_under_autodiff() {
         z_loss_weight: 1e-3,
         // Small tiles: several row chunks and vocabulary slabs.
         chunk_memory_bytes: 64 * 1024,
-        ..Default::default()
     };
     let run = |on: bool| {
         with_kernels(on, || {

@@ -80,6 +80,20 @@ mod cube {
             cube::rotary(grad, cos, sin, true)
         }
 
+        fn swiglu_backward(
+            gate: CubeTensor<R>,
+            up: CubeTensor<R>,
+            grad: CubeTensor<R>,
+            request: [bool; 2],
+        ) -> [Option<CubeTensor<R>>; 2] {
+            if !Self::rowwise_kernel_runs(Kernel::SwiGlu) {
+                return tensor_ops::swiglu_backward::<Self>(gate, up, grad, request);
+            }
+            let [dg, du] = cube::swiglu_backward(gate, up, grad);
+            let [want_gate, want_up] = request;
+            [want_gate.then_some(dg), want_up.then_some(du)]
+        }
+
         fn token_embedding_backward(
             grad: CubeTensor<R>,
             ids: CubeTensor<R>,
@@ -106,7 +120,8 @@ mod cube {
     }
 }
 
-/// Under fusion, RMSNorm and the rotary embedding, where the inner backend has kernels for them,
+/// Under fusion, RMSNorm, the rotary embedding, SwiGLU's backward and the embedding's gradient,
+/// where the inner backend has kernels for them,
 /// run as one custom operation each (fusion ends its pending fused kernels there, then calls the
 /// inner backend's method); with tensor ops they stay ordinary fusion operations.
 #[cfg(feature = "fusion")]
@@ -136,6 +151,8 @@ mod fusion {
         Rotary { backward: bool },
         /// `[grad, ids (int)] -> [table gradient]`
         EmbeddingBackward { vocab: usize, dtype: DType },
+        /// `[gate, up, grad] -> [d gate, d up]`
+        SwigluBackward,
     }
 
     impl Kind {
@@ -146,6 +163,7 @@ mod fusion {
                 Self::Rotary { backward: false } => "qwen_model::rotary",
                 Self::Rotary { backward: true } => "qwen_model::rotary_backward",
                 Self::EmbeddingBackward { .. } => "qwen_model::embedding_backward",
+                Self::SwigluBackward => "qwen_model::swiglu_backward",
             }
         }
     }
@@ -188,6 +206,11 @@ mod fusion {
                     vec![dx.expect("dx was asked for")]
                 }
                 Kind::EmbeddingBackward { .. } => unreachable!("handled above"),
+                Kind::SwigluBackward => {
+                    let (gate, up, grad) = (next(), next(), next());
+                    let [dg, du] = B::swiglu_backward(gate, up, grad, [true, true]);
+                    vec![dg.expect("d gate"), du.expect("d up")]
+                }
                 Kind::Rotary { backward } => {
                     let (x, cos, sin) = (next(), next(), next());
                     vec![if backward {
@@ -296,6 +319,24 @@ mod fusion {
                 return tensor_ops::rotary_backward::<Self>(grad, cos, sin);
             }
             register_like_first::<B>(Kind::Rotary { backward: true }, vec![grad, cos, sin])
+        }
+
+        fn swiglu_backward(
+            gate: FloatTensor<Self>,
+            up: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            request: [bool; 2],
+        ) -> [Option<FloatTensor<Self>>; 2] {
+            if !B::rowwise_kernel_runs(Kernel::SwiGlu) {
+                return tensor_ops::swiglu_backward::<Self>(gate, up, grad, request);
+            }
+            let like_gate = (gate.shape.as_slice().to_vec(), gate.dtype);
+            let outputs = vec![like_gate.clone(), like_gate];
+            let mut out = register::<B>(Kind::SwigluBackward, vec![gate, up, grad], outputs);
+            let du = out.pop().expect("d up");
+            let dg = out.pop().expect("d gate");
+            let [want_gate, want_up] = request;
+            [want_gate.then_some(dg), want_up.then_some(du)]
         }
 
         fn token_embedding_backward(

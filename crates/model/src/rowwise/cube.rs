@@ -1,5 +1,6 @@
 //! The rotary embedding as one CubeCL kernel each way, RMSNorm's forward and the gradient of
-//! its input as one kernel each, and the token embedding's gradient as one kernel.
+//! its input as one kernel each, SwiGLU's backward and the token embedding's gradient as one
+//! kernel each.
 //!
 //! RMSNorm in tensor ops is four kernels forward (the squared mean fused into a reduction, then
 //! the two broadcast products alone) and several backward; here a cube takes one row, sums in
@@ -384,6 +385,83 @@ pub fn rms_norm_backward_x<R: CubeRuntime>(
         dtype,
     );
     dx
+}
+
+/// SwiGLU's backward, `N` elements per unit, in f32 with one rounding per result: with
+/// `s = sigmoid(gate)`, `d up = dy gate s` and `d gate = dy up s (1 + gate (1 - s))`. All
+/// tensors `[rows, cols]` (rows at any pitch, columns contiguous); the results contiguous.
+#[cube(launch)]
+fn swiglu_backward_kernel<E: Float, N: Size>(
+    gate: &Tensor<Vector<E, N>>,
+    up: &Tensor<Vector<E, N>>,
+    grad: &Tensor<Vector<E, N>>,
+    d_gate: &mut Tensor<Vector<E, N>>,
+    d_up: &mut Tensor<Vector<E, N>>,
+    #[define(E)] _dtype: StorageType,
+) {
+    let n = gate.vector_size();
+    let vectors = gate.shape(1) / n;
+    if ABSOLUTE_POS >= gate.shape(0) * vectors {
+        terminate!();
+    }
+    let row = ABSOLUTE_POS / vectors;
+    let j = ABSOLUTE_POS % vectors;
+    let g = Vector::<f32, N>::cast_from(gate[row * gate.stride(0) / n + j]);
+    let u = Vector::<f32, N>::cast_from(up[row * up.stride(0) / n + j]);
+    let dy = Vector::<f32, N>::cast_from(grad[row * grad.stride(0) / n + j]);
+    let one = Vector::<f32, N>::new(1.0);
+    let s = one / (one + (-g).exp());
+    d_up[ABSOLUTE_POS] = Vector::cast_from(dy * g * s);
+    d_gate[ABSOLUTE_POS] = Vector::cast_from(dy * u * s * (one + g * (one - s)));
+}
+
+/// The gradients of `silu(gate) * up` with respect to `gate` and `up` (in that order), in
+/// their dtype; see [`super::swiglu_backward`].
+pub fn swiglu_backward<R: CubeRuntime>(
+    gate: CubeTensor<R>,
+    up: CubeTensor<R>,
+    grad: CubeTensor<R>,
+) -> [CubeTensor<R>; 2] {
+    let dims = gate.meta.shape().as_slice().to_vec();
+    let [rows, cols] = dims[..] else {
+        panic!("swiglu backward: gate must be [rows, cols], not {dims:?}")
+    };
+    for (name, t) in [("up", &up), ("grad", &grad)] {
+        assert_eq!(
+            t.meta.shape().as_slice(),
+            &dims[..],
+            "swiglu backward: {name} does not match gate"
+        );
+        assert_eq!(t.dtype, gate.dtype, "swiglu backward: {name}'s dtype");
+    }
+    let [gate, up, grad] = [gate, up, grad].map(unit_last_stride);
+    let empty = || {
+        empty_device_contiguous_dtype(
+            gate.client.clone(),
+            gate.device.clone(),
+            Shape::new([rows, cols]),
+            gate.dtype,
+        )
+    };
+    let (d_gate, d_up) = (empty(), empty());
+    let vector_size = vector_size(&[&gate, &up, &grad, &d_gate, &d_up], cols);
+    let client = gate.client.clone();
+    let cube_dim = CubeDim::new_1d(CUBE_SIZE as u32);
+    let count = cubecl::calculate_cube_count_elemwise(&client, rows * cols / vector_size, cube_dim);
+    let dtype = gate.dtype.into();
+    swiglu_backward_kernel::launch::<R>(
+        &client,
+        count,
+        cube_dim,
+        vector_size,
+        gate.into_tensor_arg(),
+        up.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        d_gate.clone().into_tensor_arg(),
+        d_up.clone().into_tensor_arg(),
+        dtype,
+    );
+    [d_gate, d_up]
 }
 
 /// `out[ids[r], c] += grad[r, c]` for every element of `grad` (a unit each), on f32 atomics

@@ -89,11 +89,7 @@ pub trait RowwiseBackend: Backend {
         grad: FloatTensor<Self>,
         request: [bool; 2],
     ) -> [Option<FloatTensor<Self>>; 2] {
-        let [dg, du] = swiglu_backward::<Self>(float(gate), float(up), float(grad), request);
-        [
-            dg.map(|t| t.into_primitive().tensor()),
-            du.map(|t| t.into_primitive().tensor()),
-        ]
+        tensor_ops::swiglu_backward::<Self>(gate, up, grad, request)
     }
 
     /// The differentiable `silu(gate) * up`: on `Autodiff<B>` one node keeping `gate` and `up`.
@@ -198,6 +194,19 @@ pub(crate) mod tensor_ops {
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let (y, rstd) = super::rms_norm_forward::<B>(float(x), float(weight), eps);
         (y.into_primitive().tensor(), rstd.into_primitive().tensor())
+    }
+
+    pub fn swiglu_backward<B: Backend>(
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        request: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let [dg, du] = super::swiglu_backward::<B>(float(gate), float(up), float(grad), request);
+        [
+            dg.map(|t| t.into_primitive().tensor()),
+            du.map(|t| t.into_primitive().tensor()),
+        ]
     }
 
     pub fn rms_norm_backward<B: Backend>(
