@@ -410,7 +410,8 @@ fn swiglu_backward_kernel<E: Float, N: Size>(
     let u = Vector::<f32, N>::cast_from(up[row * up.stride(0) / n + j]);
     let dy = Vector::<f32, N>::cast_from(grad[row * grad.stride(0) / n + j]);
     let one = Vector::<f32, N>::new(1.0);
-    let s = one / (one + (-g).exp());
+    // `0 - g`: CubeCL's CUDA target has no unary minus on vectors.
+    let s = one / (one + (Vector::<f32, N>::new(0.0) - g).exp());
     d_up[ABSOLUTE_POS] = Vector::cast_from(dy * g * s);
     d_gate[ABSOLUTE_POS] = Vector::cast_from(dy * u * s * (one + g * (one - s)));
 }
