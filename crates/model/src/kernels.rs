@@ -99,16 +99,21 @@ pub enum Kernel {
     /// SwiGLU's backward: both gradients from one read of `gate`, `up` and the upstream
     /// gradient (burn's fuser splits the tensor ops into two kernels that read them twice).
     SwiGlu,
+    /// The linear biases' and RMSNorm weights' gradients (sums over rows): one pass over the
+    /// bf16 rows into per-part f32 sums, then a small sum of the parts (the tensor ops cast
+    /// the rows to f32, or form the products in f32, and reduce that copy in two stages).
+    ColumnSums,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 7] = [
         Self::Softmax,
         Self::Rotary,
         Self::RmsNorm,
         Self::Flash,
         Self::Embedding,
         Self::SwiGlu,
+        Self::ColumnSums,
     ];
 
     /// The name used on the command line and in reports.
@@ -120,6 +125,7 @@ impl Kernel {
             Self::Flash => "flash",
             Self::Embedding => "embedding",
             Self::SwiGlu => "swiglu",
+            Self::ColumnSums => "column-sums",
         }
     }
 

@@ -39,15 +39,15 @@ struct Cli {
     #[arg(long, global = true, default_value_t = qwen_gemm::DEFAULT_MIN_FLOPS as f64 * 1e-9)]
     gemm_min_gflop: f64,
     /// This workspace's own kernels (the attention's block softmax, the rotary embedding,
-    /// RMSNorm, the embedding's gradient, SwiGLU's backward, the chunked loss's row statistics
-    /// and logit gradient):
+    /// RMSNorm, the embedding's gradient, SwiGLU's backward, the biases' and norm weights'
+    /// gradients, the chunked loss's row statistics and logit gradient):
     /// auto (the kernels on CUDA, tensor ops elsewhere), tensor-ops (burn's ops everywhere) or
     /// kernel (on any CubeCL backend, wgpu too).
     #[arg(long, global = true, default_value = "auto")]
     kernels: qwen_model::KernelBody,
     /// Kernels to keep on their tensor-op bodies whatever `--kernels` says, comma-separated:
-    /// softmax, rotary, rms-norm, flash, embedding, swiglu (to find which one a difference
-    /// comes from).
+    /// softmax, rotary, rms-norm, flash, embedding, swiglu, column-sums (to find which one a
+    /// difference comes from).
     #[arg(long, global = true, value_delimiter = ',')]
     kernels_off: Vec<qwen_model::Kernel>,
 }

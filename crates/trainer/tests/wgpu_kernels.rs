@@ -15,7 +15,8 @@
 //! batch row or shared. RMSNorm (one kernel forward, one for the gradient of `x`): output and
 //! the gradients of `x` and the weight under autodiff. The token embedding's gradient (one
 //! kernel): the table's gradient under autodiff, ids repeating. SwiGLU's backward (one kernel):
-//! both gradients under autodiff.
+//! both gradients under autodiff. The column sums (a bias's gradient, RMSNorm's weight
+//! gradient above): under autodiff, columns vectorised or not, rows over several parts.
 //!
 //! Run with `cargo test -p qwen-sft --features wgpu --test wgpu_kernels`.
 #![cfg(feature = "wgpu")]
@@ -423,7 +424,8 @@ fn rms_norm_with(body: KernelBody, hidden: usize, seed: u64) -> [Vec<f32>; 3] {
 }
 
 /// Rows read in vectors of 4 (300: 75 vectors, one a unit; 1100: more vectors than the
-/// cube's 256 units) and one element at a time (301: some units take two).
+/// cube's 256 units) and one element at a time (301: some units take two). The weight's
+/// gradient goes through the column-sum kernel (several column cubes at 1100).
 #[test]
 fn rms_norm_is_the_same_with_the_kernels() {
     for (hidden, seed) in [(300, 3), (1100, 4), (301, 5)] {
@@ -540,5 +542,48 @@ fn swiglu_gradients_are_the_same_with_the_kernel() {
             let diff = relative_diff(got, want);
             assert!(diff <= 1e-5, "{cols} columns: {what} {diff}");
         }
+    }
+}
+
+/// `linear` with a bias on `x` `[rows, in]` under autodiff with the given body: the bias's
+/// gradient (a sum over rows) for a fixed upstream gradient.
+fn bias_grad_with(body: KernelBody, [rows, out]: [usize; 2], seed: u64) -> Vec<f32> {
+    type AB = Autodiff<B>;
+    let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
+    set_kernel_body(body);
+    let inputs = 5;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut random = |shape: [usize; 2]| {
+        let data: Vec<f32> = (0..shape[0] * shape[1])
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::<AB, 2>::from_data(TensorData::new(data, shape), &device())
+    };
+    let x = random([rows, inputs]);
+    let weight = random([out, inputs]);
+    let upstream = random([rows, out]);
+    let bias = Tensor::<AB, 1>::zeros([out], &device()).require_grad();
+    let y = qwen_model::ops::linear(x, weight, Some(bias.clone()));
+    let grads = (y * upstream).sum().backward();
+    let out = values(bias.grad(&grads).expect("the bias's gradient"));
+    set_kernel_body(KernelBody::default());
+    out
+}
+
+/// The bias's gradient as column sums: columns in vectors of 4 (40, and 300 over several
+/// column cubes) and one at a time (33); rows over several parts with a short last one (1000)
+/// and fewer rows than a cube's row units (3).
+#[test]
+fn bias_gradient_is_the_same_with_the_kernel() {
+    for (shape, seed) in [
+        ([1000, 40], 8),
+        ([1000, 300], 9),
+        ([1000, 33], 10),
+        ([3, 40], 11),
+    ] {
+        let kernel = bias_grad_with(KernelBody::Kernel, shape, seed);
+        let tensor_ops = bias_grad_with(KernelBody::TensorOps, shape, seed);
+        let diff = relative_diff(&kernel, &tensor_ops);
+        assert!(diff <= 1e-5, "{shape:?}: {diff}");
     }
 }

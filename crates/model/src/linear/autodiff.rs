@@ -10,7 +10,7 @@ use burn::backend::autodiff::{
 use burn::tensor::TensorMetadata;
 use burn::tensor::ops::FloatTensor;
 
-use super::{LinearBackend, bias_grad, cast_to};
+use super::{LinearBackend, cast_to};
 
 /// The backward step of `x @ cast(w)^T` (of `x @ w^T` where `w` is already in `x`'s dtype, the
 /// casts then being no-ops); its parents are `[x, w]`.
@@ -59,7 +59,7 @@ impl<B: LinearBackend> Backward<B, 2> for AddBiasBackward {
     ) {
         let [node_y, node_bias] = ops.parents;
         let grad = grads.consume::<B>(&ops.node); // [rows, out]
-        let grad_bias = node_bias.is_some().then(|| bias_grad::<B>(grad.clone()));
+        let grad_bias = node_bias.is_some().then(|| B::sum_rows(grad.clone()));
         crate::grads::register::<B, 2>(
             grads,
             [

@@ -15,7 +15,10 @@ where
     F: burn_cubecl::FloatElement,
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
-    Self: burn::tensor::backend::Backend<FloatTensorPrimitive = burn_cubecl::tensor::CubeTensor<R>>,
+    Self: burn::tensor::backend::Backend<
+            FloatTensorPrimitive = burn_cubecl::tensor::CubeTensor<R>,
+            IntTensorPrimitive = burn_cubecl::tensor::CubeTensor<R>,
+        >,
 {
 }
 

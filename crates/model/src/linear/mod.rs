@@ -17,7 +17,7 @@ mod autodiff;
 mod backends;
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Shape, TensorMetadata};
 pub use qwen_gemm::{GemmBackend, GemmBody, gemm_body, gemm_reference, set_gemm_body};
 
 /// A backend whose linear layers can run on a kernel of its own.
@@ -25,7 +25,7 @@ pub use qwen_gemm::{GemmBackend, GemmBody, gemm_body, gemm_reference, set_gemm_b
 /// Implemented for `Autodiff<B, C>` whenever `B` implements it, and, behind this crate's
 /// features, for the same backend families as [`AttentionBackend`](crate::AttentionBackend),
 /// which extends this trait.
-pub trait LinearBackend: GemmBackend {
+pub trait LinearBackend: GemmBackend + crate::RowwiseBackend {
     /// The differentiable `x @ w^T`.
     ///
     /// # Shapes
@@ -49,9 +49,9 @@ pub trait LinearBackend: GemmBackend {
     }
 
     /// `y + bias`, the bias broadcast over the rows. On `Autodiff<B>` one node whose bias
-    /// gradient, a sum over every row, is [`sum_rows`](crate::reduce::sum_rows) in f32:
-    /// autodiff of the broadcast add would sum in one stage, which CubeCL gives one thread per
-    /// column (see [`crate::reduce`]).
+    /// gradient, a sum over every row, is [`RowwiseBackend::sum_rows`](
+    /// crate::RowwiseBackend::sum_rows) in f32: autodiff of the broadcast add would sum in one
+    /// stage, which CubeCL gives one thread per column (see [`crate::reduce`]).
     ///
     /// # Shapes
     /// - `y`: `[rows, out]`, `bias`: `[out]`, same dtype
@@ -60,16 +60,6 @@ pub trait LinearBackend: GemmBackend {
         let out = bias.shape().num_elements();
         Self::float_add(y, Self::float_reshape(bias, Shape::new([1, out])))
     }
-}
-
-/// The gradient of [`LinearBackend::add_bias`]'s bias: `grad` `[rows, out]` summed over rows in
-/// f32, as `[out]` in `grad`'s dtype.
-pub(crate) fn bias_grad<B: burn::tensor::backend::Backend>(grad: FloatTensor<B>) -> FloatTensor<B> {
-    let dtype = grad.dtype();
-    let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
-    let [_, out] = grad.dims();
-    let sum = crate::reduce::sum_rows(grad.cast(FloatDType::F32)).reshape([out]);
-    sum.cast(dtype).into_primitive().tensor()
 }
 
 /// `t` in `dtype`, untouched where it already is.

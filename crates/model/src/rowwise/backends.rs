@@ -10,9 +10,9 @@ impl super::RowwiseBackend for burn::backend::NdArray {}
 
 #[cfg(feature = "cubecl")]
 mod cube {
-    use burn::tensor::DType;
     use burn::tensor::backend::Backend;
-    use burn::tensor::ops::FloatTensorOps;
+    use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+    use burn::tensor::{DType, Tensor, TensorPrimitive};
     use burn_cubecl::tensor::CubeTensor;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
@@ -55,7 +55,28 @@ mod cube {
                 grad,
                 request,
                 cube::rms_norm_backward_x,
+                Self::rms_norm_weight_grad,
             )
+        }
+
+        fn rms_norm_weight_grad(
+            x: CubeTensor<R>,
+            rstd: CubeTensor<R>,
+            grad: CubeTensor<R>,
+        ) -> CubeTensor<R> {
+            if !Self::rowwise_kernel_runs(Kernel::ColumnSums) {
+                return tensor_ops::rms_norm_weight_grad::<Self>(x, rstd, grad);
+            }
+            let dtype = x.dtype;
+            sum_parts::<Self>(cube::column_sums(grad, Some((x, rstd))), dtype)
+        }
+
+        fn sum_rows(x: CubeTensor<R>) -> CubeTensor<R> {
+            if !Self::rowwise_kernel_runs(Kernel::ColumnSums) {
+                return tensor_ops::sum_rows::<Self>(x);
+            }
+            let dtype = x.dtype;
+            sum_parts::<Self>(cube::column_sums(x, None), dtype)
         }
 
         fn rotary_forward(
@@ -118,6 +139,17 @@ mod cube {
             kernel_runs(kernel, qwen_gemm::is_cuda::<R>())
         }
     }
+    /// The column sums' parts `[parts, n]` f32 added up, as `[n]` in `dtype`.
+    fn sum_parts<B: Backend>(partial: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+        let partial = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(partial));
+        let [_, n] = partial.dims();
+        partial
+            .sum_dim(0)
+            .reshape([n])
+            .cast(dtype)
+            .into_primitive()
+            .tensor()
+    }
 }
 
 /// Under fusion, RMSNorm, the rotary embedding, SwiGLU's backward and the embedding's gradient,
@@ -153,6 +185,10 @@ mod fusion {
         EmbeddingBackward { vocab: usize, dtype: DType },
         /// `[gate, up, grad] -> [d gate, d up]`
         SwigluBackward,
+        /// `[x, rstd, grad] -> [weight gradient]`
+        RmsNormWeightGrad,
+        /// `[x] -> [sum over rows]`
+        SumRows,
     }
 
     impl Kind {
@@ -164,6 +200,8 @@ mod fusion {
                 Self::Rotary { backward: true } => "qwen_model::rotary_backward",
                 Self::EmbeddingBackward { .. } => "qwen_model::embedding_backward",
                 Self::SwigluBackward => "qwen_model::swiglu_backward",
+                Self::RmsNormWeightGrad => "qwen_model::rms_norm_weight_grad",
+                Self::SumRows => "qwen_model::sum_rows",
             }
         }
     }
@@ -206,6 +244,11 @@ mod fusion {
                     vec![dx.expect("dx was asked for")]
                 }
                 Kind::EmbeddingBackward { .. } => unreachable!("handled above"),
+                Kind::RmsNormWeightGrad => {
+                    let (x, rstd, grad) = (next(), next(), next());
+                    vec![B::rms_norm_weight_grad(x, rstd, grad)]
+                }
+                Kind::SumRows => vec![B::sum_rows(next())],
                 Kind::SwigluBackward => {
                     let (gate, up, grad) = (next(), next(), next());
                     let [dg, du] = B::swiglu_backward(gate, up, grad, [true, true]);
@@ -296,7 +339,31 @@ mod fusion {
                 |x, rstd, weight, grad| {
                     register_like_first::<B>(Kind::RmsNormBackwardX, vec![x, rstd, weight, grad])
                 },
+                Self::rms_norm_weight_grad,
             )
+        }
+
+        fn rms_norm_weight_grad(
+            x: FloatTensor<Self>,
+            rstd: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            if !B::rowwise_kernel_runs(Kernel::ColumnSums) {
+                return tensor_ops::rms_norm_weight_grad::<Self>(x, rstd, grad);
+            }
+            let output = (vec![x.shape.as_slice()[1]], x.dtype);
+            let kind = Kind::RmsNormWeightGrad;
+            let mut out = register::<B>(kind, vec![x, rstd, grad], vec![output]);
+            out.pop().expect("the weight's gradient")
+        }
+
+        fn sum_rows(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            if !B::rowwise_kernel_runs(Kernel::ColumnSums) {
+                return tensor_ops::sum_rows::<Self>(x);
+            }
+            let output = (vec![x.shape.as_slice()[1]], x.dtype);
+            let mut out = register::<B>(Kind::SumRows, vec![x], vec![output]);
+            out.pop().expect("the sums")
         }
 
         fn rotary_forward(

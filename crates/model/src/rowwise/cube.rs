@@ -465,6 +465,188 @@ pub fn swiglu_backward<R: CubeRuntime>(
     [d_gate, d_up]
 }
 
+/// Units of a column-sum cube along the columns (each a vector of them) and along the rows.
+const SUM_COLUMN_UNITS: usize = 32;
+const SUM_ROW_UNITS: usize = 8;
+/// Cubes a column sum aims at: about four per SM of an H200, whatever the column count.
+const SUM_CUBES: usize = 512;
+/// The fewest rows of a part: eight for each of a cube's row units.
+const SUM_MIN_PART_ROWS: usize = 8 * SUM_ROW_UNITS;
+/// The widest vector of any dtype (8 bf16 in 16 bytes), for the sums' shared buffer.
+const MAX_LANES: usize = 8;
+
+/// Adds the cube's units' partial sums along its rows, lane by lane, and writes the cube's
+/// vector of column sums into row `CUBE_POS_Y` of `partial` (`[parts, cols]` contiguous).
+#[cube]
+fn store_column_sums<N: Size>(
+    acc: Vector<f32, N>,
+    partial: &mut Tensor<Vector<f32, N>>,
+    column: usize,
+    vectors: usize,
+) {
+    let n = acc.vector_size();
+    let mut shared = SharedMemory::<f32>::new(SUM_ROW_UNITS * SUM_COLUMN_UNITS * MAX_LANES);
+    let x = UNIT_POS_X as usize;
+    let slot = (UNIT_POS_Y as usize * SUM_COLUMN_UNITS + x) * MAX_LANES;
+    #[unroll]
+    for k in 0..n {
+        shared[slot + k] = acc[k];
+    }
+    sync_cube();
+    if UNIT_POS_Y == 0 && column < vectors {
+        let mut total = acc;
+        let mut y = 1usize;
+        while y < SUM_ROW_UNITS {
+            let other = (y * SUM_COLUMN_UNITS + x) * MAX_LANES;
+            #[unroll]
+            for k in 0..n {
+                total[k] += shared[other + k];
+            }
+            y += 1;
+        }
+        partial[CUBE_POS_Y as usize * vectors + column] = total;
+    }
+}
+
+/// Column sums of `x` `[rows, cols]` in f32 over each part of `rows_per_part` rows: a cube
+/// takes [`SUM_COLUMN_UNITS`] vectors of columns of one part, its units stepping through the
+/// part's rows [`SUM_ROW_UNITS`] apart.
+#[cube(launch)]
+fn column_sums_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    partial: &mut Tensor<Vector<f32, N>>,
+    rows_per_part: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let n = x.vector_size();
+    let vectors = x.shape(1) / n;
+    let column = CUBE_POS_X as usize * SUM_COLUMN_UNITS + UNIT_POS_X as usize;
+    let start = CUBE_POS_Y as usize * rows_per_part as usize;
+    let end = min(start + rows_per_part as usize, x.shape(0));
+    let mut acc = Vector::<f32, N>::new(0.0);
+    if column < vectors {
+        let mut r = start + UNIT_POS_Y as usize;
+        while r < end {
+            acc += Vector::<f32, N>::cast_from(x[r * x.stride(0) / n + column]);
+            r += SUM_ROW_UNITS;
+        }
+    }
+    store_column_sums(acc, partial, column, vectors);
+}
+
+/// As [`column_sums_kernel`], of RMSNorm's weight-gradient terms `grad * normed`, with
+/// `normed = x * rstd` rounded to the activations' dtype and the product taken in it, as
+/// [`super::rms_norm_weight_grad`] has them.
+#[cube(launch)]
+fn norm_weight_sums_kernel<E: Float, N: Size>(
+    grad: &Tensor<Vector<E, N>>,
+    x: &Tensor<Vector<E, N>>,
+    rstd: &Tensor<f32>,
+    partial: &mut Tensor<Vector<f32, N>>,
+    rows_per_part: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let n = x.vector_size();
+    let vectors = x.shape(1) / n;
+    let column = CUBE_POS_X as usize * SUM_COLUMN_UNITS + UNIT_POS_X as usize;
+    let start = CUBE_POS_Y as usize * rows_per_part as usize;
+    let end = min(start + rows_per_part as usize, x.shape(0));
+    let mut acc = Vector::<f32, N>::new(0.0);
+    if column < vectors {
+        let mut r = start + UNIT_POS_Y as usize;
+        while r < end {
+            let scale = Vector::<f32, N>::new(rstd[r * rstd.stride(0)]);
+            let normed = Vector::<E, N>::cast_from(
+                Vector::<f32, N>::cast_from(x[r * x.stride(0) / n + column]) * scale,
+            );
+            acc += Vector::<f32, N>::cast_from(grad[r * grad.stride(0) / n + column] * normed);
+            r += SUM_ROW_UNITS;
+        }
+    }
+    store_column_sums(acc, partial, column, vectors);
+}
+
+/// Per-part column sums of `x` `[rows, cols]` (or, given `norm = (x, rstd)`, of RMSNorm's
+/// weight-gradient terms of `grad = x` here and those), as `[parts, cols]` f32: the parts'
+/// sum is the whole sum. Parts are chosen so that the grid has about [`SUM_CUBES`] cubes, each
+/// part at least [`SUM_MIN_PART_ROWS`] rows.
+pub fn column_sums<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    norm: Option<(CubeTensor<R>, CubeTensor<R>)>,
+) -> CubeTensor<R> {
+    let dims = x.meta.shape().as_slice().to_vec();
+    let [rows, cols] = dims[..] else {
+        panic!("column sums: x must be [rows, cols], not {dims:?}")
+    };
+    let x = unit_last_stride(x);
+    let norm = norm.map(|(normed_x, rstd)| {
+        assert_eq!(
+            normed_x.meta.shape().as_slice(),
+            &dims[..],
+            "column sums: RMSNorm's x does not match the gradient"
+        );
+        assert_eq!(
+            rstd.meta.shape().as_slice(),
+            &[rows, 1],
+            "column sums: rstd"
+        );
+        (unit_last_stride(normed_x), rstd)
+    });
+    let vector_size = match &norm {
+        Some((normed_x, _)) => vector_size(&[&x, normed_x], cols),
+        None => vector_size(&[&x], cols),
+    };
+    let column_cubes = (cols / vector_size).div_ceil(SUM_COLUMN_UNITS);
+    let parts = SUM_CUBES.div_ceil(column_cubes).clamp(1, rows.max(1));
+    let rows_per_part = rows.div_ceil(parts).max(SUM_MIN_PART_ROWS);
+    let parts = rows.div_ceil(rows_per_part).max(1);
+    if rows == 0 || cols == 0 {
+        return burn_cubecl::ops::numeric::zeros_client(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::new([parts, cols]),
+            DType::F32,
+        );
+    }
+    // Every entry is written: each cube's row units cover its part's rows.
+    let partial = empty_device_contiguous_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        Shape::new([parts, cols]),
+        DType::F32,
+    );
+    let client = x.client.clone();
+    let count = CubeCount::Static(column_cubes as u32, parts as u32, 1);
+    let cube_dim = CubeDim::new_2d(SUM_COLUMN_UNITS as u32, SUM_ROW_UNITS as u32);
+    let dtype = x.dtype.into();
+    let rows_per_part = u32::try_from(rows_per_part).expect("rows fit in u32");
+    match norm {
+        None => column_sums_kernel::launch::<R>(
+            &client,
+            count,
+            cube_dim,
+            vector_size,
+            x.into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            rows_per_part,
+            dtype,
+        ),
+        Some((normed_x, rstd)) => norm_weight_sums_kernel::launch::<R>(
+            &client,
+            count,
+            cube_dim,
+            vector_size,
+            x.into_tensor_arg(),
+            normed_x.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            rows_per_part,
+            dtype,
+        ),
+    }
+    partial
+}
+
 /// `out[ids[r], c] += grad[r, c]` for every element of `grad` (a unit each), on f32 atomics
 /// where the runtime adds f32 atomically (CUDA).
 #[cube(launch)]

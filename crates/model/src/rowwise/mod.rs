@@ -76,6 +76,23 @@ pub trait RowwiseBackend: Backend {
         tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request)
     }
 
+    /// The gradient of RMSNorm's weight alone (see [`rms_norm_backward`](
+    /// Self::rms_norm_backward)): the products `grad * normed` in the activations' dtype,
+    /// summed over rows in f32, as `[hidden]` in `x`'s dtype.
+    fn rms_norm_weight_grad(
+        x: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        tensor_ops::rms_norm_weight_grad::<Self>(x, rstd, grad)
+    }
+
+    /// The sum over the rows of `x` `[rows, n]`, in f32, as `[n]` in `x`'s dtype: the gradient
+    /// of a bias broadcast over rows ([`LinearBackend::add_bias`](crate::LinearBackend::add_bias)).
+    fn sum_rows(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        tensor_ops::sum_rows::<Self>(x)
+    }
+
     /// The differentiable RMSNorm: on `Autodiff<B>` one node keeping `x`, `rstd` and `weight`.
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         Self::rms_norm_forward(x, weight, eps).0
@@ -196,6 +213,26 @@ pub(crate) mod tensor_ops {
         (y.into_primitive().tensor(), rstd.into_primitive().tensor())
     }
 
+    pub fn rms_norm_weight_grad<B: Backend>(
+        x: FloatTensor<B>,
+        rstd: FloatTensor<B>,
+        grad: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        super::rms_norm_weight_grad::<B>(float(x), float(rstd), float(grad))
+            .into_primitive()
+            .tensor()
+    }
+
+    pub fn sum_rows<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        let x = float::<B, 2>(x);
+        let (dtype, [_, n]) = (x.dtype(), x.dims());
+        crate::reduce::sum_rows(x.cast(FloatDType::F32))
+            .reshape([n])
+            .cast(dtype)
+            .into_primitive()
+            .tensor()
+    }
+
     pub fn swiglu_backward<B: Backend>(
         gate: FloatTensor<B>,
         up: FloatTensor<B>,
@@ -268,7 +305,7 @@ pub(crate) mod tensor_ops {
     }
 
     /// RMSNorm's backward for a backend with a kernel for the gradient of `x`: `dx` from
-    /// `dx_kernel(x, rstd, weight, grad)`, the weight's gradient (a sum over rows) in tensor ops.
+    /// `dx_kernel(x, rstd, weight, grad)`, the weight's gradient from `dw_kernel(x, rstd, grad)`.
     #[cfg(any(feature = "cubecl", feature = "fusion"))]
     pub fn rms_norm_backward_with_dx_kernel<B: Backend>(
         x: FloatTensor<B>,
@@ -282,12 +319,9 @@ pub(crate) mod tensor_ops {
             FloatTensor<B>,
             FloatTensor<B>,
         ) -> FloatTensor<B>,
+        dw_kernel: impl FnOnce(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
     ) -> [Option<FloatTensor<B>>; 2] {
-        let dw = want_weight.then(|| {
-            let (x, rstd, weight, grad) = (x.clone(), rstd.clone(), weight.clone(), grad.clone());
-            let [_, dw] = rms_norm_backward::<B>(x, rstd, weight, grad, [false, true]);
-            dw.expect("the weight's gradient was asked for")
-        });
+        let dw = want_weight.then(|| dw_kernel(x.clone(), rstd.clone(), grad.clone()));
         let dx = want_x.then(|| dx_kernel(x, rstd, weight, grad));
         [dx, dw]
     }
@@ -320,12 +354,7 @@ pub fn rms_norm_backward<B: Backend>(
     let [_, hidden] = x.dims();
     // [rows, hidden] in f32, recomputed
     let normed = x.cast(FloatDType::F32) * rstd.clone();
-    let dw = want_weight.then(|| {
-        // [1, hidden]: the products in the activations' dtype, as autodiff of the plain ops has
-        // them, summed over rows in f32 and in two stages (crate::reduce)
-        crate::reduce::sum_rows((grad.clone() * normed.clone().cast(dtype)).cast(FloatDType::F32))
-            .cast(dtype)
-    });
+    let dw = want_weight.then(|| weight_grad(grad.clone(), normed.clone(), dtype));
     let dx = want_x.then(|| {
         let g = (grad * weight.unsqueeze::<2>()).cast(FloatDType::F32);
         // [rows, 1]
@@ -333,6 +362,24 @@ pub fn rms_norm_backward<B: Backend>(
         ((g - normed * dot) * rstd).cast(dtype)
     });
     (dx, dw.map(|dw| dw.reshape([hidden])))
+}
+
+/// RMSNorm's weight gradient, `[1, hidden]` in `dtype`, from the f32 normalised rows: the
+/// products in the activations' dtype, as autodiff of the plain ops has them, summed over rows
+/// in f32 and in two stages (crate::reduce).
+fn weight_grad<B: Backend>(grad: Tensor<B, 2>, normed: Tensor<B, 2>, dtype: DType) -> Tensor<B, 2> {
+    crate::reduce::sum_rows((grad * normed.cast(dtype)).cast(FloatDType::F32)).cast(dtype)
+}
+
+/// The body of [`RowwiseBackend::rms_norm_weight_grad`]: [`rms_norm_backward`]'s weight
+/// gradient alone.
+pub fn rms_norm_weight_grad<B: Backend>(
+    x: Tensor<B, 2>,
+    rstd: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let (dtype, [_, hidden]) = (x.dtype(), x.dims());
+    weight_grad(grad, x.cast(FloatDType::F32) * rstd, dtype).reshape([hidden])
 }
 
 /// The body of [`RowwiseBackend::swiglu`], the same ops as
