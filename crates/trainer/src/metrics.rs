@@ -20,11 +20,13 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     pub tokens: usize,
     pub supervised_tokens: usize,
+    /// Time from the previous step's results being read to this step's (the first step: from
+    /// the loop's start). Steps overlap: a step's loss is read after the next step's forward
+    /// and backward passes are queued.
     pub step_seconds: f64,
-    /// Host time from the step's start until its forward and backward passes were queued,
-    /// before its first read of a result (the gradient norm). On a GPU backend, which runs
-    /// queued work asynchronously, a value close to `step_seconds` means the host, not the
-    /// GPU, sets the pace.
+    /// Host time from the step's start until its forward and backward passes were queued. On a
+    /// GPU backend, which runs queued work asynchronously, a value close to `step_seconds`
+    /// means the host, not the GPU, sets the pace.
     pub queued_seconds: f64,
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,

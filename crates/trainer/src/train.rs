@@ -11,7 +11,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor};
-use qwen_chat::{DataReport, DatasetOptions, Example, Loader, LoaderConfig};
+use qwen_chat::{Cursor, DataReport, DatasetOptions, Example, Loader, LoaderConfig};
 use qwen_loss::{
     ChunkedCeBackend, CrossEntropyOptions, LossOutput, Reduction, chunked_lm_head_cross_entropy,
     next_token_targets,
@@ -179,110 +179,145 @@ where
     let mut final_loss = None;
     let started = Instant::now();
 
-    while state.step < total_steps {
+    // Each step's loss and norm are read one step late: after the next step's forward and
+    // backward passes are queued, so that the device goes on to them while the host reads,
+    // logs and prepares the next batch (a read right after the update left the device idle
+    // for that long, and for the ramp of queueing the next forward). The update of a step is
+    // queued only after the previous step's values are read and found finite, so the model a
+    // non-finite value leaves behind is the same as with reads in order.
+    let mut pending: Option<PendingStep<B::InnerBackend>> = None;
+    let mut last_finished = Instant::now();
+    loop {
+        let queued_step = state.step + u64::from(pending.is_some());
         let step_started = Instant::now();
         // One optimizer step: up to `accum` micro-batches.
-        let micro: Vec<_> = (0..accum).map_while(|_| loader.next_batch()).collect();
-        if micro.is_empty() {
-            break;
-        }
-        let batches: Vec<_> = micro.iter().map(|b| to_device::<B>(b, device)).collect();
-        // transformers' num_items_in_batch: every micro-batch's summed loss is divided by the
-        // supervised targets of the whole accumulated step.
-        let step_supervised: usize = batches.iter().map(|b| b.supervised).sum();
-        let step_tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        let micro: Vec<_> = if queued_step < total_steps {
+            (0..accum).map_while(|_| loader.next_batch()).collect()
+        } else {
+            Vec::new()
+        };
+        let next = if micro.is_empty() {
+            None
+        } else {
+            let batches: Vec<_> = micro.iter().map(|b| to_device::<B>(b, device)).collect();
+            // transformers' num_items_in_batch: every micro-batch's summed loss is divided by
+            // the supervised targets of the whole accumulated step.
+            let supervised: usize = batches.iter().map(|b| b.supervised).sum();
+            let tokens: usize = batches.iter().map(|b| b.tokens).sum();
 
-        let mut accumulator = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
-        let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
-        for batch in batches {
-            // [rows, len, hidden]
-            let hidden = model.hidden_states(&batch.input, None);
-            let loss = lm_head_loss(&model, hidden, batch.labels, &loss_opts)?
-                .normalized_by(step_supervised);
-            step_loss = Some(match step_loss.take() {
-                Some(total) => total + loss.clone().inner(),
-                None => loss.clone().inner(),
-            });
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-        }
-        let mut grads = accumulator.grads();
-        let queued_seconds = step_started.elapsed().as_secs_f64();
-
-        // The norm, clipping and the update are queued without reading anything back: the
-        // device goes on from the backward pass to the update while the host queues it. The
-        // step's loss and norm are read once, afterwards (one wait for the device per step).
-        let lr = schedule.lr(state.step);
-        let norm;
-        (model, norm) = optimizer.step(model, &mut grads, lr, config.optim.max_grad_norm);
-        let (loss, grad_norm) = read_scalars(step_loss, norm);
-        // A non-finite value ends the run; the update it made stays in memory only (checkpoints
-        // on disk are from earlier steps, and the error names the last one).
-        for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: state.step + 1,
-                    what,
-                    value,
-                    last_checkpoint: state.checkpoint,
+            let mut accumulator = GradientsAccumulator::<Qwen2ForCausalLM<B>>::new();
+            let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
+            for batch in batches {
+                // [rows, len, hidden]
+                let hidden = model.hidden_states(&batch.input, None);
+                let loss = lm_head_loss(&model, hidden, batch.labels, &loss_opts)?
+                    .normalized_by(supervised);
+                step_loss = Some(match step_loss.take() {
+                    Some(total) => total + loss.clone().inner(),
+                    None => loss.clone().inner(),
                 });
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                accumulator.accumulate(&model, grads);
+            }
+            let queued_seconds = step_started.elapsed().as_secs_f64();
+            Some((
+                accumulator.grads(),
+                step_loss,
+                tokens,
+                supervised,
+                queued_seconds,
+            ))
+        };
+
+        if let Some(done) = pending.take() {
+            let (loss, grad_norm) = read_scalars(done.loss, done.norm);
+            // A non-finite value ends the run; the update it made stays in memory only
+            // (checkpoints on disk are from earlier steps, and the error names the last one).
+            for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
+                if !value.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        step: state.step + 1,
+                        what,
+                        value,
+                        last_checkpoint: state.checkpoint,
+                    });
+                }
+            }
+            state.step += 1;
+            state.tokens += done.tokens as u64;
+            state.supervised_tokens += done.supervised as u64;
+            state.cursor = Some(done.cursor);
+            final_loss = Some(loss);
+            // From the last step's read to this one's: the pace of the run, whichever of host
+            // and device sets it.
+            let step_seconds = last_finished.elapsed().as_secs_f64();
+            last_finished = Instant::now();
+            let metrics = StepMetrics {
+                step: state.step,
+                total_steps,
+                loss,
+                lr: done.lr,
+                grad_norm,
+                tokens: done.tokens,
+                supervised_tokens: done.supervised,
+                step_seconds,
+                queued_seconds: done.queued_seconds,
+                tokens_per_second: done.tokens as f64 / step_seconds,
+                elapsed_seconds: started.elapsed().as_secs_f64(),
+                epoch: done.cursor.epoch,
+            };
+            if state.step % config.train.log_every.max(1) == 0 || state.step == total_steps {
+                metrics_log.step(&metrics)?;
+            }
+            observer.on_step(&metrics);
+
+            if let Some((examples, _)) = &eval_set
+                && config.eval.every > 0
+                && state.step % config.eval.every == 0
+                && state.step < total_steps
+            {
+                evaluate_and_log(
+                    &model.valid(),
+                    examples,
+                    config,
+                    state.step,
+                    &mut metrics_log,
+                    observer,
+                )?;
+            }
+            if config.checkpoint.every > 0
+                && state.step % config.checkpoint.every == 0
+                && state.step < total_steps
+            {
+                let path = checkpoint::save(
+                    out,
+                    &model,
+                    &base.config,
+                    &optimizer,
+                    &state,
+                    config.checkpoint.keep_last,
+                )?;
+                state.checkpoint = Some(path.clone());
+                observer.on_checkpoint(&path);
             }
         }
 
-        state.step += 1;
-        state.tokens += step_tokens as u64;
-        state.supervised_tokens += step_supervised as u64;
-        state.cursor = Some(loader.cursor());
-        final_loss = Some(loss);
-        let step_seconds = step_started.elapsed().as_secs_f64();
-        let metrics = StepMetrics {
-            step: state.step,
-            total_steps,
-            loss,
-            lr,
-            grad_norm,
-            tokens: step_tokens,
-            supervised_tokens: step_supervised,
-            step_seconds,
-            queued_seconds,
-            tokens_per_second: step_tokens as f64 / step_seconds,
-            elapsed_seconds: started.elapsed().as_secs_f64(),
-            epoch: loader.cursor().epoch,
+        let Some((mut grads, loss, tokens, supervised, queued_seconds)) = next else {
+            break;
         };
-        if state.step % config.train.log_every.max(1) == 0 || state.step == total_steps {
-            metrics_log.step(&metrics)?;
-        }
-        observer.on_step(&metrics);
-
-        if let Some((examples, _)) = &eval_set
-            && config.eval.every > 0
-            && state.step % config.eval.every == 0
-            && state.step < total_steps
-        {
-            evaluate_and_log(
-                &model.valid(),
-                examples,
-                config,
-                state.step,
-                &mut metrics_log,
-                observer,
-            )?;
-        }
-        if config.checkpoint.every > 0
-            && state.step % config.checkpoint.every == 0
-            && state.step < total_steps
-        {
-            let path = checkpoint::save(
-                out,
-                &model,
-                &base.config,
-                &optimizer,
-                &state,
-                config.checkpoint.keep_last,
-            )?;
-            state.checkpoint = Some(path.clone());
-            observer.on_checkpoint(&path);
-        }
+        // The norm, clipping and the update are queued without reading anything back.
+        let lr = schedule.lr(state.step);
+        let norm;
+        (model, norm) = optimizer.step(model, &mut grads, lr, config.optim.max_grad_norm);
+        pending = Some(PendingStep {
+            loss,
+            norm,
+            lr,
+            tokens,
+            supervised,
+            queued_seconds,
+            cursor: loader.cursor(),
+        });
     }
 
     let final_eval = match &eval_set {
@@ -329,6 +364,18 @@ where
 }
 
 /// The step's loss and gradient norm (0 for one that is absent), read back in one transfer.
+/// A step whose update is queued and whose loss and gradient norm are not read yet.
+struct PendingStep<B: Backend> {
+    loss: Option<Tensor<B, 1>>,
+    norm: Option<Tensor<B, 1>>,
+    lr: f64,
+    tokens: usize,
+    supervised: usize,
+    queued_seconds: f64,
+    /// The loader's position after this step's batches.
+    cursor: Cursor,
+}
+
 fn read_scalars<B: Backend>(loss: Option<Tensor<B, 1>>, norm: Option<Tensor<B, 1>>) -> (f64, f64) {
     let present: Vec<_> = [&loss, &norm]
         .into_iter()
