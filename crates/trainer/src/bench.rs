@@ -132,6 +132,10 @@ pub fn write_corpus(path: &Path, n: usize, tokens: usize, seed: u64) -> Result<(
 struct Timer {
     started: Instant,
     warmup: u64,
+    /// The last step timed (and whose loss is kept): the run goes one step further, since a
+    /// step's time runs from the previous step's read to its own, and a run's last step has no
+    /// next step queued behind it (`train`'s loop reads each step's loss one step late).
+    last_timed: u64,
     /// cuBLASLt's totals when the timed steps begin.
     gemm_at_warmup: qwen_gemm::GemmStats,
     fused_at_warmup: u64,
@@ -153,6 +157,9 @@ impl Observer for Timer {
             m.tokens_per_second,
             self.started.elapsed().as_secs_f64()
         );
+        if m.step > self.last_timed {
+            return;
+        }
         self.losses.push(m.loss);
         if m.step == self.warmup {
             self.setup_seconds = Some(self.started.elapsed().as_secs_f64());
@@ -190,7 +197,8 @@ where
     config.optim.lr = 1e-5;
     config.optim.schedule = crate::schedule::ScheduleKind::Constant;
     config.train.batch_size = bench.batch_size;
-    config.train.max_steps = Some(steps);
+    // One step past the timed ones (see `Timer::last_timed`).
+    config.train.max_steps = Some(steps + 1);
     config.train.precision = bench.precision;
     config.train.loss_chunk_mib = bench.loss_chunk_mib;
     config.train.attention_chunk_mib = bench.attention_chunk_mib;
@@ -204,6 +212,7 @@ where
     let mut timer = Timer {
         started: Instant::now(),
         warmup: bench.warmup_steps,
+        last_timed: steps,
         gemm_at_warmup: qwen_gemm::gemm_stats(),
         fused_at_warmup: qwen_model::fused_attention_passes(),
         setup_seconds: None,
