@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Issue 6, session 14: the attention alone against PyTorch's SDPA (same call), 0.5b batch 8
-# and 1.5b batch 4 against their peers, then both 0.5b steps under Nsight Compute (each
+# Issue 6, sessions 14 and 15: the attention alone against PyTorch's SDPA (same call), 0.5b
+# batch 8 and 1.5b batch 4 against their peers, then both 0.5b steps under Nsight Compute (each
 # kernel's GPU time, ours and the peer's, one step taken apart by xtask/peer/step_breakdown.py;
 # BREAKDOWN=0 leaves them out, PEER_BREAKDOWN= the peer's). ATTN=0 leaves out the attention
 # checks; CHECK=1 adds check_bf16 (fast path against reference on the fixture model). NCU=1 adds ncu's figures of the fused kernels at
 # head size 64; CURVE=1 the fast path's 50-step curve (compared here with session 13's call 2
-# reference, whose path has not changed); LARGE=0 leaves out 1.5b. Build first (`cargo xtask device-bundle`), then
-# with carry [".device"]:
+# reference, whose path has not changed); LARGE=0 leaves out 1.5b; CACHED=1 adds both presets
+# again with cached cuBLASLt plans (`--gemm cublaslt-cached`, results tagged `_cached`), which
+# spend less host time per product (added in session 15). Build first (`cargo xtask device-bundle`), then with carry
+# [".device"]:
 #
 #   bash xtask/device/issue6_s14.sh
 source xtask/device/call.sh issue6
@@ -16,6 +18,10 @@ export STEPS=${STEPS:-8} ATTN_ITERS=${ATTN_ITERS:-30}
   [ "${CHECK:-0}" = 1 ] && bash $G check_bf16
   bash $G ours_b8_bf16 peer_amp_b8
   [ "${LARGE:-1}" = 1 ] && bash $G ours_1p5b_b4 peer_amp_1p5b_b4
+  if [ "${CACHED:-0}" = 1 ]; then
+    TAG=cached GEMM=cublaslt-cached bash $G ours_b8_bf16
+    [ "${LARGE:-1}" = 1 ] && TAG=cached GEMM=cublaslt-cached bash $G ours_1p5b_b4
+  fi
   [ "${CURVE:-0}" = 1 ] && bash $G curve_fast_b4
   [ "${BREAKDOWN:-1}" = 1 ] && bash $G ncu_b8 ${PEER_BREAKDOWN:-ncu_peer_b8}
   if [ "${NCU:-0}" = 1 ]; then

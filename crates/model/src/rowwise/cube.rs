@@ -508,6 +508,24 @@ fn store_column_sums<N: Size>(
     }
 }
 
+/// This unit's column vector of `x` `[rows, cols]`, the row's vector count, and the rows it
+/// adds up: from its first row of the cube's part to the part's end, [`SUM_ROW_UNITS`] apart
+/// (none where the column is past the row's end).
+#[cube]
+fn unit_part<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    rows_per_part: u32,
+) -> (usize, usize, usize, usize) {
+    let vectors = x.shape(1) / x.vector_size();
+    let column = CUBE_POS_X as usize * SUM_COLUMN_UNITS + UNIT_POS_X as usize;
+    let start = CUBE_POS_Y as usize * rows_per_part as usize;
+    let mut end = min(start + rows_per_part as usize, x.shape(0));
+    if column >= vectors {
+        end = 0;
+    }
+    (column, vectors, start + UNIT_POS_Y as usize, end)
+}
+
 /// Column sums of `x` `[rows, cols]` in f32 over each part of `rows_per_part` rows: a cube
 /// takes [`SUM_COLUMN_UNITS`] vectors of columns of one part, its units stepping through the
 /// part's rows [`SUM_ROW_UNITS`] apart.
@@ -519,17 +537,12 @@ fn column_sums_kernel<E: Float, N: Size>(
     #[define(E)] _dtype: StorageType,
 ) {
     let n = x.vector_size();
-    let vectors = x.shape(1) / n;
-    let column = CUBE_POS_X as usize * SUM_COLUMN_UNITS + UNIT_POS_X as usize;
-    let start = CUBE_POS_Y as usize * rows_per_part as usize;
-    let end = min(start + rows_per_part as usize, x.shape(0));
+    let (column, vectors, first, end) = unit_part::<E, N>(x, rows_per_part);
     let mut acc = Vector::<f32, N>::new(0.0);
-    if column < vectors {
-        let mut r = start + UNIT_POS_Y as usize;
-        while r < end {
-            acc += Vector::<f32, N>::cast_from(x[r * x.stride(0) / n + column]);
-            r += SUM_ROW_UNITS;
-        }
+    let mut r = first;
+    while r < end {
+        acc += Vector::<f32, N>::cast_from(x[r * x.stride(0) / n + column]);
+        r += SUM_ROW_UNITS;
     }
     store_column_sums(acc, partial, column, vectors);
 }
@@ -547,21 +560,16 @@ fn norm_weight_sums_kernel<E: Float, N: Size>(
     #[define(E)] _dtype: StorageType,
 ) {
     let n = x.vector_size();
-    let vectors = x.shape(1) / n;
-    let column = CUBE_POS_X as usize * SUM_COLUMN_UNITS + UNIT_POS_X as usize;
-    let start = CUBE_POS_Y as usize * rows_per_part as usize;
-    let end = min(start + rows_per_part as usize, x.shape(0));
+    let (column, vectors, first, end) = unit_part::<E, N>(x, rows_per_part);
     let mut acc = Vector::<f32, N>::new(0.0);
-    if column < vectors {
-        let mut r = start + UNIT_POS_Y as usize;
-        while r < end {
-            let scale = Vector::<f32, N>::new(rstd[r * rstd.stride(0)]);
-            let normed = Vector::<E, N>::cast_from(
-                Vector::<f32, N>::cast_from(x[r * x.stride(0) / n + column]) * scale,
-            );
-            acc += Vector::<f32, N>::cast_from(grad[r * grad.stride(0) / n + column] * normed);
-            r += SUM_ROW_UNITS;
-        }
+    let mut r = first;
+    while r < end {
+        let scale = Vector::<f32, N>::new(rstd[r * rstd.stride(0)]);
+        let normed = Vector::<E, N>::cast_from(
+            Vector::<f32, N>::cast_from(x[r * x.stride(0) / n + column]) * scale,
+        );
+        acc += Vector::<f32, N>::cast_from(grad[r * grad.stride(0) / n + column] * normed);
+        r += SUM_ROW_UNITS;
     }
     store_column_sums(acc, partial, column, vectors);
 }
