@@ -1,6 +1,6 @@
 //! The training benchmark behind `qwen-sft bench` and `cargo xtask bench`.
 //!
-//! It runs the real loop of [`train`](crate::train::train) (data loading, forward, masked
+//! It runs the real loop of [`train`] (data loading, forward, masked
 //! loss over real labels, backward, clipping, optimizer step) on a generated corpus whose rows
 //! are packed to `seq_len` with about half of every row supervised, and times the steps after
 //! a warm-up. Nothing a real run does is skipped.
@@ -350,7 +350,7 @@ pub fn forward<B: AttentionBackend>(
     })
 }
 
-/// One GEMM of a linear layer, timed on the backend's [`LinearBackend::gemm`] body and on
+/// One GEMM of a linear layer, timed on the backend's [`GemmBackend::gemm`](qwen_gemm::GemmBackend::gemm) body and on
 /// burn's matmul, with the two results compared: `qwen-sft bench-linear`.
 #[derive(Debug, Clone, Serialize)]
 pub struct GemmReport {

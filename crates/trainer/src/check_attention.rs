@@ -81,7 +81,7 @@ pub struct AttentionCheckReport {
     pub tolerance: f64,
     pub pass: bool,
     /// Seconds per forward + backward of each bf16 path, over `iterations` runs after
-    /// [`WARMUP_RUNS`] (absent when not timed).
+    /// `WARMUP_RUNS` (absent when not timed).
     pub fused_seconds: Option<f64>,
     pub chunked_seconds: Option<f64>,
     pub iterations: usize,

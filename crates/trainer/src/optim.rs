@@ -118,7 +118,7 @@ fn group_ranges(sizes: &[usize], limit: usize) -> Vec<std::ops::Range<usize>> {
 
 /// The optimizer and its state: every parameter's moments, plus the step count.
 ///
-/// A step works on flat buffers, one per group of parameters ([`GROUP_VALUES`]): each group's
+/// A step works on flat buffers, one per group of parameters (`GROUP_VALUES`): each group's
 /// gradients are copied end to end into one f32 buffer, the global norm sums one reduction per
 /// group, and the rule (clip, moments, the step size) runs over a group at once, leaving one
 /// subtraction per parameter. Written per parameter, the same update took about seven kernels
