@@ -55,7 +55,6 @@ mod cube {
                 grad,
                 request,
                 cube::rms_norm_backward_x,
-                Self::rms_norm_weight_grad,
             )
         }
 
@@ -339,7 +338,6 @@ mod fusion {
                 |x, rstd, weight, grad| {
                     register_like_first::<B>(Kind::RmsNormBackwardX, vec![x, rstd, weight, grad])
                 },
-                Self::rms_norm_weight_grad,
             )
         }
 

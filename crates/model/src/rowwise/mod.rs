@@ -305,9 +305,10 @@ pub(crate) mod tensor_ops {
     }
 
     /// RMSNorm's backward for a backend with a kernel for the gradient of `x`: `dx` from
-    /// `dx_kernel(x, rstd, weight, grad)`, the weight's gradient from `dw_kernel(x, rstd, grad)`.
+    /// `dx_kernel(x, rstd, weight, grad)`, the weight's gradient from the backend's
+    /// [`rms_norm_weight_grad`](super::RowwiseBackend::rms_norm_weight_grad).
     #[cfg(any(feature = "cubecl", feature = "fusion"))]
-    pub fn rms_norm_backward_with_dx_kernel<B: Backend>(
+    pub fn rms_norm_backward_with_dx_kernel<B: super::RowwiseBackend>(
         x: FloatTensor<B>,
         rstd: FloatTensor<B>,
         weight: FloatTensor<B>,
@@ -319,9 +320,9 @@ pub(crate) mod tensor_ops {
             FloatTensor<B>,
             FloatTensor<B>,
         ) -> FloatTensor<B>,
-        dw_kernel: impl FnOnce(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
     ) -> [Option<FloatTensor<B>>; 2] {
-        let dw = want_weight.then(|| dw_kernel(x.clone(), rstd.clone(), grad.clone()));
+        let dw =
+            want_weight.then(|| B::rms_norm_weight_grad(x.clone(), rstd.clone(), grad.clone()));
         let dx = want_x.then(|| dx_kernel(x, rstd, weight, grad));
         [dx, dw]
     }
