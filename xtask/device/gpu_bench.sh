@@ -98,6 +98,9 @@ for name in ${@:-$ALL}; do
     # Training: ours and the peer, 0.5b, seq 2048, AdamW, half of every row supervised.
     ours_b4_bf16) step $name ${TRAIN_LIMIT:-300} $B bench $G --preset 0.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" ;;
     ours_b8_bf16) step $name 240 $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" --loss-chunk-mib "${LOSS_MIB:-1024}" ;;
+    # The same with samples of the host's time (a `cuda,host-profile` build:
+    # BINARY=qwen-sft-cuda-host-profile); xtask/peer/host_profile.py reads NAME.stacks.
+    profile_b8)   step $name 240 $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" --loss-chunk-mib "${LOSS_MIB:-1024}" --host-profile "$OUT/$name.stacks" ;;
     ours_b8_burn) step $name 240 $B bench --gemm burn --preset 0.5b --seq-len 2048 --batch-size 8 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" ;;
     # Issue 6's second model: 1.5b at batch 4.
     ours_1p5b_b4) step $name 300 $B bench $G --preset 1.5b --seq-len 2048 --batch-size 4 --steps "$STEPS" --warmup-steps 2 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" ;;

@@ -222,8 +222,9 @@ fn bench_loss(args: &[String]) -> Result<()> {
 /// when `carry` names it);
 /// `xtask/device/gpu_bench.sh` unpacks it there (`BINARY=qwen-sft-<features>` picks a variant).
 ///
-/// `--features F` builds another CUDA variant (`cuda-unfused`, `cuda,autotune`)
-/// into `.device/qwen-sft-<F>.xz`, in the same target folder as the plain build.
+/// `--features F` builds another CUDA variant (`cuda-unfused`, `cuda,autotune`,
+/// `cuda,host-profile`, which keeps its symbols) into `.device/qwen-sft-<F>.xz`, in the same
+/// target folder as the plain build.
 fn device_bundle(args: &[String]) -> Result<()> {
     let features = match args {
         [] => "cuda".to_string(),
@@ -239,7 +240,13 @@ fn device_bundle(args: &[String]) -> Result<()> {
     let bin = build_qwen_sft_in(&features, "cuda")?;
     let stripped = out.join(&name);
     std::fs::copy(&bin, &stripped)?;
-    run(Command::new("strip").arg(&stripped))?;
+    // A host-profiling build keeps its symbol table: its samples name functions by it.
+    let strip_what = if features.contains("host-profile") {
+        "--strip-debug"
+    } else {
+        "--strip-all"
+    };
+    run(Command::new("strip").arg(strip_what).arg(&stripped))?;
     run(Command::new("xz").args(["-T2", "-6", "-f"]).arg(&stripped))?;
     println!("{}", out.join(format!("{name}.xz")).display());
     Ok(())

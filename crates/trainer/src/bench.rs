@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::config::{Precision, TrainConfig};
 use crate::error::TrainError;
+use crate::host_profile::HostProfile;
 use crate::metrics::StepMetrics;
 use crate::train::{Observer, train};
 
@@ -36,6 +37,9 @@ pub struct BenchConfig {
     pub attention: qwen_model::AttentionImpl,
     /// Recorded in the run's config and the report; the caller picks the matching backend.
     pub checkpointing: crate::config::Checkpointing,
+    /// Where to write samples of the host's time over the timed steps
+    /// ([`crate::host_profile`]; the `host-profile` feature).
+    pub host_profile: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -142,6 +146,11 @@ struct Timer {
     setup_seconds: Option<f64>,
     timed: Vec<StepMetrics>,
     losses: Vec<f64>,
+    /// Where to write the host profile of the timed steps, before they start.
+    profile_to: Option<std::path::PathBuf>,
+    profile: Option<HostProfile>,
+    /// The first error of the profiler, reported once the run is over.
+    profile_error: Option<TrainError>,
 }
 
 impl Observer for Timer {
@@ -165,9 +174,21 @@ impl Observer for Timer {
             self.setup_seconds = Some(self.started.elapsed().as_secs_f64());
             self.gemm_at_warmup = qwen_gemm::gemm_stats();
             self.fused_at_warmup = qwen_model::fused_attention_passes();
+            if let Some(path) = self.profile_to.take() {
+                match HostProfile::start(&path) {
+                    Ok(profile) => self.profile = Some(profile),
+                    Err(err) => self.profile_error = Some(err),
+                }
+            }
         }
         if m.step > self.warmup {
             self.timed.push(m.clone());
+        }
+        if m.step == self.last_timed
+            && let Some(profile) = self.profile.take()
+            && let Err(err) = profile.finish()
+        {
+            self.profile_error = Some(err);
         }
     }
 }
@@ -218,10 +239,16 @@ where
         setup_seconds: None,
         timed: Vec::new(),
         losses: Vec::new(),
+        profile_to: bench.host_profile.clone(),
+        profile: None,
+        profile_error: None,
     };
     let parameters =
         qwen_model::Qwen2Config::preset(&bench.preset).map_or(0, |c| c.num_parameters());
     train::<B>(&config, device, backend_name, None, &mut timer)?;
+    if let Some(err) = timer.profile_error {
+        return Err(err);
+    }
 
     let seconds: Vec<f64> = timer.timed.iter().map(|m| m.step_seconds).collect();
     let total: f64 = seconds.iter().sum();

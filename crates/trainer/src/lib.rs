@@ -19,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod host_profile;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

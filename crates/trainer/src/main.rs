@@ -341,6 +341,10 @@ struct BenchArgs {
     /// Scratch directory for the corpus and the run (a temporary one when absent).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Write samples of the host's time over the timed steps here, as collapsed stacks
+    /// (a binary built with `--features host-profile`).
+    #[arg(long)]
+    host_profile: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -810,6 +814,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         attention_chunk_mib: args.attention_chunk_mib,
         attention: args.attention,
         checkpointing: args.checkpointing,
+        host_profile: args.host_profile,
     };
     let device = backend::device();
     let report = match args.checkpointing {

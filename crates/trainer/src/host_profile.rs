@@ -1,0 +1,93 @@
+//! Samples of the host's own time over a bench's timed steps (`bench --host-profile PATH`).
+//!
+//! When the host sets a step's pace (docs/ARCHITECTURE.md), the question is where its time
+//! goes, and the lent GPU machine has no profiler for the host. With the `host-profile`
+//! feature, the binary samples its own threads (pprof-rs: a `SIGPROF` timer and an unwind per
+//! sample) and writes the stacks in the collapsed format of `flamegraph.pl` and `inferno`: one
+//! line per distinct stack, `thread;outermost;...;innermost count`.
+//! `xtask/peer/host_profile.py` sums them by function.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::TrainError;
+
+/// Samples per second of CPU time.
+#[cfg(feature = "host-profile")]
+const FREQUENCY: i32 = 997;
+
+/// A running profile; [`HostProfile::finish`] writes it.
+pub struct HostProfile {
+    path: PathBuf,
+    #[cfg(feature = "host-profile")]
+    guard: pprof::ProfilerGuard<'static>,
+}
+
+impl HostProfile {
+    /// Starts sampling every thread of the process.
+    #[cfg(feature = "host-profile")]
+    pub fn start(path: &Path) -> Result<Self, TrainError> {
+        let guard = pprof::ProfilerGuardBuilder::default()
+            .frequency(FREQUENCY)
+            // Unwinding through these while they hold a lock can deadlock the sampled thread.
+            .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+            .build()
+            .map_err(|err| failed(path, err.to_string()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            guard,
+        })
+    }
+
+    /// Without the `host-profile` feature: an error that says how to build one that can.
+    #[cfg(not(feature = "host-profile"))]
+    pub fn start(path: &Path) -> Result<Self, TrainError> {
+        Err(failed(
+            path,
+            "this binary has no host profiler; build it with `--features host-profile`".into(),
+        ))
+    }
+
+    /// Stops sampling and writes the collapsed stacks, most frequent first.
+    #[cfg(feature = "host-profile")]
+    pub fn finish(self) -> Result<(), TrainError> {
+        let report = self
+            .guard
+            .report()
+            .build()
+            .map_err(|err| failed(&self.path, err.to_string()))?;
+        let mut lines: Vec<(isize, String)> = report
+            .data
+            .iter()
+            .map(|(frames, &count)| {
+                // pprof lists the innermost frame first; an address may stand for several
+                // inlined functions, innermost first too.
+                let mut stack = vec![frames.thread_name_or_id()];
+                for address in frames.frames.iter().rev() {
+                    stack.extend(address.iter().rev().map(|symbol| symbol.name()));
+                }
+                (count, stack.join(";"))
+            })
+            .collect();
+        lines.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let text: String = lines
+            .iter()
+            .map(|(count, stack)| format!("{stack} {count}\n"))
+            .collect();
+        std::fs::write(&self.path, text).map_err(|source| TrainError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    #[cfg(not(feature = "host-profile"))]
+    pub fn finish(self) -> Result<(), TrainError> {
+        Err(failed(&self.path, "no host profiler in this binary".into()))
+    }
+}
+
+fn failed(path: &Path, reason: String) -> TrainError {
+    TrainError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(format!("host profile: {reason}")),
+    }
+}
