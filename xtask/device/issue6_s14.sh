@@ -7,7 +7,9 @@
 # head size 64; CURVE=1 the fast path's 50-step curve (compared here with session 13's call 2
 # reference, whose path has not changed); LARGE=0 leaves out 1.5b; CACHED=1 adds both presets
 # again with cached cuBLASLt plans (`--gemm cublaslt-cached`, results tagged `_cached`), which
-# spend less host time per product (added in session 15). Build first (`cargo xtask device-bundle`), then with carry
+# spend less host time per product (added in session 15). PROFILE=1 adds 0.5b batch 8 again
+# with samples of the host's time (session 16; needs a `cuda,host-profile` build:
+# BINARY=qwen-sft-cuda-host-profile). Build first (`cargo xtask device-bundle`), then with carry
 # [".device"]:
 #
 #   bash xtask/device/issue6_s14.sh
@@ -22,6 +24,7 @@ export STEPS=${STEPS:-8} ATTN_ITERS=${ATTN_ITERS:-30}
     TAG=cached GEMM=cublaslt-cached bash $G ours_b8_bf16
     [ "${LARGE:-1}" = 1 ] && TAG=cached GEMM=cublaslt-cached bash $G ours_1p5b_b4
   fi
+  [ "${PROFILE:-0}" = 1 ] && bash $G profile_b8
   [ "${CURVE:-0}" = 1 ] && bash $G curve_fast_b4
   [ "${BREAKDOWN:-1}" = 1 ] && bash $G ncu_b8 ${PEER_BREAKDOWN:-ncu_peer_b8}
   if [ "${NCU:-0}" = 1 ]; then

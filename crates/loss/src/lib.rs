@@ -69,7 +69,8 @@ pub use chunked::{
 pub use cross_entropy::masked_cross_entropy;
 pub use error::LossError;
 pub use options::{CrossEntropyOptions, LossOutput, Reduction};
-pub use shift::next_token_targets;
+pub use shift::{next_token_targets, next_token_targets_host};
+pub use targets::Targets;
 
 /// The target value that marks a position as not supervised (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;

@@ -29,3 +29,28 @@ pub fn next_token_targets<B: Backend>(labels: Tensor<B, 2, Int>) -> Tensor<B, 2,
     // [batch, seq - 1] ++ [batch, 1] -> [batch, seq]
     Tensor::cat(vec![labels.narrow(1, 1, seq - 1), pad], 1)
 }
+
+/// [`next_token_targets`] of labels held on the host, `[batch, seq]` row-major: the same
+/// values, without a device round trip (a trainer's batches start on the host).
+///
+/// # Panics
+/// If `labels.len()` is not a multiple of `seq` (a zero `seq` needs empty labels).
+pub fn next_token_targets_host(labels: &[i64], seq: usize) -> Vec<i64> {
+    if seq == 0 {
+        assert!(
+            labels.is_empty(),
+            "next_token_targets_host: seq 0 but {} labels",
+            labels.len()
+        );
+        return Vec::new();
+    }
+    assert!(
+        labels.len().is_multiple_of(seq),
+        "next_token_targets_host: {} labels are not rows of {seq}",
+        labels.len()
+    );
+    labels
+        .chunks(seq)
+        .flat_map(|row| row[1..].iter().copied().chain([IGNORE_INDEX]))
+        .collect()
+}

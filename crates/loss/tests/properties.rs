@@ -8,7 +8,7 @@ use common::{Ad, Cpu, device, to_f32, to_i64};
 use proptest::prelude::*;
 use qwen_loss::{
     CrossEntropyOptions, IGNORE_INDEX, LossError, Reduction, chunked_lm_head_cross_entropy,
-    masked_cross_entropy, next_token_targets,
+    masked_cross_entropy, next_token_targets, next_token_targets_host,
 };
 
 /// How a row of labels is masked.
@@ -122,7 +122,17 @@ struct Outcome {
     grad_weight: Vec<f32>,
 }
 
-fn evaluate(b: &Batch, opts: &CrossEntropyOptions, chunked: bool) -> Outcome {
+/// Which loss computes an [`Outcome`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LossPath {
+    Plain,
+    /// The chunked path, its targets on the device (read back).
+    Chunked,
+    /// The chunked path, its targets shifted and passed on the host.
+    ChunkedHostTargets,
+}
+
+fn evaluate(b: &Batch, opts: &CrossEntropyOptions, path: LossPath) -> Outcome {
     let device = device();
     let n = b.batch * b.seq;
     let hidden = Tensor::<Ad, 2>::from_data(TensorData::new(b.hidden.clone(), [n, b.dim]), &device)
@@ -136,15 +146,21 @@ fn evaluate(b: &Batch, opts: &CrossEntropyOptions, chunked: bool) -> Outcome {
     );
     let targets = next_token_targets(labels).reshape([n]);
     let opts = opts.clone().with_reduction(Reduction::None);
-    let out = if chunked {
-        chunked_lm_head_cross_entropy(hidden.clone(), weight.clone(), targets, &opts).unwrap()
-    } else {
-        masked_cross_entropy(
+    let host = next_token_targets_host(&b.labels, b.seq);
+    let out = match path {
+        LossPath::Chunked => {
+            chunked_lm_head_cross_entropy(hidden.clone(), weight.clone(), targets, &opts).unwrap()
+        }
+        LossPath::ChunkedHostTargets => {
+            chunked_lm_head_cross_entropy(hidden.clone(), weight.clone(), host.as_slice(), &opts)
+                .unwrap()
+        }
+        LossPath::Plain => masked_cross_entropy(
             hidden.clone().matmul(weight.clone().transpose()),
             targets,
             &opts,
         )
-        .unwrap()
+        .unwrap(),
     };
     let mean = out.sum.clone().div_scalar(out.n_tokens.max(1) as f32);
     let grads = mean.clone().backward();
@@ -183,8 +199,14 @@ proptest! {
             .with_z_loss_weight(z)
             .with_chunk_memory_bytes(budget);
 
-        let plain = evaluate(&b, &opts, false);
-        let fused = evaluate(&b, &opts, true);
+        let plain = evaluate(&b, &opts, LossPath::Plain);
+        let fused = evaluate(&b, &opts, LossPath::Chunked);
+        // Targets from the host: the same computation, bit for bit.
+        let from_host = evaluate(&b, &opts, LossPath::ChunkedHostTargets);
+        prop_assert_eq!(from_host.n_tokens, fused.n_tokens);
+        prop_assert_eq!(&from_host.per_token, &fused.per_token);
+        prop_assert_eq!(&from_host.grad_hidden, &fused.grad_hidden);
+        prop_assert_eq!(&from_host.grad_weight, &fused.grad_weight);
         for (name, out) in [("plain", &plain), ("fused", &fused)] {
             prop_assert_eq!(out.n_tokens, supervised, "{}", name);
             prop_assert!(close(out.sum, expected, expected.abs()), "{} sum {} vs {}", name, out.sum, expected);
@@ -222,7 +244,8 @@ proptest! {
         let device = device();
         let labels = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(b.labels.clone(), [b.batch, b.seq]), &device);
         let shifted = to_i64(next_token_targets(labels));
-        prop_assert_eq!(shifted, host_targets(&b));
+        prop_assert_eq!(&shifted, &host_targets(&b));
+        prop_assert_eq!(next_token_targets_host(&b.labels, b.seq), shifted);
     }
 
     /// Splitting a batch into micro-batches and backpropagating `sum_j / total` gives the
@@ -298,7 +321,8 @@ fn out_of_range_labels_are_errors() {
     for (bad, position) in [(5i64, 1usize), (-1, 2), (-101, 0), (i64::from(i32::MAX), 1)] {
         let mut labels = vec![0i64, 4, IGNORE_INDEX];
         labels[position] = bad;
-        let targets = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(labels, [3]), &device);
+        let targets =
+            Tensor::<Cpu, 1, Int>::from_data(TensorData::new(labels.clone(), [3]), &device);
         let expected = LossError::LabelOutOfRange {
             position,
             label: bad,
@@ -311,6 +335,11 @@ fn out_of_range_labels_are_errors() {
         );
         assert_eq!(
             chunked_lm_head_cross_entropy(hidden.clone(), weight.clone(), targets, &opts)
+                .unwrap_err(),
+            expected
+        );
+        assert_eq!(
+            chunked_lm_head_cross_entropy(hidden.clone(), weight.clone(), labels.as_slice(), &opts)
                 .unwrap_err(),
             expected
         );
@@ -365,4 +394,9 @@ fn shift_of_short_sequences() {
         to_i64(next_token_targets(one)),
         vec![IGNORE_INDEX, IGNORE_INDEX]
     );
+    assert_eq!(
+        next_token_targets_host(&[7, 8], 1),
+        vec![IGNORE_INDEX, IGNORE_INDEX]
+    );
+    assert!(next_token_targets_host(&[], 0).is_empty());
 }

@@ -28,13 +28,12 @@ use std::path::Path;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, Tensor};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use qwen_chat::{
     Batch, Chat, ChatTokenizer, DataReport, DatasetOptions, Loader, LoaderConfig, Message,
 };
 use qwen_loss::{
     ChunkedCeBackend, CrossEntropyOptions, LIVE_TILE_BUFFERS, Reduction, masked_cross_entropy,
-    next_token_targets,
 };
 use qwen_model::attention::AttentionPlan;
 use qwen_model::linear::{GemmBody, gemm_body, set_gemm_body};
@@ -378,10 +377,12 @@ where
     let logits = model.logits(hidden.clone());
     let [rows, len, vocab] = logits.dims();
     let loss = match kind {
-        PathKind::Fast => lm_head_loss(&model, hidden, batch.labels.clone(), opts)?,
+        PathKind::Fast => lm_head_loss(&model, hidden, &batch.targets, opts)?,
         PathKind::Reference => {
-            // [rows, len] -> [rows * len]
-            let targets = next_token_targets(batch.labels.clone()).reshape([rows * len]);
+            let targets = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(batch.targets.clone(), [rows * len]),
+                &logits.device(),
+            );
             masked_cross_entropy(logits.clone().reshape([rows * len, vocab]), targets, opts)?
         }
     }

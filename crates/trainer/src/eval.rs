@@ -5,9 +5,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use qwen_chat::{Example, Loader, LoaderConfig};
-use qwen_loss::{
-    CrossEntropyOptions, IGNORE_INDEX, Reduction, masked_cross_entropy, next_token_targets,
-};
+use qwen_loss::{CrossEntropyOptions, IGNORE_INDEX, Reduction, masked_cross_entropy};
 use qwen_model::{AttentionBackend, Qwen2ForCausalLM};
 use serde::Serialize;
 
@@ -62,12 +60,7 @@ pub fn score_examples<B: AttentionBackend>(
         let device_batch = to_device::<B>(&batch, &device);
         let hidden = model.hidden_states(&device_batch.input, None);
         let [_, len, width] = hidden.dims();
-        let targets = next_token_targets(device_batch.labels).reshape([rows * len]);
-        let host_targets: Vec<i64> = targets
-            .into_data()
-            .convert::<i64>()
-            .to_vec()
-            .expect("int data");
+        let host_targets = &device_batch.targets;
         let supervised: Vec<usize> = (0..rows * len)
             .filter(|&i| host_targets[i] != IGNORE_INDEX)
             .collect();

@@ -28,8 +28,17 @@ impl HostProfile {
     pub fn start(path: &Path) -> Result<Self, TrainError> {
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(FREQUENCY)
-            // Unwinding through these while they hold a lock can deadlock the sampled thread.
-            .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+            // Unwinding through these while they hold a lock can deadlock the sampled thread;
+            // pprof drops the samples taken in them. Whole names: pprof matches substrings,
+            // and a bare "libc" also dropped every sample in libcuda and libcublasLt.
+            .blocklist(&[
+                "/libc.so",
+                "/libc-",
+                "/libgcc_s",
+                "/libpthread",
+                "/ld-linux",
+                "vdso",
+            ])
             .build()
             .map_err(|err| failed(path, err.to_string()))?;
         Ok(Self {

@@ -9,8 +9,10 @@ use qwen_model::Qwen2Input;
 #[derive(Debug, Clone)]
 pub struct DeviceBatch<B: Backend> {
     pub input: Qwen2Input<B>,
-    /// `[rows, len]`, unshifted (the loss crate shifts).
-    pub labels: Tensor<B, 2, Int>,
+    /// `[rows * len]` next-token targets (`qwen_loss::next_token_targets_host` of the labels),
+    /// kept on the host: the loss needs them there, and reading them back from the device
+    /// would make the host wait for the whole forward pass every step.
+    pub targets: Vec<i64>,
     /// Supervised targets after the shift: labels that are not -100, past the first position
     /// of each row (which no position predicts).
     pub supervised: usize,
@@ -39,7 +41,7 @@ pub fn to_device<B: Backend>(batch: &Batch, device: &B::Device) -> DeviceBatch<B
         .with_segments(ints(segments, rows, len, device));
     DeviceBatch {
         input,
-        labels: ints(batch.labels.clone(), rows, len, device),
+        targets: qwen_loss::next_token_targets_host(&batch.labels, len),
         // Batches set the first label of every sequence to -100, so no supervised label sits
         // where the shift would drop it: the supervised labels are the supervised targets.
         supervised: batch.supervised_tokens(),

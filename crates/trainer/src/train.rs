@@ -10,11 +10,10 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{DType, Tensor};
 use qwen_chat::{Cursor, DataReport, DatasetOptions, Example, Loader, LoaderConfig};
 use qwen_loss::{
     ChunkedCeBackend, CrossEntropyOptions, LossOutput, Reduction, chunked_lm_head_cross_entropy,
-    next_token_targets,
 };
 use qwen_model::{AttentionBackend, Qwen2ForCausalLM, SaveOptions};
 
@@ -210,7 +209,7 @@ where
             for batch in batches {
                 // [rows, len, hidden]
                 let hidden = model.hidden_states(&batch.input, None);
-                let loss = lm_head_loss(&model, hidden, batch.labels, &loss_opts)?
+                let loss = lm_head_loss(&model, hidden, &batch.targets, &loss_opts)?
                     .normalized_by(supervised);
                 step_loss = Some(match step_loss.take() {
                     Some(total) => total + loss.clone().inner(),
@@ -396,20 +395,20 @@ fn read_scalars<B: Backend>(loss: Option<Tensor<B, 1>>, norm: Option<Tensor<B, 1
 }
 
 /// The loss of a batch from its final hidden states: the fused lm_head + cross-entropy against
-/// the shifted labels, reduced as `opts` says (training sums, then normalises per step).
+/// the next-token targets, reduced as `opts` says (training sums, then normalises per step).
+/// The targets stay on the host ([`DeviceBatch::targets`](crate::tensors::DeviceBatch)), so
+/// the host queues the loss and the backward pass without waiting for the forward's end.
 ///
 /// # Shapes
 /// - hidden: `[rows, len, hidden]`
-/// - labels: `[rows, len]`, unshifted
+/// - targets: `[rows * len]`, shifted
 pub fn lm_head_loss<B: ChunkedCeBackend>(
     model: &Qwen2ForCausalLM<B>,
     hidden: Tensor<B, 3>,
-    labels: Tensor<B, 2, Int>,
+    targets: &[i64],
     opts: &CrossEntropyOptions,
 ) -> Result<LossOutput<B>, TrainError> {
     let [rows, len, width] = hidden.dims();
-    // [rows, len] -> [rows * len]
-    let targets = next_token_targets(labels).reshape([rows * len]);
     let weight = model.lm_head_weight().cast(hidden.dtype());
     Ok(chunked_lm_head_cross_entropy(
         hidden.reshape([rows * len, width]),

@@ -17,7 +17,7 @@ use burn::tensor::{
 
 use crate::{
     CrossEntropyOptions, LossError, LossOutput, Reduction, cross_entropy::constant_zero_output,
-    options::LOSS_DTYPE, targets::check_targets,
+    options::LOSS_DTYPE, targets::Targets,
 };
 
 /// The scalar settings of one chunked lm_head + loss call.
@@ -246,8 +246,8 @@ pub trait ChunkedCeBackend: qwen_gemm::GemmBackend {
 /// `masked_cross_entropy(hidden @ weight^T, targets, opts)`, without ever holding the
 /// `[N, vocab]` logits.
 ///
-/// It reads the targets on the host (one sync, as the plain path does), gathers the supervised
-/// rows of `hidden`, and runs [`ChunkedCeBackend::lm_head_cross_entropy`] on them, in tiles
+/// It reads the targets on the host (one sync, as the plain path does, unless they are given
+/// as [`Targets::Host`]: a `&[i64]` converts), gathers the supervised rows of `hidden`, and runs [`ChunkedCeBackend::lm_head_cross_entropy`] on them, in tiles
 /// bounded by `opts.chunk_memory_bytes`. Under `Autodiff<B>`, backpropagating through the
 /// output gives the gradients of `hidden` (zero on ignored rows) and of `weight`, recomputed
 /// tile by tile in the backward pass.
@@ -258,16 +258,17 @@ pub trait ChunkedCeBackend: qwen_gemm::GemmBackend {
 /// # Shapes
 /// - `hidden`: `[N, hidden]`, the final-norm output flattened from `[batch, seq, hidden]`
 /// - `weight`: `[vocab, hidden]`, Hugging Face layout (`logits = hidden @ weight^T`)
-/// - `targets`: `[N]`, from [`next_token_targets`](crate::next_token_targets) flattened
-pub fn chunked_lm_head_cross_entropy<B: ChunkedCeBackend>(
+/// - `targets`: `[N]`, [`Targets`] (a device tensor converts)
+pub fn chunked_lm_head_cross_entropy<'a, B: ChunkedCeBackend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
+    targets: impl Into<Targets<'a, B>>,
     opts: &CrossEntropyOptions,
 ) -> Result<LossOutput<B>, LossError> {
+    let targets = targets.into();
     let [n, dim] = hidden.dims();
     let [vocab, weight_dim] = weight.dims();
-    let [n_targets] = targets.dims();
+    let n_targets = targets.len();
     assert_eq!(
         dim, weight_dim,
         "chunked_lm_head_cross_entropy: hidden is [{n}, {dim}] but weight is [{vocab}, {weight_dim}]"
@@ -282,7 +283,7 @@ pub fn chunked_lm_head_cross_entropy<B: ChunkedCeBackend>(
         "chunked_lm_head_cross_entropy: hidden and weight must share a dtype"
     );
     opts.validate()?;
-    let checked = check_targets(&targets, vocab)?;
+    let checked = targets.check(vocab)?;
     let n_tokens = checked.rows.len();
     let device = hidden.device();
     if n == 0 {

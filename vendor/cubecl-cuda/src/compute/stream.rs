@@ -28,6 +28,10 @@ pub struct Stream {
     pub drop_queue: drop_queue::PendingDropQueue<Fence>,
 }
 
+/// Uploads between two flushes of a stream's drop queue (patched in by qwen-sft; the release
+/// has 64).
+pub const UPLOADS_PER_FLUSH: u32 = 1024;
+
 impl drop_queue::Fence for Fence {
     fn sync(self) {
         let _ = self.wait_sync().ok();
@@ -78,7 +82,14 @@ impl EventStreamBackend for CudaStreamBackend {
             memory_management_gpu,
             memory_management_cpu,
             errors: Vec::new(),
-            drop_queue: Default::default(),
+            // Patched in by qwen-sft (vendor/README.md): the release flushes every 64
+            // uploads, and each flush waits for the fence of the one before, so the device
+            // thread never ran more than about 128 launches (each uploads its metadata) ahead
+            // of the GPU. 1024 lets the host queue most of a training step ahead of it.
+            drop_queue: drop_queue::PendingDropQueue::new(drop_queue::FlushingPolicy {
+                max_bytes_count: UPLOADS_PER_FLUSH,
+                ..Default::default()
+            }),
         }
     }
 
