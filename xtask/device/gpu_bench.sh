@@ -129,6 +129,8 @@ for name in ${@:-$ALL}; do
     # Where a step's GPU time goes, ours and the peer's: three steps (one warm-up) under ncu,
     # the last one taken apart by step_breakdown.py.
     ncu_b8)       ncu_times $name $B bench $G --preset 0.5b --seq-len 2048 --batch-size 8 --steps 2 --warmup-steps 1 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" --loss-chunk-mib "${LOSS_MIB:-1024}" ;;
+    ncu_1p5b_b4)  ncu_times $name $B bench $G --preset 1.5b --seq-len 2048 --batch-size 4 --steps 2 --warmup-steps 1 --precision bf16 --attention-chunk-mib "${ATTN_MIB:-1024}" ;;
+    ncu_peer_1p5b_b4) ncu_times $name python3 xtask/peer/torch_peer.py --preset 1.5b --batch-size 4 --steps 2 --warmup-steps 1 --mode amp ;;
     ncu_peer_b8)  ncu_times $name python3 xtask/peer/torch_peer.py --preset 0.5b --batch-size 8 --steps 2 --warmup-steps 1 --mode amp ;;
     check_f32)    step $name 120 $B check-fast-path $G --model tests/fixtures/model/tied_f32 --precision f32 --tolerance 1e-3 ;;
     *) echo "unknown measurement: $name" ;;

@@ -45,15 +45,28 @@ def read(path):
     return rows
 
 
+MIN_STEP_KERNELS = 64
+
+
 def last_step(rows):
-    """The last period: the longest tail whose names repeat just before it (at most half)."""
+    """The last period: the longest tail whose names repeat just before it (at most half).
+
+    When the tail does not repeat (a run's last step can end differently: with its loss read
+    one step late, the last step has no next step queued behind it), the run is cut where its
+    first kernel's name comes back, if it comes back at least three times, and the last whole
+    step before the final one is taken.
+    """
     names = [name for name, _ in rows]
     n = len(names)
-    for period in range(n // 2, 0, -1):
+    # A step has hundreds of kernels; a short period is a run of alike kernels at the end.
+    for period in range(n // 2, MIN_STEP_KERNELS - 1, -1):
         if names[n - 1] != names[n - 1 - period] or names[n - period] != names[n - 2 * period]:
             continue
         if names[n - period:] == names[n - 2 * period:n - period]:
             return rows[n - period:], True
+    starts = [i for i, name in enumerate(names) if name == names[0]] if names else []
+    if len(starts) >= 3:
+        return rows[starts[-2]:starts[-1]], True
     return rows, False
 
 

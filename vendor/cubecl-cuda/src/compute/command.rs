@@ -42,6 +42,11 @@ pub struct Command<'a> {
     pub(crate) streams: ResolvedStreams<'a, CudaStreamBackend>,
 }
 
+/// Uploads up to this many bytes are padded to a power of two (patched in by qwen-sft).
+const UPLOAD_BUCKETS_UP_TO: usize = 64 * 1024;
+/// The smallest padded upload (patched in by qwen-sft).
+const MIN_UPLOAD: usize = 256;
+
 impl<'a> Command<'a> {
     /// Retrieves a GPU resource associated with the provided binding.
     ///
@@ -389,7 +394,8 @@ impl<'a> Command<'a> {
         Ok(())
     }
 
-    /// Allocates a new GPU memory buffer and immediately copies contiguous host data into it.
+    /// Allocates a new GPU memory buffer and immediately copies contiguous host data into it
+    /// (patched in by qwen-sft: a small upload is padded, see the body).
     ///
     /// # Parameters
     ///
@@ -400,14 +406,22 @@ impl<'a> Command<'a> {
     /// * `Ok(Handle)` - A handle to the newly allocated and populated GPU memory.
     /// * `Err(IoError)` - If the allocation or data copy fails.
     pub fn create_with_data(&mut self, data: &[u8]) -> Result<Handle, IoError> {
+        // Patched in by qwen-sft (vendor/README.md): a small upload (a launch's metadata) takes
+        // a power-of-two size, so that the pinned and device pools see a few sizes again and
+        // again, which their exact fit reuses, not dozens of sizes that each need a merge and
+        // a split among the thousands of small slices in flight. The tail is never read.
+        let size = match data.len() {
+            small @ ..=UPLOAD_BUCKETS_UP_TO => small.next_power_of_two().max(MIN_UPLOAD),
+            large => large,
+        };
         let mut staging =
-            self.reserve_pinned(data.len(), None)
+            self.reserve_pinned(size, None)
                 .ok_or_else(|| IoError::Unknown {
                     backtrace: BackTrace::capture(),
                     description: "Unable to reserve pinned memory".into(),
                 })?;
 
-        staging.copy_from_slice(data);
+        staging[..data.len()].copy_from_slice(data);
 
         let handle = self.empty(staging.len() as u64)?;
 

@@ -28,9 +28,17 @@ pub struct Stream {
     pub drop_queue: drop_queue::PendingDropQueue<Fence>,
 }
 
-/// Uploads between two flushes of a stream's drop queue (patched in by qwen-sft; the release
-/// has 64).
-pub const UPLOADS_PER_FLUSH: u32 = 1024;
+/// Uploads between two flushes of a stream's drop queue: `CUBECL_CUDA_UPLOADS_PER_FLUSH`, or
+/// the release's 64 (patched in by qwen-sft, vendor/README.md). Each flush waits for the fence
+/// of the flush before it, so the device thread runs at most about twice this many launches
+/// (each uploads its metadata) ahead of the GPU.
+fn uploads_per_flush() -> u32 {
+    std::env::var("CUBECL_CUDA_UPLOADS_PER_FLUSH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(64)
+}
 
 impl drop_queue::Fence for Fence {
     fn sync(self) {
@@ -82,12 +90,9 @@ impl EventStreamBackend for CudaStreamBackend {
             memory_management_gpu,
             memory_management_cpu,
             errors: Vec::new(),
-            // Patched in by qwen-sft (vendor/README.md): the release flushes every 64
-            // uploads, and each flush waits for the fence of the one before, so the device
-            // thread never ran more than about 128 launches (each uploads its metadata) ahead
-            // of the GPU. 1024 lets the host queue most of a training step ahead of it.
+            // Patched in by qwen-sft (vendor/README.md): how many uploads between flushes.
             drop_queue: drop_queue::PendingDropQueue::new(drop_queue::FlushingPolicy {
-                max_bytes_count: UPLOADS_PER_FLUSH,
+                max_bytes_count: uploads_per_flush(),
                 ..Default::default()
             }),
         }
