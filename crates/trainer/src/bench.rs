@@ -203,6 +203,14 @@ where
     B: AutodiffBackend + ChunkedCeBackend + AttentionBackend,
     B::InnerBackend: ChunkedCeBackend + AttentionBackend,
 {
+    // Refused before any step runs, not after the timed ones.
+    if let Some(path) = bench
+        .host_profile
+        .as_ref()
+        .filter(|_| !HostProfile::AVAILABLE)
+    {
+        HostProfile::start(path)?;
+    }
     let steps = bench.warmup_steps + bench.steps;
     // Chats of a quarter row each, packed four to a row.
     let chat_tokens = bench.seq_len / 4;

@@ -23,6 +23,10 @@ pub struct HostProfile {
 }
 
 impl HostProfile {
+    /// Whether this binary can profile (the `host-profile` feature); [`Self::start`] errs when
+    /// not, saying how to build one that can.
+    pub const AVAILABLE: bool = cfg!(feature = "host-profile");
+
     /// Starts sampling every thread of the process.
     #[cfg(feature = "host-profile")]
     pub fn start(path: &Path) -> Result<Self, TrainError> {
@@ -98,5 +102,43 @@ fn failed(path: &Path, reason: String) -> TrainError {
     TrainError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::other(format!("host profile: {reason}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without the feature, asking for a profile is an error that says how to get one.
+    #[cfg(not(feature = "host-profile"))]
+    #[test]
+    fn without_the_feature_a_profile_is_an_error_naming_it() {
+        let err = HostProfile::start(Path::new("profile.stacks"))
+            .err()
+            .expect("no profiler in this build");
+        let text = err.to_string();
+        assert!(text.contains("profile.stacks"), "{text}");
+        assert!(text.contains("--features host-profile"), "{text}");
+    }
+
+    /// With it, a profile of some work is written as collapsed stacks: `frames count` lines,
+    /// the thread first.
+    #[cfg(feature = "host-profile")]
+    #[test]
+    fn a_profile_is_written_as_collapsed_stacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("profile.stacks");
+        let profile = HostProfile::start(&path).unwrap();
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while started.elapsed().as_millis() < 300 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        profile.finish().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line = text.lines().next().expect("some samples in 300 ms of work");
+        let (stack, count) = line.rsplit_once(' ').unwrap();
+        assert!(count.parse::<u64>().unwrap() > 0);
+        assert!(stack.contains(';'), "{line}");
     }
 }
