@@ -247,8 +247,9 @@ pub trait ChunkedCeBackend: qwen_gemm::GemmBackend {
 /// `[N, vocab]` logits.
 ///
 /// It reads the targets on the host (one sync, as the plain path does, unless they are given
-/// as [`Targets::Host`]: a `&[i64]` converts), gathers the supervised rows of `hidden`, and runs [`ChunkedCeBackend::lm_head_cross_entropy`] on them, in tiles
-/// bounded by `opts.chunk_memory_bytes`. Under `Autodiff<B>`, backpropagating through the
+/// as [`Targets::Host`]: a `&[i64]` converts), gathers the supervised rows of `hidden`, and
+/// runs [`ChunkedCeBackend::lm_head_cross_entropy`] on them, in tiles bounded by
+/// `opts.chunk_memory_bytes`. Under `Autodiff<B>`, backpropagating through the
 /// output gives the gradients of `hidden` (zero on ignored rows) and of `weight`, recomputed
 /// tile by tile in the backward pass.
 ///
