@@ -204,12 +204,8 @@ where
     B::InnerBackend: ChunkedCeBackend + AttentionBackend,
 {
     // Refused before any step runs, not after the timed ones.
-    if let Some(path) = bench
-        .host_profile
-        .as_ref()
-        .filter(|_| !HostProfile::AVAILABLE)
-    {
-        HostProfile::start(path)?;
+    if let Some(path) = &bench.host_profile {
+        HostProfile::check_available(path)?;
     }
     let steps = bench.warmup_steps + bench.steps;
     // Chats of a quarter row each, packed four to a row.

@@ -7,7 +7,9 @@
 //! line per distinct stack, `thread;outermost;...;innermost count`.
 //! `xtask/peer/host_profile.py` sums them by function.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(feature = "host-profile")]
+use std::path::PathBuf;
 
 use crate::error::TrainError;
 
@@ -15,17 +17,31 @@ use crate::error::TrainError;
 #[cfg(feature = "host-profile")]
 const FREQUENCY: i32 = 997;
 
-/// A running profile; [`HostProfile::finish`] writes it.
+/// A running profile; [`HostProfile::finish`] writes it. Without the `host-profile` feature
+/// there is none ([`HostProfile::start`] errs).
 pub struct HostProfile {
+    #[cfg(feature = "host-profile")]
     path: PathBuf,
     #[cfg(feature = "host-profile")]
     guard: pprof::ProfilerGuard<'static>,
+    #[cfg(not(feature = "host-profile"))]
+    never: std::convert::Infallible,
 }
 
 impl HostProfile {
-    /// Whether this binary can profile (the `host-profile` feature); [`Self::start`] errs when
-    /// not, saying how to build one that can.
-    pub const AVAILABLE: bool = cfg!(feature = "host-profile");
+    /// Whether this binary can profile into `path`: an error that says how to build one that
+    /// can, when it was built without the `host-profile` feature. For a caller to refuse
+    /// before any work, rather than when [`Self::start`] is reached.
+    pub fn check_available(path: &Path) -> Result<(), TrainError> {
+        if cfg!(feature = "host-profile") {
+            Ok(())
+        } else {
+            Err(failed(
+                path,
+                "this binary has no host profiler; build it with `--features host-profile`".into(),
+            ))
+        }
+    }
 
     /// Starts sampling every thread of the process.
     #[cfg(feature = "host-profile")]
@@ -51,13 +67,11 @@ impl HostProfile {
         })
     }
 
-    /// Without the `host-profile` feature: an error that says how to build one that can.
+    /// Without the `host-profile` feature: [`Self::check_available`]'s error.
     #[cfg(not(feature = "host-profile"))]
     pub fn start(path: &Path) -> Result<Self, TrainError> {
-        Err(failed(
-            path,
-            "this binary has no host profiler; build it with `--features host-profile`".into(),
-        ))
+        Self::check_available(path)?;
+        unreachable!("check_available errs without the feature")
     }
 
     /// Stops sampling and writes the collapsed stacks, most frequent first.
@@ -94,7 +108,7 @@ impl HostProfile {
 
     #[cfg(not(feature = "host-profile"))]
     pub fn finish(self) -> Result<(), TrainError> {
-        Err(failed(&self.path, "no host profiler in this binary".into()))
+        match self.never {}
     }
 }
 
