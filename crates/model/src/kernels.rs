@@ -103,10 +103,15 @@ pub enum Kernel {
     /// bf16 rows into per-part f32 sums, then a small sum of the parts (the tensor ops cast
     /// the rows to f32, or form the products in f32, and reduce that copy in two stages).
     ColumnSums,
+    /// The trainer's AdamW step (CUDA only, `qwen_sft::fused_adamw`): the global norm and the
+    /// update of many parameter tensors per launch, instead of gathering the gradients into
+    /// flat buffers and running tensor ops over them. Listed here so that one switch (this
+    /// enum, [`KernelBody`]) turns every kernel of the workspace on or off.
+    Adamw,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Self::Softmax,
         Self::Rotary,
         Self::RmsNorm,
@@ -114,6 +119,7 @@ impl Kernel {
         Self::Embedding,
         Self::SwiGlu,
         Self::ColumnSums,
+        Self::Adamw,
     ];
 
     /// The name used on the command line and in reports.
@@ -126,9 +132,11 @@ impl Kernel {
             Self::Embedding => "embedding",
             Self::SwiGlu => "swiglu",
             Self::ColumnSums => "column-sums",
+            Self::Adamw => "adamw",
         }
     }
 
+    /// One bit of the `u8` mask of kernels turned off (eight kernels at most).
     fn bit(self) -> u8 {
         1 << self as u8
     }
@@ -139,7 +147,8 @@ impl std::str::FromStr for Kernel {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         by_name(Self::ALL, Self::name, s).ok_or_else(|| {
-            format!("unknown kernel `{s}`; use softmax, rotary, rms-norm, flash or embedding")
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown kernel `{s}`; use one of {}", names.join(", "))
         })
     }
 }

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::config::{Precision, TrainConfig};
 use crate::error::TrainError;
+use crate::fused_adamw::OptimizerBackend;
 use crate::host_profile::HostProfile;
 use crate::metrics::StepMetrics;
 use crate::train::{Observer, train};
@@ -201,7 +202,7 @@ pub fn run<B>(
 ) -> Result<BenchReport, TrainError>
 where
     B: AutodiffBackend + ChunkedCeBackend + AttentionBackend,
-    B::InnerBackend: ChunkedCeBackend + AttentionBackend,
+    B::InnerBackend: ChunkedCeBackend + AttentionBackend + OptimizerBackend,
 {
     // Refused before any step runs, not after the timed ones.
     if let Some(path) = &bench.host_profile {

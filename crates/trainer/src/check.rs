@@ -40,11 +40,13 @@ use qwen_model::linear::{GemmBody, gemm_body, set_gemm_body};
 use qwen_model::{
     AttentionBackend, AttentionImpl, Qwen2Config, Qwen2ForCausalLM, named_parameters,
 };
-use qwen_model::{KernelBody, kernel_body};
+use qwen_model::{Kernel, KernelBody, kernel_body, kernels_off, set_kernels_off};
 use serde::Serialize;
 
 use crate::config::Precision;
 use crate::error::TrainError;
+use crate::fused_adamw::OptimizerBackend;
+use crate::optim::{Optimizer, OptimizerConfig};
 use crate::tensors::{DeviceBatch, to_device};
 use crate::train::{lm_head_loss, load_examples};
 
@@ -78,7 +80,104 @@ pub struct CheckReport {
     /// bf16 only: both paths against the reference path run in f32.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub against_f32: Option<AgainstF32>,
+    /// Whether the backend steps AdamW in kernels of its own (`fused_adamw`).
+    pub optimizer_kernels: bool,
+    /// Two AdamW steps on the fast path's gradients, through the backend (its kernels where
+    /// it has them) and through the flat tensor-op path, from the same start:
+    /// `max |fast - flat| / max |flat - start|` over the parameters, worst parameter (f32
+    /// both, whatever the precision). At most [`OPTIMIZER_TOLERANCE`] to pass.
+    pub optimizer_rel: f64,
     pub pass: bool,
+}
+
+/// Both optimizer paths compute in f32 and differ in the order of their sums and roundings:
+/// some 1e-6 of a step. A lost term is far off: the decay the check uses is 1e-2 of a step.
+pub const OPTIMIZER_TOLERANCE: f64 = 1e-3;
+
+/// [`CheckReport::optimizer_rel`]: two AdamW steps (lr 1e-3, weight decay 0.5, the gradients
+/// clipped to a norm of 1e-3) from `model` with `grads`, as `run_path` gives them, through the
+/// backend and through the flat path (the AdamW kernel turned off).
+fn optimizer_difference<B>(
+    model: &Qwen2ForCausalLM<B>,
+    grads: &[(String, Option<Tensor<B::InnerBackend, 1>>)],
+) -> f64
+where
+    B: AutodiffBackend,
+    B::InnerBackend: OptimizerBackend,
+{
+    let config = OptimizerConfig::Adamw {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.5,
+    };
+    let device = model.lm_head_weight().device();
+    let run = |by_backend: bool| {
+        let was_off = kernels_off();
+        if !by_backend {
+            set_kernels_off(&[was_off.clone(), vec![Kernel::Adamw]].concat());
+        }
+        let mut optimizer = Optimizer::<B::InnerBackend>::new(config);
+        let mut stepped = model.clone();
+        for _ in 0..2 {
+            let mut params = register_grads(&stepped, grads);
+            (stepped, _) = optimizer.step(stepped, &mut params, 1e-3, 1e-3);
+        }
+        let values = param_values(&stepped);
+        // A lazy backend runs the step when it is needed: now, under this setting.
+        B::sync(&device).expect("the device failed");
+        set_kernels_off(&was_off);
+        values
+    };
+    let (start, fast, flat) = (param_values(model), run(true), run(false));
+    start
+        .into_iter()
+        .zip(fast.into_iter().zip(flat))
+        .map(|(start, (fast, flat))| relative(fast - start.clone(), flat - start))
+        .fold(0.0, |worst, rel| nan_last(rel).max(worst))
+}
+
+/// `grads` (flattened, in `named_parameters` order, as [`named_grads`] gives them) as the
+/// gradients of `model`'s parameters.
+fn register_grads<B: AutodiffBackend>(
+    model: &Qwen2ForCausalLM<B>,
+    grads: &[(String, Option<Tensor<B::InnerBackend, 1>>)],
+) -> GradientsParams {
+    struct Register<'a, B: AutodiffBackend> {
+        grads: std::slice::Iter<'a, (String, Option<Tensor<B::InnerBackend, 1>>)>,
+        out: GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Register<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let (_, grad) = self.grads.next().expect("a gradient slot per parameter");
+            if let Some(grad) = grad {
+                let grad = grad.clone().reshape(param.val().dims());
+                self.out.register::<B::InnerBackend, D>(param.id, grad);
+            }
+        }
+    }
+    let mut register = Register::<B> {
+        grads: grads.iter(),
+        out: GradientsParams::new(),
+    };
+    model.visit(&mut register);
+    register.out
+}
+
+/// Every parameter's value, flattened, in f32.
+fn param_values<B: AutodiffBackend>(
+    model: &Qwen2ForCausalLM<B>,
+) -> Vec<Tensor<B::InnerBackend, 1>> {
+    struct Values<B: AutodiffBackend>(Vec<Tensor<B::InnerBackend, 1>>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Values<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val().inner().flatten::<1>(0, D - 1);
+            self.0.push(value.cast(DType::F32));
+        }
+    }
+    let mut values = Values::<B>(Vec::new());
+    model.visit(&mut values);
+    values.0
 }
 
 /// How far each bf16 path is from the reference path in f32.
@@ -285,6 +384,7 @@ pub fn check_fast_path<B>(
 ) -> Result<CheckReport, TrainError>
 where
     B: AutodiffBackend + ChunkedCeBackend + AttentionBackend,
+    B::InnerBackend: OptimizerBackend,
 {
     let device_batch = to_device::<B>(batch, &model.lm_head_weight().device());
     let (attention_bytes, loss_bytes) = seam_budgets(config, batch);
@@ -321,9 +421,14 @@ where
         let (fast, reference) = (compare(&fast, &f32_path), compare(&reference, &f32_path));
         AgainstF32::new(fast, reference, tolerance)
     });
-    let pass =
-        differences.within(tolerance) || against_f32.as_ref().is_some_and(|a| a.fast_no_farther);
+    let optimizer_kernels = B::InnerBackend::has_adamw_kernels();
+    let optimizer_rel = optimizer_difference(&model, &fast.grads);
+    let pass = (differences.within(tolerance)
+        || against_f32.as_ref().is_some_and(|a| a.fast_no_farther))
+        && optimizer_rel <= OPTIMIZER_TOLERANCE;
     Ok(CheckReport {
+        optimizer_kernels,
+        optimizer_rel,
         backend: backend_name.to_string(),
         precision,
         rows: batch.rows,

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod fused_adamw;
 pub mod generate;
 pub mod host_profile;
 pub mod metrics;

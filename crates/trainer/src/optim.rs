@@ -11,11 +11,12 @@ use std::path::Path;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
+use crate::fused_adamw::{AdamwGroup, AdamwStep, OptimizerBackend};
 
 /// Which optimizer, with its hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -134,29 +135,22 @@ pub struct Optimizer<B: Backend> {
     /// The moments of parameters outside `flat`: loaded from a checkpoint and not stepped
     /// since, or without a gradient in the last step (kept, as torch keeps them).
     parked: HashMap<String, Moments<B>>,
+    /// Tests: AdamW through [`OptimizerBackend`] even where the backend has no kernels (its
+    /// tensor-op bodies then run), to check that path against the flat one.
+    #[cfg(test)]
+    backend_path: bool,
 }
 
-impl<B: Backend> Optimizer<B> {
-    pub fn new(config: OptimizerConfig) -> Self {
-        Self {
-            config,
-            step: 0,
-            flat: Vec::new(),
-            group_values: GROUP_VALUES,
-            parked: HashMap::new(),
-        }
-    }
-
-    pub fn steps_taken(&self) -> u64 {
-        self.step
-    }
-
+impl<B: OptimizerBackend> Optimizer<B> {
     /// One optimizer step: the parameters with a gradient in `grads` (the others are left as
     /// they are) move by the optimizer's rule at learning rate `lr`, after clipping the
     /// gradients to a global norm of `max_grad_norm` (0: no clipping) as
     /// `torch.nn.utils.clip_grad_norm_` does. Returns the model and the pre-clip global norm,
     /// a `[1]` f32 tensor left on the device (`None` when no parameter had a gradient): the
     /// step reads nothing back.
+    ///
+    /// AdamW over f32 parameters runs through the backend's [`OptimizerBackend`] where it has
+    /// kernels for it; everything else runs the flat tensor-op path.
     pub fn step<AB, M>(
         &mut self,
         model: M,
@@ -169,17 +163,152 @@ impl<B: Backend> Optimizer<B> {
         M: AutodiffModule<AB>,
     {
         self.step += 1;
+        let adamw = match self.config {
+            OptimizerConfig::Adamw {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => Some(AdamwStep {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                step: self.step,
+                max_grad_norm,
+            }),
+            OptimizerConfig::Sgd { .. } => None,
+        };
+        #[cfg(test)]
+        let backend_path = self.backend_path;
+        #[cfg(not(test))]
+        let backend_path = false;
+        let by_backend = adamw.filter(|_| B::has_adamw_kernels() || backend_path);
         let mut gather = Gather::<AB> {
             grads,
             path: Vec::new(),
             params: Vec::new(),
             parts: Vec::new(),
+            values: by_backend.map(|_| Vec::new()),
         };
         model.visit(&mut gather);
-        let Gather { params, parts, .. } = gather;
+        let Gather {
+            params,
+            parts,
+            values,
+            ..
+        } = gather;
         if parts.is_empty() {
             return (model, None);
         }
+        match (by_backend, values) {
+            (Some(adamw), Some(values)) if values.iter().all(|v| v.dtype() == DType::F32) => {
+                self.step_by_backend(model, params, parts, values, adamw)
+            }
+            _ => self.step_flat(model, params, parts, lr, max_grad_norm),
+        }
+    }
+
+    /// AdamW through [`OptimizerBackend`]: the global norm of every gradient, then each group
+    /// of parameters stepped against its flat moments; new values replace the parameters.
+    fn step_by_backend<AB, M>(
+        &mut self,
+        model: M,
+        params: Vec<Stepped>,
+        grads: Vec<Tensor<B, 1>>,
+        values: Vec<Tensor<B, 1>>,
+        adamw: AdamwStep,
+    ) -> (M, Option<Tensor<B, 1>>)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let grads: Vec<_> = grads
+            .into_iter()
+            .map(|g| g.into_primitive().tensor())
+            .collect();
+        let norm = B::grad_norm(grads.clone());
+        let sizes: Vec<usize> = params.iter().map(|p| p.numel).collect();
+        let ranges = group_ranges(&sizes, self.group_values);
+        let groups: Vec<Vec<Slot>> = ranges
+            .iter()
+            .map(|range| slots_of(&params[range.clone()]))
+            .collect();
+        let norm = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(norm));
+        let moments = self.moments_for(&groups, &norm.device());
+        let (mut grads, mut values) = (grads.into_iter(), values.into_iter());
+        let mut model = model;
+        for ((range, slots), moments) in ranges.into_iter().zip(groups).zip(moments) {
+            let Some(Moments {
+                first,
+                second: Some(second),
+            }) = moments
+            else {
+                unreachable!("AdamW always has both moments")
+            };
+            let group = AdamwGroup {
+                values: values
+                    .by_ref()
+                    .take(range.len())
+                    .map(|v| v.into_primitive().tensor())
+                    .collect(),
+                grads: grads.by_ref().take(range.len()).collect(),
+                decays: params[range.clone()].iter().map(|p| p.decays).collect(),
+                first: first.into_primitive().tensor(),
+                second: second.into_primitive().tensor(),
+            };
+            let out = B::adamw_group(group, norm.clone().into_primitive().tensor(), adamw);
+            let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+            self.flat.push(FlatMoments {
+                slots,
+                moments: Moments {
+                    first: float(out.first),
+                    second: Some(float(out.second)),
+                },
+            });
+            let replaced = params[range]
+                .iter()
+                .zip(out.values)
+                .map(|(param, value)| (param.id, float(value)))
+                .collect();
+            model = model.map(&mut Replace::<AB> { values: replaced });
+        }
+        (model, Some(norm))
+    }
+}
+
+impl<B: Backend> Optimizer<B> {
+    pub fn new(config: OptimizerConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            flat: Vec::new(),
+            group_values: GROUP_VALUES,
+            parked: HashMap::new(),
+            #[cfg(test)]
+            backend_path: false,
+        }
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// The flat tensor-op path: each group's gradients gathered end to end, the norm over those,
+    /// the rule over each group at once, then a subtraction per parameter.
+    fn step_flat<AB, M>(
+        &mut self,
+        model: M,
+        params: Vec<Stepped>,
+        parts: Vec<Tensor<B, 1>>,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> (M, Option<Tensor<B, 1>>)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
         let sizes: Vec<usize> = params.iter().map(|p| p.numel).collect();
         let ranges = group_ranges(&sizes, self.group_values);
         // Each group's gradients end to end, [group values] f32, and their sum of squares.
@@ -437,6 +566,8 @@ impl<B: Backend> Optimizer<B> {
             flat: Vec::new(),
             group_values: GROUP_VALUES,
             parked,
+            #[cfg(test)]
+            backend_path: false,
         })
     }
 }
@@ -498,6 +629,8 @@ struct Gather<'a, AB: AutodiffBackend> {
     params: Vec<Stepped>,
     /// `[numel]` f32 each, in the order of `params`.
     parts: Vec<Tensor<AB::InnerBackend, 1>>,
+    /// When asked for: each parameter's value as `[numel]` (its own dtype), in the same order.
+    values: Option<Vec<Tensor<AB::InnerBackend, 1>>>,
 }
 
 impl<AB: AutodiffBackend> ModuleVisitor<AB> for Gather<'_, AB> {
@@ -522,6 +655,26 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for Gather<'_, AB> {
         });
         self.parts
             .push(grad.flatten::<1>(0, D - 1).cast(DType::F32));
+        if let Some(values) = &mut self.values {
+            values.push(param.val().inner().flatten::<1>(0, D - 1));
+        }
+    }
+}
+
+/// Puts each parameter's new value (`[numel]`, reshaped to the parameter's shape) in place;
+/// parameters without one pass unchanged.
+struct Replace<AB: AutodiffBackend> {
+    values: HashMap<ParamId, Tensor<AB::InnerBackend, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Replace<AB> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(value) = self.values.remove(&id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let updated = value.reshape(tensor.dims()).cast(tensor.dtype());
+        Param::from_mapped_value(id, Tensor::from_inner(updated).require_grad(), mapper)
     }
 }
 
@@ -595,10 +748,12 @@ mod tests {
         }
     }
 
-    /// Two steps with the gradients `[0.1, -0.2, 0.3]` then `[-0.05, 0.4, 0.0]`.
-    fn two_steps(config: OptimizerConfig, lr: f64) -> Toy<AB> {
+    /// Two steps with the gradients `[0.1, -0.2, 0.3]` then `[-0.05, 0.4, 0.0]`, AdamW through
+    /// [`OptimizerBackend`]'s tensor-op bodies when `backend_path`.
+    fn two_steps(config: OptimizerConfig, lr: f64, backend_path: bool) -> Toy<AB> {
         let mut model = toy();
         let mut optimizer = Optimizer::<Flex>::new(config);
+        optimizer.backend_path = backend_path;
         for g in [[0.1f32, -0.2, 0.3], [-0.05, 0.4, 0.0]] {
             let mut grads = GradientsParams::new();
             for id in [model.weight.id, model.bias.id] {
@@ -620,7 +775,8 @@ mod tests {
     }
 
     /// Expected values: `torch.optim.AdamW(lr=0.01, weight_decay=0.1)` and `SGD(lr=0.1,
-    /// momentum=0.9)` on the same parameters and gradients (torch 2.15).
+    /// momentum=0.9)` on the same parameters and gradients (torch 2.15). AdamW both ways: the
+    /// flat path and the backend's (its tensor-op bodies here; kernels on CUDA).
     #[test]
     fn adamw_matches_torch_and_spares_biases_from_decay() {
         let config = OptimizerConfig::Adamw {
@@ -629,21 +785,23 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let model = two_steps(config, 0.01);
-        assert_close(
-            &values(&model.weight),
-            &[0.486_347_14, -0.991_672_1, 1.979_311_5],
-        );
-        // The bias gets the update of weight_decay = 0.
-        assert_close(
-            &values(&model.bias),
-            &[0.487_336_64, -0.993_661_05, 1.983_299_4],
-        );
+        for backend_path in [false, true] {
+            let model = two_steps(config, 0.01, backend_path);
+            assert_close(
+                &values(&model.weight),
+                &[0.486_347_14, -0.991_672_1, 1.979_311_5],
+            );
+            // The bias gets the update of weight_decay = 0.
+            assert_close(
+                &values(&model.bias),
+                &[0.487_336_64, -0.993_661_05, 1.983_299_4],
+            );
+        }
     }
 
     #[test]
     fn sgd_with_momentum_matches_torch() {
-        let model = two_steps(OptimizerConfig::Sgd { momentum: 0.9 }, 0.1);
+        let model = two_steps(OptimizerConfig::Sgd { momentum: 0.9 }, 0.1, false);
         assert_close(&values(&model.weight), &[0.486, -1.002, 1.943]);
     }
 
@@ -771,10 +929,17 @@ mod tests {
     fn groups_step_as_one_flat_buffer_does() {
         let device = Default::default();
         let g = |v: [f32; 3]| Tensor::<Flex, 1>::from_floats(v, &device);
-        let run = |group_values: usize| {
+        let run = |group_values: usize, backend_path: bool| {
             let mut model = toy();
-            let mut optimizer = Optimizer::<Flex>::new(OptimizerConfig::default());
+            let config = OptimizerConfig::Adamw {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            };
+            let mut optimizer = Optimizer::<Flex>::new(config);
             optimizer.group_values = group_values;
+            optimizer.backend_path = backend_path;
             let mut norms = Vec::new();
             for (step, with_bias) in [true, true, false, true].into_iter().enumerate() {
                 let mut grads = GradientsParams::new();
@@ -804,13 +969,26 @@ mod tests {
                 optimizer.flat.len(),
             )
         };
-        let (weight, bias, norms, moments, groups) = run(3);
+        let (weight, bias, norms, moments, groups) = run(3, false);
         assert_eq!(groups, 2);
-        let (weight_1, bias_1, norms_1, moments_1, groups_1) = run(GROUP_VALUES);
+        let (weight_1, bias_1, norms_1, moments_1, groups_1) = run(GROUP_VALUES, false);
         assert_eq!(groups_1, 1);
         assert_eq!(norms, norms_1);
         assert!(norms[1] > 0.5, "clipping took part: {norms:?}");
-        assert_eq!((weight, bias, moments), (weight_1, bias_1, moments_1));
+        assert_eq!((&weight, &bias, &moments), (&weight_1, &bias_1, &moments_1));
+        // The backend's path, one group and two, against the flat one: the same step, summed
+        // and rounded in another order.
+        for (group_values, groups) in [(3, 2), (GROUP_VALUES, 1)] {
+            let (weight_2, bias_2, norms_2, moments_2, groups_2) = run(group_values, true);
+            assert_eq!(groups_2, groups);
+            assert_close(&norms_2, &norms);
+            assert_close(&weight_2, &weight);
+            assert_close(&bias_2, &bias);
+            for ((first, second), (first_2, second_2)) in moments.iter().zip(&moments_2) {
+                assert_close(first_2, first);
+                assert_close(second_2, second);
+            }
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::{Precision, TrainConfig};
 use crate::error::TrainError;
 use crate::eval::{EvalMetrics, evaluate};
+use crate::fused_adamw::OptimizerBackend;
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::optim::Optimizer;
 use crate::schedule::Schedule;
@@ -84,7 +85,7 @@ pub fn train<B>(
 ) -> Result<TrainSummary, TrainError>
 where
     B: AutodiffBackend + ChunkedCeBackend + AttentionBackend,
-    B::InnerBackend: ChunkedCeBackend + AttentionBackend,
+    B::InnerBackend: ChunkedCeBackend + AttentionBackend + OptimizerBackend,
 {
     let out = &config.output_dir;
     create_dir(out)?;
