@@ -23,7 +23,7 @@ UNITS = {"nsecond": 1e-9, "ns": 1e-9, "usecond": 1e-6, "us": 1e-6, "msecond": 1e
 KINDS = [
     ("attention (fused)", r"^qf_|flash|fmha|attention"),
     ("GEMM (cuBLAS/cuBLASLt)", r"gemm|xmma|cutlass|nvjet|cublas|sm90_|sm80_"),
-    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("optimizer", r"adam|multi_tensor|foreach|qo_norm"),
     ("loss / softmax", r"cross_entropy|log_softmax|softmax|nll_loss"),
     ("reductions", r"reduce|sum|mean|norm"),
     ("casts", r"cast|to_dtype|convert|copy_kernel.*Half|bfloat16_copy"),
