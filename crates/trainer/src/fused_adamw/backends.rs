@@ -20,7 +20,10 @@ mod cube {
         Self: Backend<FloatTensorPrimitive = CubeTensor<R>>,
     {
         fn has_adamw_kernels() -> bool {
-            cfg!(feature = "cuda-unfused") && kernel_runs(Kernel::Adamw, qwen_gemm::is_cuda::<R>())
+            // CUDA C: on CUDA only, whatever the kernel body (`kernel` runs the CubeCL
+            // kernels on wgpu too, not these).
+            let on_cuda = cfg!(feature = "cuda-unfused") && qwen_gemm::is_cuda::<R>();
+            on_cuda && kernel_runs(Kernel::Adamw, true)
         }
 
         fn grad_norm(grads: Vec<FloatTensor<Self>>) -> FloatTensor<Self> {

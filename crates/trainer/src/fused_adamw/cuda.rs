@@ -253,6 +253,9 @@ pub fn grad_norm<R: CubeRuntime>(grads: &[CubeTensor<R>]) -> Option<CubeTensor<R
     Some(back(norm))
 }
 
+/// A group's new values and moments `[first, second]`.
+type Stepped<R> = (Vec<CubeTensor<R>>, [CubeTensor<R>; 2]);
+
 /// The new values and moments of [`super::OptimizerBackend::adamw_group`] in kernels, from
 /// the group's `values`, `grads`, `decays` and moments `[first, second]`, or `None` where they
 /// do not run (the caller then runs the tensor ops on the same inputs).
@@ -263,7 +266,7 @@ pub fn adamw_group<R: CubeRuntime>(
     moments: [&CubeTensor<R>; 2],
     norm: &CubeTensor<R>,
     step: AdamwStep,
-) -> Option<(Vec<CubeTensor<R>>, [CubeTensor<R>; 2])> {
+) -> Option<Stepped<R>> {
     let n = values.len();
     assert!(
         grads.len() == n && decays.len() == n && n > 0,
