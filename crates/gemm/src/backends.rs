@@ -42,11 +42,48 @@ where
         let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
         let k = crate::inner_dim(a.meta.shape(), transpose_a);
         let product = if crate::takes_picked_body(&shape, k) {
-            crate::cublaslt::gemm(crate::gemm_body(), &a, &b, transpose_a, transpose_b, shape)
+            let out = a.dtype;
+            crate::cublaslt::gemm(
+                crate::gemm_body(),
+                &a,
+                &b,
+                transpose_a,
+                transpose_b,
+                shape,
+                out,
+            )
         } else {
             None
         };
         product.unwrap_or_else(|| crate::gemm_reference::<Self>(a, b, transpose_a, transpose_b))
+    }
+
+    #[cfg(feature = "cublaslt")]
+    fn gemm_to(
+        a: burn_cubecl::tensor::CubeTensor<R>,
+        b: burn_cubecl::tensor::CubeTensor<R>,
+        transpose_a: bool,
+        transpose_b: bool,
+        out: burn::tensor::DType,
+    ) -> burn_cubecl::tensor::CubeTensor<R> {
+        let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
+        let k = crate::inner_dim(a.meta.shape(), transpose_a);
+        let product = if out != a.dtype && crate::takes_picked_body(&shape, k) {
+            crate::cublaslt::gemm(
+                crate::gemm_body(),
+                &a,
+                &b,
+                transpose_a,
+                transpose_b,
+                shape,
+                out,
+            )
+        } else {
+            None
+        };
+        product.unwrap_or_else(|| {
+            crate::cast_to::<Self>(Self::gemm(a, b, transpose_a, transpose_b), out)
+        })
     }
 
     #[cfg(feature = "cublaslt")]
@@ -66,18 +103,23 @@ where
 mod fusion {
     use std::marker::PhantomData;
 
+    use burn::tensor::DType;
     use burn::tensor::ops::FloatTensor;
     use burn_fusion::stream::{Operation, OperationStreams};
     use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
     use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-    use crate::{GemmBackend, GemmBody, gemm_reference, gemm_shape, inner_dim, takes_picked_body};
+    use crate::{
+        GemmBackend, GemmBody, cast_to, gemm_reference, gemm_shape, inner_dim, takes_picked_body,
+    };
 
     #[derive(Clone, Debug)]
     struct Gemm<B> {
         desc: CustomOpIr,
         transpose_a: bool,
         transpose_b: bool,
+        /// The product's dtype: `gemm_to`'s `out`, else the inputs'.
+        out: DType,
         _backend: PhantomData<B>,
     }
 
@@ -87,11 +129,12 @@ mod fusion {
             handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
         ) {
             let ([a, b], [c]) = self.desc.as_fixed();
-            let product = B::gemm(
+            let product = B::gemm_to(
                 handles.get_float_tensor::<B>(a),
                 handles.get_float_tensor::<B>(b),
                 self.transpose_a,
                 self.transpose_b,
+                self.out,
             );
             handles.register_float_tensor::<B>(&c.id, product);
         }
@@ -104,19 +147,34 @@ mod fusion {
             transpose_a: bool,
             transpose_b: bool,
         ) -> FloatTensor<Self> {
+            let out = a.dtype;
+            Self::gemm_to(a, b, transpose_a, transpose_b, out)
+        }
+
+        fn gemm_to(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            transpose_a: bool,
+            transpose_b: bool,
+            out: DType,
+        ) -> FloatTensor<Self> {
             let shape = gemm_shape(&a.shape, &b.shape, transpose_a, transpose_b);
             let k = inner_dim(&a.shape, transpose_a);
             if B::gemm_name() == GemmBody::Burn.name() || !takes_picked_body(&shape, k) {
-                return gemm_reference::<Self>(a, b, transpose_a, transpose_b);
+                return cast_to::<Self>(
+                    gemm_reference::<Self>(a, b, transpose_a, transpose_b),
+                    out,
+                );
             }
-            let (client, dtype) = (a.client.clone(), a.dtype);
+            let client = a.client.clone();
             let streams = OperationStreams::with_inputs([&a, &b]);
-            let c = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
+            let c = TensorIr::uninit(client.create_empty_handle(), shape, out);
             let desc = CustomOpIr::new("qwen_gemm::gemm", &[a.into_ir(), b.into_ir()], &[c]);
             let op = Gemm::<B> {
                 desc: desc.clone(),
                 transpose_a,
                 transpose_b,
+                out,
                 _backend: PhantomData,
             };
             client

@@ -61,10 +61,11 @@ pub(super) fn gemm<R: CubeRuntime>(
     transpose_a: bool,
     transpose_b: bool,
     shape: Shape,
+    out: DType,
 ) -> Option<CubeTensor<R>> {
     let a = (a as &dyn Any).downcast_ref::<Tensor>()?;
     let b = (b as &dyn Any).downcast_ref::<Tensor>()?;
-    let c = gemm_cuda(body, a, b, transpose_a, transpose_b, shape)?;
+    let c = gemm_cuda(body, a, b, transpose_a, transpose_b, shape, out)?;
     let c: Box<dyn Any> = Box::new(c);
     c.downcast::<CubeTensor<R>>().ok().map(|c| *c)
 }
@@ -173,9 +174,13 @@ fn gemm_cuda(
     transpose_a: bool,
     transpose_b: bool,
     shape: Shape,
+    out: DType,
 ) -> Option<Tensor> {
+    // The product in the inputs' dtype, or half-precision inputs into f32 (a mixed plan).
+    let mixed = matches!(a.dtype, DType::BF16 | DType::F16) && out == DType::F32;
     if a.dtype != b.dtype
         || !matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32)
+        || !(out == a.dtype || mixed)
         || !cublaslt_present()
     {
         return None;
@@ -191,12 +196,7 @@ fn gemm_cuda(
     } else {
         a.layout.cols
     };
-    let c = empty_device_dtype(
-        a.tensor.client.clone(),
-        a.tensor.device.clone(),
-        shape,
-        a.tensor.dtype,
-    );
+    let c = empty_device_dtype(a.tensor.client.clone(), a.tensor.device.clone(), shape, out);
     let c = Operand::strided(&c)?;
     let batched = c.layout.batch > 1;
     let config = MatmulConfig {
@@ -223,7 +223,9 @@ fn gemm_cuda(
         config,
         spans,
         dtype: a.tensor.dtype,
-        cached: body == GemmBody::CublasltCached,
+        out,
+        // cudarc's typed `matmul` writes the inputs' type only: a mixed product takes a plan.
+        cached: body == GemmBody::CublasltCached || out != a.tensor.dtype,
     };
     let started = Instant::now();
     match body {
@@ -289,7 +291,9 @@ struct Product {
     config: MatmulConfig,
     /// `[our a, our b, c]` in elements.
     spans: [usize; 3],
+    /// The inputs' dtype, and the product's.
     dtype: DType,
+    out: DType,
     /// Whether it runs through the cached plans (`GemmBody::CublasltCached`) rather than
     /// cudarc's `matmul`, which sets cuBLASLt up anew on every call.
     cached: bool,
@@ -301,8 +305,8 @@ impl Product {
     fn what(&self) -> String {
         let c = &self.config;
         format!(
-            "cuBLASLt matmul (column-major m {}, n {}, k {}, transposed: {}, {}, batch {:?}, {:?})",
-            c.m, c.n, c.k, c.transa, c.transb, c.batch_size, self.dtype
+            "cuBLASLt matmul (column-major m {}, n {}, k {}, transposed: {}, {}, batch {:?}, {:?} into {:?})",
+            c.m, c.n, c.k, c.transa, c.transb, c.batch_size, self.dtype, self.out
         )
     }
 
@@ -341,7 +345,7 @@ impl Product {
                 })
             }
         };
-        let key = plans::PlanKey::new(&self.config, self.dtype);
+        let key = plans::PlanKey::new(&self.config, self.dtype, self.out);
         let buffers = plans::Buffers {
             a,
             b,

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! gemm(a, b, transpose_a, transpose_b) = op(a) @ op(b)      [..batch, m, n]
+//! gemm_to(a, b, transpose_a, transpose_b, out)               the same, written in `out`
 //! ```
 //!
 //! [`GemmBackend::gemm`] is the one kernel: a product of the last two dimensions, batched over
@@ -30,7 +31,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Shape, TensorMetadata};
+use burn::tensor::{DType, FloatDType, Shape, TensorMetadata};
 
 /// A backend whose matrix products can run on a kernel of its own.
 ///
@@ -55,6 +56,24 @@ pub trait GemmBackend: Backend {
         transpose_b: bool,
     ) -> FloatTensor<Self> {
         gemm_reference::<Self>(a, b, transpose_a, transpose_b)
+    }
+
+    /// [`gemm`](Self::gemm) written in `out`: where a body writes that dtype itself
+    /// (cuBLASLt: bf16 or f16 inputs into f32) the product is rounded once, to `out`; elsewhere
+    /// it is `gemm`'s result cast to `out`. The linear layers' weight gradients use it: f32
+    /// master weights get f32 gradients without a cast kernel, as a weight's gradient in the
+    /// inputs' dtype cast up would be, less its rounding to bf16.
+    ///
+    /// # Shapes
+    /// As [`gemm`](Self::gemm).
+    fn gemm_to(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose_a: bool,
+        transpose_b: bool,
+        out: DType,
+    ) -> FloatTensor<Self> {
+        cast_to::<Self>(Self::gemm(a, b, transpose_a, transpose_b), out)
     }
 
     /// The body that runs [`gemm`](Self::gemm) here: a [`GemmBody::name`].
@@ -152,6 +171,15 @@ pub fn set_gemm_min_flops(flops: u64) {
 /// The size set by [`set_gemm_min_flops`].
 pub fn gemm_min_flops() -> u64 {
     MIN_FLOPS.load(Ordering::Relaxed)
+}
+
+/// `t` in `dtype`, untouched where it already is.
+pub fn cast_to<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        B::float_cast(t, FloatDType::from(dtype))
+    }
 }
 
 /// Whether a product of `shape` (as [`gemm_shape`] returns) with inner dimension `k` is large
@@ -338,6 +366,29 @@ mod tests {
             gemm(a, b, ta, tb)
                 .into_data()
                 .assert_approx_eq::<f32>(&expected, Tolerance::default());
+        }
+    }
+
+    /// The default body: the product in the inputs' dtype, cast to `out` (bf16 into f32 here),
+    /// and no cast at all where `out` is the inputs' dtype.
+    #[test]
+    fn gemm_to_casts_the_product() {
+        let device = Default::default();
+        let a = Tensor::<B, 2>::random([5, 3], Distribution::Default, &device).cast(DType::BF16);
+        let b = Tensor::<B, 2>::random([4, 3], Distribution::Default, &device).cast(DType::BF16);
+        let product = gemm(a.clone(), b.clone(), false, true);
+        for out in [DType::F32, DType::BF16] {
+            let c = B::gemm_to(
+                a.clone().into_primitive().tensor(),
+                b.clone().into_primitive().tensor(),
+                false,
+                true,
+                out,
+            );
+            let c = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(c));
+            assert_eq!(c.dtype(), out);
+            c.into_data()
+                .assert_eq(&product.clone().cast(out).into_data(), true);
         }
     }
 

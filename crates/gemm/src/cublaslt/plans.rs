@@ -17,10 +17,12 @@ use std::mem::size_of;
 use burn::tensor::DType;
 use cudarc::cublaslt::{MatmulConfig, result, sys};
 
-/// What decides a plan: everything in a product's config but the buffers, and the dtype.
+/// What decides a plan: everything in a product's config but the buffers, and the dtypes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct PlanKey {
     dtype: u8,
+    /// Whether C is f32 where A and B are half precision (a mixed product).
+    f32_out: bool,
     transpose: [bool; 2],
     /// cuBLASLt's `m`, `n`, `k`.
     dims: [u64; 3],
@@ -31,7 +33,7 @@ pub(super) struct PlanKey {
 }
 
 impl PlanKey {
-    pub(super) fn new(config: &MatmulConfig, dtype: DType) -> Self {
+    pub(super) fn new(config: &MatmulConfig, dtype: DType, out: DType) -> Self {
         let batch = match (
             config.batch_size,
             config.stride_a,
@@ -47,6 +49,7 @@ impl PlanKey {
                 DType::F16 => 1,
                 _ => 2,
             },
+            f32_out: out == DType::F32 && matches!(dtype, DType::BF16 | DType::F16),
             transpose: [config.transa, config.transb],
             dims: [config.m, config.n, config.k],
             leading: [config.lda, config.ldb, config.ldc],
@@ -54,7 +57,15 @@ impl PlanKey {
         }
     }
 
-    /// The matrices' element type and the compute type, as cudarc picks them.
+    /// C's element type: A's and B's, or f32 for a mixed product.
+    fn out_type(&self) -> sys::cudaDataType {
+        match self.f32_out {
+            true => sys::cudaDataType_t::CUDA_R_32F,
+            false => self.types().0,
+        }
+    }
+
+    /// A's and B's element type and the compute type, as cudarc picks them.
     fn types(&self) -> (sys::cudaDataType, sys::cublasComputeType_t) {
         use sys::cublasComputeType_t::{CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32};
         use sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F};
@@ -179,7 +190,7 @@ impl Plan {
         };
         layout(&mut plan.layouts[0], matrix_type, a_dims, lda, a_batch)?;
         layout(&mut plan.layouts[1], matrix_type, b_dims, ldb, b_batch)?;
-        layout(&mut plan.layouts[2], matrix_type, [m, n], ldc, c_batch)?;
+        layout(&mut plan.layouts[2], key.out_type(), [m, n], ldc, c_batch)?;
 
         plan.desc = result::create_matmul_desc(compute_type, sys::cudaDataType_t::CUDA_R_32F)?;
         for (attr, transpose) in [

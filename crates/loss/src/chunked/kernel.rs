@@ -31,6 +31,12 @@ fn gemm<B: GemmBackend>(a: Tensor<B, 2>, b: Tensor<B, 2>, ta: bool, tb: bool) ->
     float(B::gemm(primitive(a), primitive(b), ta, tb))
 }
 
+/// [`gemm`] written in f32 ([`GemmBackend::gemm_to`]: cuBLASLt writes the f32 product of bf16
+/// operands itself; elsewhere the product is cast), for the gradients summed in f32.
+fn gemm_f32<B: GemmBackend>(a: Tensor<B, 2>, b: Tensor<B, 2>, ta: bool, tb: bool) -> Tensor<B, 2> {
+    float(B::gemm_to(primitive(a), primitive(b), ta, tb, LOSS_DTYPE))
+}
+
 /// Forward: per-row loss and log-sum-exp, one row chunk of full-vocabulary logits at a time.
 ///
 /// # Shapes
@@ -167,12 +173,11 @@ pub fn backward<B: ChunkedCeBackend>(
             )); // [rows, cols], compute dtype
 
             if request.hidden {
-                let part =
-                    gemm(dlogits.clone(), weight_slab.clone(), false, false).cast(LOSS_DTYPE); // [rows, hidden]
+                let part = gemm_f32(dlogits.clone(), weight_slab.clone(), false, false); // [rows, hidden]
                 grad_hidden[chunk].inplace(|acc| acc + part);
             }
             if let Some(grad_slab) = grad_slab.as_mut() {
-                let part = gemm(dlogits, hidden_rows, true, false).cast(LOSS_DTYPE); // [cols, hidden]
+                let part = gemm_f32(dlogits, hidden_rows, true, false); // [cols, hidden]
                 grad_slab.inplace(|acc| acc + part);
             }
         }

@@ -32,9 +32,10 @@ impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
         let (x, w) = ops.state;
         let (compute, master) = (grad.dtype(), w.dtype());
         if let Some(node) = node_w {
-            // [out, rows] @ [rows, in], then to the weight's own dtype, as a cast's backward does
-            let grad_w = B::gemm(grad.clone(), x, true, false);
-            grads.register::<B>(node.id, cast_to::<B>(grad_w, master));
+            // [out, rows] @ [rows, in], in the weight's own dtype (a cast's backward casts; a
+            // body that writes that dtype itself, cuBLASLt's, skips the cast kernel)
+            let grad_w = B::gemm_to(grad.clone(), x, true, false, master);
+            grads.register::<B>(node.id, grad_w);
         }
         if let Some(node) = node_x {
             // [rows, out] @ [out, in]

@@ -17,7 +17,8 @@ mod autodiff;
 mod backends;
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, FloatDType, Shape, TensorMetadata};
+use burn::tensor::{Shape, TensorMetadata};
+pub(crate) use qwen_gemm::cast_to;
 pub use qwen_gemm::{GemmBackend, GemmBody, gemm_body, gemm_reference, set_gemm_body};
 
 /// A backend whose linear layers can run on a kernel of its own.
@@ -59,18 +60,6 @@ pub trait LinearBackend: GemmBackend + crate::RowwiseBackend {
     fn add_bias(y: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
         let out = bias.shape().num_elements();
         Self::float_add(y, Self::float_reshape(bias, Shape::new([1, out])))
-    }
-}
-
-/// `t` in `dtype`, untouched where it already is.
-pub(crate) fn cast_to<B: burn::tensor::backend::Backend>(
-    t: FloatTensor<B>,
-    dtype: DType,
-) -> FloatTensor<B> {
-    if t.dtype() == dtype {
-        t
-    } else {
-        B::float_cast(t, FloatDType::from(dtype))
     }
 }
 
