@@ -17,7 +17,7 @@ use crate::rowwise::RowwiseBackend;
 /// `x @ weight^T + bias`, with `weight` in Hugging Face layout `[out, in]`.
 ///
 /// The weight is cast to the activations' dtype, so f32 master weights serve bf16 compute;
-/// under autodiff the backward pass uses the same copy and gives the weight an f32 gradient
+/// under autodiff the backward pass casts it again rather than keeping the copy
 /// ([`LinearBackend::dense_cast`]).
 ///
 /// # Shapes

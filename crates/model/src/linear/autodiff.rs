@@ -1,5 +1,5 @@
 //! `LinearBackend` for `Autodiff<B, C>`: one backward node whose two products run on `B::gemm`,
-//! keeping the weight as the forward product used it (cast to the compute dtype).
+//! keeping the uncast weight of the cast-on-use product.
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -7,20 +7,19 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
+use burn::tensor::TensorMetadata;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, TensorMetadata};
 
 use super::{LinearBackend, cast_to};
 
 /// The backward step of `x @ cast(w)^T` (of `x @ w^T` where `w` is already in `x`'s dtype, the
-/// cast then being a no-op); its parents are `[x, w]`.
+/// casts then being no-ops); its parents are `[x, w]`.
 #[derive(Debug)]
 struct LinearBackward;
 
 impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
-    /// The inner backend's `x`, the weight as the product used it (cast to `x`'s dtype), and
-    /// the weight's own dtype, which its gradient takes.
-    type State = (FloatTensor<B>, FloatTensor<B>, DType);
+    /// The inner backend's `x` and uncast `w` (references, not copies).
+    type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(
         self,
@@ -30,7 +29,8 @@ impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
     ) {
         let [node_x, node_w] = ops.parents;
         let grad = grads.consume::<B>(&ops.node); // [rows, out], x's dtype
-        let (x, w, master) = ops.state;
+        let (x, w) = ops.state;
+        let (compute, master) = (grad.dtype(), w.dtype());
         if let Some(node) = node_w {
             // [out, rows] @ [rows, in], in the weight's own dtype (a cast's backward casts; a
             // body that writes that dtype itself, cuBLASLt's, skips the cast kernel)
@@ -39,6 +39,7 @@ impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
         }
         if let Some(node) = node_x {
             // [rows, out] @ [out, in]
+            let w = cast_to::<B>(w, compute);
             grads.register::<B>(node.id, B::gemm(grad, w, false, false));
         }
     }
@@ -70,11 +71,11 @@ impl<B: LinearBackend> Backward<B, 2> for AddBiasBackward {
     }
 }
 
-/// `x @ w^T` on the inner backend, `w` cast to `x`'s dtype first, with [`LinearBackward`]
-/// keeping `x` and the cast `w` (references, not copies).
+/// `forward(x, w)` on the inner backend, with [`LinearBackward`] keeping `x` and `w`.
 fn tracked<B: LinearBackend, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
     w: FloatTensor<Autodiff<B, C>>,
+    forward: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let prepared = LinearBackward
         .prepare::<C>([x.node.clone(), w.node.clone()])
@@ -82,23 +83,20 @@ fn tracked<B: LinearBackend, C: CheckpointStrategy>(
         .stateful();
     match prepared {
         OpsKind::Tracked(prep) => {
-            let master = w.primitive.dtype();
-            let w = cast_to::<B>(w.primitive, x.primitive.dtype());
-            let y = B::dense(x.primitive.clone(), w.clone());
-            prep.finish((x.primitive, w, master), y)
+            let y = forward(x.primitive.clone(), w.primitive.clone());
+            prep.finish((x.primitive, w.primitive), y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(B::dense_cast(x.primitive, w.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
     }
 }
 
 impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
     fn dense(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        // The same node: `w` already has `x`'s dtype, so the cast is none.
-        tracked::<B, C>(x, w)
+        tracked::<B, C>(x, w, B::dense)
     }
 
     fn dense_cast(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        tracked::<B, C>(x, w)
+        tracked::<B, C>(x, w, B::dense_cast)
     }
 
     fn add_bias(y: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {

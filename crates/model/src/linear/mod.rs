@@ -37,11 +37,10 @@ pub trait LinearBackend: GemmBackend + crate::RowwiseBackend {
     }
 
     /// The differentiable `x @ cast(w)^T`, `w` (an f32 master weight, say) cast to `x`'s dtype
-    /// on use. The same values as `dense(x, cast(w))`, with `w`'s gradient in `w`'s dtype; on
-    /// `Autodiff<B>` one node, which keeps the cast copy for the backward pass: every layer's
-    /// copy lives until the backward reaches it (0.67 GiB in bf16 for the 0.5b preset), and
-    /// the backward casts nothing (casting again there took 168 launches a 0.5b step; session
-    /// 17 in docs/BENCHMARKS.md weighs the two).
+    /// on use. The same values as `dense(x, cast(w))`; on `Autodiff<B>` the backward node keeps
+    /// `w` itself, which the model holds anyway, and casts it again, instead of keeping the
+    /// cast copy of every layer's weight until the backward pass reaches it (0.67 GiB in bf16
+    /// for the 0.5b preset).
     ///
     /// # Shapes
     /// As [`dense`](Self::dense).
