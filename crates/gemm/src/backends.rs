@@ -39,23 +39,8 @@ where
         transpose_a: bool,
         transpose_b: bool,
     ) -> burn_cubecl::tensor::CubeTensor<R> {
-        let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
-        let k = crate::inner_dim(a.meta.shape(), transpose_a);
-        let product = if crate::takes_picked_body(&shape, k) {
-            let out = a.dtype;
-            crate::cublaslt::gemm(
-                crate::gemm_body(),
-                &a,
-                &b,
-                transpose_a,
-                transpose_b,
-                shape,
-                out,
-            )
-        } else {
-            None
-        };
-        product.unwrap_or_else(|| crate::gemm_reference::<Self>(a, b, transpose_a, transpose_b))
+        let out = a.dtype;
+        Self::gemm_to(a, b, transpose_a, transpose_b, out)
     }
 
     #[cfg(feature = "cublaslt")]
@@ -68,22 +53,23 @@ where
     ) -> burn_cubecl::tensor::CubeTensor<R> {
         let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
         let k = crate::inner_dim(a.meta.shape(), transpose_a);
-        let product = if out != a.dtype && crate::takes_picked_body(&shape, k) {
-            crate::cublaslt::gemm(
-                crate::gemm_body(),
-                &a,
-                &b,
-                transpose_a,
-                transpose_b,
-                shape,
-                out,
-            )
-        } else {
-            None
-        };
-        product.unwrap_or_else(|| {
-            crate::cast_to::<Self>(Self::gemm(a, b, transpose_a, transpose_b), out)
-        })
+        if crate::takes_picked_body(&shape, k) {
+            // Written in `out` where cuBLASLt writes it, else in the inputs' dtype, then cast.
+            let mut targets = vec![out];
+            if a.dtype != out {
+                targets.push(a.dtype);
+            }
+            for target in targets {
+                let (body, shape) = (crate::gemm_body(), shape.clone());
+                let c =
+                    crate::cublaslt::gemm(body, &a, &b, transpose_a, transpose_b, shape, target);
+                if let Some(c) = c {
+                    return crate::cast_to::<Self>(c, out);
+                }
+            }
+        }
+        let product = crate::gemm_reference::<Self>(a, b, transpose_a, transpose_b);
+        crate::cast_to::<Self>(product, out)
     }
 
     #[cfg(feature = "cublaslt")]

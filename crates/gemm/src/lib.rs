@@ -21,6 +21,8 @@ mod backends;
 mod cublaslt;
 mod layout;
 #[cfg(feature = "cublaslt")]
+pub mod nvrtc;
+#[cfg(feature = "cublaslt")]
 mod stream;
 
 pub use layout::BatchedLayout;

@@ -6,8 +6,7 @@
 #![allow(unsafe_code)]
 
 use std::any::Any;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeRuntime;
@@ -15,7 +14,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use qwen_gemm::nvrtc::{Compiled, PerDevice, compile, once_per_device};
 
 use super::AdamwStep;
 use super::plan::{CHUNK, MAX_TENSORS, launches};
@@ -100,36 +99,22 @@ struct Kernels {
 /// The kernels of CUDA device `index`, built on first use; `None` where they do not build
 /// there (said once on stderr; the tensor ops run instead).
 fn kernels(index: usize) -> Option<&'static Kernels> {
-    static BUILT: OnceLock<Mutex<HashMap<usize, Option<&'static Kernels>>>> = OnceLock::new();
-    let mut built = BUILT.get_or_init(Default::default).lock().ok()?;
-    *built.entry(index).or_insert_with(|| match build(index) {
-        Ok(kernels) => Some(Box::leak(Box::new(kernels))),
-        Err(err) => {
-            eprintln!(
-                "qwen-sft: the AdamW kernels do not build on CUDA device {index} ({err}); tensor ops run"
-            );
-            None
-        }
-    })
-}
-
-fn build(index: usize) -> Result<Kernels, Box<dyn std::error::Error>> {
-    let ctx = CudaContext::new(index)?;
-    // Ordering is burn's stream's (qwen_gemm::on_burn_stream), so per-buffer events would only cost.
-    // SAFETY: nothing has recorded events on this handle of the context yet.
-    unsafe { ctx.disable_event_tracking() };
-    let (major, minor) = ctx.compute_capability()?;
-    let options = CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-        ..Default::default()
-    };
-    let module = ctx.load_module(compile_ptx_with_opts(SOURCE, options)?)?;
-    Ok(Kernels {
-        partials: module.load_function("qo_norm_partials")?,
-        finish: module.load_function("qo_norm_finish")?,
-        step: module.load_function("qo_adamw_step")?,
-        ctx,
-    })
+    static BUILT: PerDevice<Kernels> = PerDevice::new();
+    once_per_device(
+        &BUILT,
+        index,
+        "qwen-sft: the AdamW kernels",
+        "tensor ops run",
+        || {
+            let Compiled { ctx, module, .. } = compile(index, SOURCE)?;
+            Ok(Kernels {
+                partials: module.load_function("qo_norm_partials")?,
+                finish: module.load_function("qo_norm_finish")?,
+                step: module.load_function("qo_adamw_step")?,
+                ctx,
+            })
+        },
+    )
 }
 
 fn cuda<R: CubeRuntime>(t: CubeTensor<R>) -> Option<Tensor> {

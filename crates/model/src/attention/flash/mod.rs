@@ -28,7 +28,6 @@
 #![allow(unsafe_code)]
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::tensor::{DType, Shape};
@@ -38,7 +37,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use qwen_gemm::nvrtc::{Compiled, PerDevice, compile, once_per_device};
 
 use super::AttentionParams;
 use super::flash_plan::{TILE, backward_shared_bytes, forward_shared_bytes, takes};
@@ -133,33 +132,22 @@ fn dim_index(head_dim: usize) -> usize {
 /// The kernels of CUDA device `index`, built on first use; `None` where they do not build there
 /// (said once on stderr).
 fn kernels(index: usize) -> Option<&'static Kernels> {
-    static BUILT: OnceLock<Mutex<HashMap<usize, Option<&'static Kernels>>>> = OnceLock::new();
-    let mut built = BUILT.get_or_init(Default::default).lock().ok()?;
-    *built.entry(index).or_insert_with(|| match build(index) {
-        Ok(kernels) => Some(Box::leak(Box::new(kernels))),
-        Err(err) => {
-            eprintln!(
-                "qwen-model: the fused attention does not build on CUDA device {index} ({err}); the chunked attention runs"
-            );
-            None
-        }
+    static BUILT: PerDevice<Kernels> = PerDevice::new();
+    let what = "qwen-model: the fused attention";
+    once_per_device(&BUILT, index, what, "the chunked attention runs", || {
+        build(index)
     })
 }
 
 fn build(index: usize) -> Result<Kernels, Box<dyn std::error::Error>> {
-    let ctx = CudaContext::new(index)?;
-    // Ordering is burn's stream's (qwen_gemm::on_burn_stream), so per-buffer events would only cost.
-    // SAFETY: nothing has recorded events on this handle of the context yet.
-    unsafe { ctx.disable_event_tracking() };
-    let (major, minor) = ctx.compute_capability()?;
+    let Compiled {
+        ctx,
+        module,
+        capability: (major, minor),
+    } = compile(index, SOURCE)?;
     if major < 8 {
         return Err(format!("compute capability {major}.{minor}; bf16 mma needs 8.0").into());
     }
-    let options = CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-        ..Default::default()
-    };
-    let module = ctx.load_module(compile_ptx_with_opts(SOURCE, options)?)?;
     let function =
         |name: &str, shared: usize| -> Result<CudaFunction, Box<dyn std::error::Error>> {
             let function = module.load_function(name)?;
