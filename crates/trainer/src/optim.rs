@@ -16,6 +16,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
+use crate::fused_adamw::tensor_ops::adamw_rule;
 use crate::fused_adamw::{AdamwGroup, AdamwStep, OptimizerBackend};
 
 /// Which optimizer, with its hyper-parameters.
@@ -206,7 +207,7 @@ impl<B: OptimizerBackend> Optimizer<B> {
             (Some(adamw), Some(values)) if values.iter().all(|v| v.dtype() == DType::F32) => {
                 self.step_by_backend(model, params, parts, values, adamw)
             }
-            _ => self.step_flat(model, params, parts, lr, max_grad_norm),
+            _ => self.step_flat(model, params, parts, lr, max_grad_norm, adamw),
         }
     }
 
@@ -229,12 +230,7 @@ impl<B: OptimizerBackend> Optimizer<B> {
             .map(|g| g.into_primitive().tensor())
             .collect();
         let norm = B::grad_norm(grads.clone());
-        let sizes: Vec<usize> = params.iter().map(|p| p.numel).collect();
-        let ranges = group_ranges(&sizes, self.group_values);
-        let groups: Vec<Vec<Slot>> = ranges
-            .iter()
-            .map(|range| slots_of(&params[range.clone()]))
-            .collect();
+        let (ranges, groups) = self.groups(&params);
         let norm = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(norm));
         let moments = self.moments_for(&groups, &norm.device());
         let (mut grads, mut values) = (grads.into_iter(), values.into_iter());
@@ -295,6 +291,18 @@ impl<B: Backend> Optimizer<B> {
         self.step
     }
 
+    /// How a step's parameters fall into groups ([`GROUP_VALUES`]): each group's range of
+    /// `params` and its slots in the group's flat buffers.
+    fn groups(&self, params: &[Stepped]) -> (Vec<std::ops::Range<usize>>, Vec<Vec<Slot>>) {
+        let sizes: Vec<usize> = params.iter().map(|p| p.numel).collect();
+        let ranges = group_ranges(&sizes, self.group_values);
+        let slots = ranges
+            .iter()
+            .map(|range| slots_of(&params[range.clone()]))
+            .collect();
+        (ranges, slots)
+    }
+
     /// The flat tensor-op path: each group's gradients gathered end to end, the norm over those,
     /// the rule over each group at once, then a subtraction per parameter.
     fn step_flat<AB, M>(
@@ -304,13 +312,13 @@ impl<B: Backend> Optimizer<B> {
         parts: Vec<Tensor<B, 1>>,
         lr: f64,
         max_grad_norm: f64,
+        adamw: Option<AdamwStep>,
     ) -> (M, Option<Tensor<B, 1>>)
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let sizes: Vec<usize> = params.iter().map(|p| p.numel).collect();
-        let ranges = group_ranges(&sizes, self.group_values);
+        let (ranges, groups) = self.groups(&params);
         // Each group's gradients end to end, [group values] f32, and their sum of squares.
         let mut parts = parts.into_iter();
         let grads: Vec<Tensor<B, 1>> = ranges
@@ -324,16 +332,9 @@ impl<B: Backend> Optimizer<B> {
             .map(|g| qwen_model::reduce::sum_all(g.clone().square()));
         let norm = Tensor::cat(squares.collect(), 0).sum().sqrt();
         let scale = clip_scale(norm.clone(), max_grad_norm);
-        let decay = match self.config {
-            OptimizerConfig::Adamw { weight_decay, .. } if weight_decay != 0.0 => {
-                Some(1.0 - lr * weight_decay)
-            }
-            _ => None,
-        };
-        let groups: Vec<Vec<Slot>> = ranges
-            .iter()
-            .map(|range| slots_of(&params[range.clone()]))
-            .collect();
+        let decay = adamw
+            .filter(|adamw| adamw.weight_decay != 0.0)
+            .map(|adamw| adamw.decay_factor());
         let mut moments = self.moments_for(&groups, &norm.device()).into_iter();
         let mut model = model;
         for ((grad, slots), range) in grads.into_iter().zip(groups).zip(ranges) {
@@ -341,7 +342,7 @@ impl<B: Backend> Optimizer<B> {
                 Some(scale) => grad * scale.clone(), // [values] * [1]
                 None => grad,
             };
-            let (delta, new_moments) = self.rule(grad, moments.next().flatten(), lr);
+            let (delta, new_moments) = self.rule(grad, moments.next().flatten(), lr, adamw);
             let placed = params[range]
                 .iter()
                 .zip(&slots)
@@ -439,11 +440,11 @@ impl<B: Backend> Optimizer<B> {
         grad: Tensor<B, 1>,
         moments: Option<Moments<B>>,
         lr: f64,
+        adamw: Option<AdamwStep>,
     ) -> (Tensor<B, 1>, Option<Moments<B>>) {
-        let t = self.step as i32;
-        match (self.config, moments) {
-            (OptimizerConfig::Sgd { .. }, None) => (grad.mul_scalar(lr), None),
-            (OptimizerConfig::Sgd { momentum }, Some(Moments { first, .. })) => {
+        match (self.config, moments, adamw) {
+            (OptimizerConfig::Sgd { .. }, None, _) => (grad.mul_scalar(lr), None),
+            (OptimizerConfig::Sgd { momentum }, Some(Moments { first, .. }), _) => {
                 // torch: buf = momentum * buf + grad (zeros before the first step give grad).
                 let buf = first.mul_scalar(momentum) + grad;
                 let delta = buf.clone().mul_scalar(lr);
@@ -454,27 +455,23 @@ impl<B: Backend> Optimizer<B> {
                 (delta, Some(moments))
             }
             (
-                OptimizerConfig::Adamw {
-                    beta1, beta2, eps, ..
-                },
+                OptimizerConfig::Adamw { .. },
                 Some(Moments {
                     first,
                     second: Some(second),
                 }),
+                Some(adamw),
             ) => {
-                let m = first.mul_scalar(beta1) + grad.clone().mul_scalar(1.0 - beta1);
-                let v = second.mul_scalar(beta2) + grad.square().mul_scalar(1.0 - beta2);
-                let bias1 = 1.0 - beta1.powi(t);
-                let bias2 = 1.0 - beta2.powi(t);
-                let denom = v.clone().sqrt().div_scalar(bias2.sqrt()).add_scalar(eps);
-                let delta = m.clone().div(denom).mul_scalar(lr / bias1);
+                let (delta, m, v) = adamw_rule(grad, first, second, &adamw);
                 let moments = Moments {
                     first: m,
                     second: Some(v),
                 };
                 (delta, Some(moments))
             }
-            (OptimizerConfig::Adamw { .. }, _) => unreachable!("AdamW always has both moments"),
+            (OptimizerConfig::Adamw { .. }, _, _) => {
+                unreachable!("AdamW always has both moments and its step")
+            }
         }
     }
 

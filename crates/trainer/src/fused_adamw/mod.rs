@@ -126,6 +126,26 @@ pub mod tensor_ops {
         primitive(Tensor::cat(squares, 0).sum().sqrt())
     }
 
+    /// AdamW's rule in tensor ops over a (clipped) gradient and its moments, all of one shape:
+    /// what to subtract from the parameters (before the decoupled decay, which the caller
+    /// applies), and the new first and second moments. torch's order of operations.
+    pub fn adamw_rule<B: Backend, const D: usize>(
+        grad: Tensor<B, D>,
+        first: Tensor<B, D>,
+        second: Tensor<B, D>,
+        step: &AdamwStep,
+    ) -> (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>) {
+        let m = first.mul_scalar(step.beta1) + grad.clone().mul_scalar(1.0 - step.beta1);
+        let v = second.mul_scalar(step.beta2) + grad.square().mul_scalar(1.0 - step.beta2);
+        let denom = v
+            .clone()
+            .sqrt()
+            .div_scalar(step.bias2_sqrt())
+            .add_scalar(step.eps);
+        let update = m.clone().div(denom).mul_scalar(step.step_size());
+        (update, m, v)
+    }
+
     /// [`OptimizerBackend::adamw_group`] in tensor ops.
     pub fn adamw_group<B: Backend>(
         group: AdamwGroup<B>,
@@ -153,20 +173,15 @@ pub mod tensor_ops {
                 Some(clip) => grad * clip.clone(), // [numel] * [1]
                 None => grad,
             };
-            let m = first.clone().slice(range.clone()).mul_scalar(step.beta1)
-                + grad.clone().mul_scalar(1.0 - step.beta1);
-            let v = second.clone().slice(range).mul_scalar(step.beta2)
-                + grad.square().mul_scalar(1.0 - step.beta2);
-            let denom = v
-                .clone()
-                .sqrt()
-                .div_scalar(step.bias2_sqrt())
-                .add_scalar(step.eps);
+            let (first, second) = (
+                first.clone().slice(range.clone()),
+                second.clone().slice(range),
+            );
+            let (update, m, v) = adamw_rule(grad, first, second, &step);
             let value = match decays {
                 true => value.mul_scalar(step.decay_factor()),
                 false => value,
             };
-            let update = m.clone().div(denom).mul_scalar(step.step_size());
             new_values.push(primitive(value - update));
             firsts.push(m);
             seconds.push(v);
