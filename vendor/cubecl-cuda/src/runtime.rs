@@ -196,6 +196,11 @@ impl DeviceService for CudaServer {
                 .register_type_usage(OpaqueType::Barrier(BarrierLevel::Cube), TypeUsage::Buffer);
             device_props.features.plane.insert(Plane::Sync);
             comp_opts.supports_features.grid_constants = true;
+            // Patched in by qwen-sft (vendor/README.md): shapes and strides in the launch
+            // parameters, not uploaded before each launch; `CUBECL_CUDA_METADATA_UPLOAD=1`
+            // restores the release's upload, to measure one against the other.
+            comp_opts.supports_features.dynamic_meta_in_info =
+                std::env::var("CUBECL_CUDA_METADATA_UPLOAD").as_deref() != Ok("1");
         }
 
         if arch_version >= 75 {

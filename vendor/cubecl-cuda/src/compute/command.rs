@@ -474,7 +474,7 @@ impl<'a> Command<'a> {
         dispatch_count: (u32, u32, u32),
         tensor_maps: &[CUtensorMap],
         resources: &[GpuResource],
-        const_info: Option<*mut c_void>,
+        const_info: Option<&[u64]>,
         logger: Arc<ServerLogger>,
     ) -> Result<(), LaunchError> {
         if !self.ctx.module_names.contains_key(&kernel_id) {

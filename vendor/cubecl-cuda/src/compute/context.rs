@@ -48,12 +48,17 @@ pub struct CompiledKernel {
     cube_dim: CubeDim,
     shared_mem_bytes: usize,
     func: *mut CUfunc_st,
+    /// Patched in by qwen-sft (vendor/README.md): the size of the `info` parameter when it
+    /// holds the dynamic metadata, which each launch's values are padded to.
+    info_bytes: Option<usize>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq, Clone)]
 pub struct PtxCacheEntry {
     entrypoint_name: String,
     shared_mem_bytes: usize,
+    #[serde(default)]
+    info_bytes: Option<usize>,
     ptx: Vec<std::ffi::c_char>,
 }
 
@@ -72,9 +77,16 @@ impl CudaContext {
                 let config = cubecl_runtime::config::CubeClRuntimeConfig::get();
                 if let Some(cache) = &config.compilation.cache {
                     let root = cache.root();
+                    // Patched in by qwen-sft: kernels whose `info` holds the dynamic
+                    // metadata get a cache of their own, so that neither layout is loaded
+                    // where the other is launched.
+                    let name = match compilation_options.supports_features.dynamic_meta_in_info {
+                        true => "cuda-dynamic-meta-in-info",
+                        false => "cuda",
+                    };
                     Some(CompilationCache::new(
                         "ptx",
-                        CacheOption::default().name("cuda").root(root),
+                        CacheOption::default().name(name).root(root),
                     ))
                 } else {
                     None
@@ -113,6 +125,7 @@ impl CudaContext {
                     entry.entrypoint_name.clone(),
                     kernel_id.cube_dim,
                     entry.shared_mem_bytes,
+                    entry.info_bytes,
                 )?;
                 return Ok(());
             }
@@ -218,6 +231,7 @@ impl CudaContext {
                 PtxCacheEntry {
                     entrypoint_name: kernel_compiled.entrypoint_name.clone(),
                     shared_mem_bytes: repr.shared_memory_size(),
+                    info_bytes: repr.info_param_bytes(),
                     ptx: ptx.clone(),
                 },
             );
@@ -232,6 +246,7 @@ impl CudaContext {
             kernel_compiled.entrypoint_name,
             cube_dim,
             repr.shared_memory_size(),
+            repr.info_param_bytes(),
         )?;
         Ok(())
     }
@@ -243,6 +258,7 @@ impl CudaContext {
         entrypoint_name: String,
         cube_dim: CubeDim,
         shared_mem_bytes: usize,
+        info_bytes: Option<usize>,
     ) -> Result<(), CompilationError> {
         let func_name = CString::new(entrypoint_name).unwrap();
         // SAFETY: `ptx` is a valid null-terminated PTX binary from NVRTC. `func_name` is a
@@ -268,6 +284,7 @@ impl CudaContext {
                 cube_dim,
                 shared_mem_bytes,
                 func,
+                info_bytes,
             },
         );
 
@@ -281,8 +298,34 @@ impl CudaContext {
         dispatch_count: (u32, u32, u32),
         tensor_maps: &[CUtensorMap],
         resources: &[GpuResource],
-        const_info: Option<*mut c_void>,
+        const_info: Option<&[u64]>,
     ) -> Result<(), LaunchError> {
+        let kernel = self.module_names.get(&kernel_id).unwrap();
+        // Patched in by qwen-sft (vendor/README.md): an `info` that holds the dynamic metadata
+        // is declared with room for tensors of rank up to `DYNAMIC_META_MAX_RANK`; the driver
+        // copies the whole declared size, so the launch's values are padded to it.
+        let padded_info;
+        let const_info = match (const_info, kernel.info_bytes) {
+            (Some(values), Some(bytes)) => {
+                let words = bytes.div_ceil(size_of::<u64>());
+                if values.len() > words {
+                    return Err(LaunchError::Unknown {
+                        reason: format!(
+                            "the launch's metadata ({} bytes) exceed the kernel's `info` \
+                             parameter ({bytes} bytes): a tensor of rank above {}?",
+                            values.len() * size_of::<u64>(),
+                            cubecl_cpp::shared::DYNAMIC_META_MAX_RANK,
+                        ),
+                        backtrace: BackTrace::capture(),
+                    });
+                }
+                let mut padded = values.to_vec();
+                padded.resize(words, 0);
+                padded_info = padded;
+                Some(padded_info.as_ptr() as *mut c_void)
+            }
+            (values, _) => values.map(|values| values.as_ptr() as *mut c_void),
+        };
         let mut bindings = tensor_maps
             .iter()
             .map(|map| map as *const _ as *mut c_void)
@@ -290,7 +333,6 @@ impl CudaContext {
         bindings.extend(resources.iter().map(|memory| memory.binding));
         bindings.extend(const_info);
 
-        let kernel = self.module_names.get(&kernel_id).unwrap();
         let cube_dim = kernel.cube_dim;
         // SAFETY: `kernel.func` is a valid function handle from a loaded module.
         // `stream.sys` is a valid CUDA stream. `bindings` contains valid device pointers

@@ -665,11 +665,9 @@ impl CudaServer {
         let mut kernel_id = kernel.id();
         let logger = self.streams.logger.clone();
         kernel_id.mode(mode);
-        let grid_constants = self
-            .ctx
-            .compilation_options
-            .supports_features
-            .grid_constants;
+        let features = &self.ctx.compilation_options.supports_features;
+        let (grid_constants, dynamic_meta_in_info) =
+            (features.grid_constants, features.dynamic_meta_in_info);
         let mut command = self.command(
             stream_id,
             bindings.buffers.iter(),
@@ -704,12 +702,14 @@ impl CudaServer {
             let info = &bindings.info;
 
             let mut handle = Option::None;
-            if info.dynamic_metadata_offset < info.data.len() {
+            // Patched in by qwen-sft (vendor/README.md): the dynamic metadata travel in the
+            // `info` parameter when the kernels are compiled so, with no upload.
+            if !dynamic_meta_in_info && info.dynamic_metadata_offset < info.data.len() {
                 let dyn_meta = &bytemuck::cast_slice(&info.data[info.dynamic_metadata_offset..]);
                 handle = Some(command.create_with_data(dyn_meta)?);
             }
 
-            (Some(info.data.as_ptr() as *mut c_void), handle)
+            (Some(info.data.as_slice()), handle)
         } else {
             let mut handle = Option::None;
             if !bindings.info.data.is_empty() {
