@@ -50,6 +50,10 @@ fn run(head_dim: usize, batch: usize, heads: usize, kv_heads: usize, seq: usize,
         seed as usize,
         shared[0],
         shared[1],
+        flash_plan::forward_rows(),
+        flash_plan::forward_threads(),
+        flash_plan::backward_keys(),
+        flash_plan::backward_threads(),
     ]
     .map(|x| x.to_string());
     let output = Command::new(harness())

@@ -27,14 +27,40 @@ pub fn takes(q: &Shape, k: &Shape, dtype: DType, params: &AttentionParams) -> bo
         && i32::try_from(q[0] * q[1] * q[2]).is_ok()
 }
 
-/// Queries per forward block and keys per backward block (`BR`/`BC` of the forward, `BC` of
-/// the backward).
-pub const TILE: usize = 64;
+/// Warps per forward block, one per 16 queries (`QF_FORWARD_WARPS` in `flash.cu`).
+pub const FORWARD_WARPS: usize = 4;
 
-/// Queries per backward iteration (`BR` of the backward): 32 for head size 128, whose dK and
-/// dV accumulators take twice the registers.
-pub fn backward_rows(head_dim: usize) -> usize {
-    if head_dim > 64 { 32 } else { 64 }
+/// Warps per backward block, one per 16 keys (`QF_BACKWARD_WARPS` in `flash.cu`).
+pub const BACKWARD_WARPS: usize = 4;
+
+/// Keys per tile of the forward's walk (its `BC`).
+pub const KEY_TILE: usize = 64;
+
+/// Queries per forward block (the forward's `BR`).
+pub const fn forward_rows() -> usize {
+    16 * FORWARD_WARPS
+}
+
+/// Threads per forward block.
+pub const fn forward_threads() -> usize {
+    32 * FORWARD_WARPS
+}
+
+/// Keys per backward block (the backward's `BC`).
+pub const fn backward_keys() -> usize {
+    16 * BACKWARD_WARPS
+}
+
+/// Threads per backward block.
+pub const fn backward_threads() -> usize {
+    32 * BACKWARD_WARPS
+}
+
+/// Queries per backward iteration (`BR` of the backward, `QF_BACKWARD_ROWS` in `flash.cu`): 32
+/// at either head size (at 128 the dK and dV accumulators take the registers of larger tiles;
+/// at 64 the smaller tile's registers let three blocks share a multiprocessor).
+pub fn backward_rows(_head_dim: usize) -> usize {
+    32
 }
 
 /// Bytes of rows of `head_dim` bf16 at the kernels' pitch (`head_dim + 8`, which keeps the
@@ -44,20 +70,19 @@ fn rows_bytes(rows: usize, head_dim: usize) -> usize {
 }
 
 /// Shared memory of a forward block: the q tile, two k and two v tiles (the next one is copied
-/// while this one is used), two tiles' key segments and each tile's common segment.
+/// while this one is used) and two tiles' key segments.
 pub fn forward_shared_bytes(head_dim: usize) -> usize {
-    5 * rows_bytes(TILE, head_dim) + 2 * TILE * 4 + 2 * 4
+    rows_bytes(forward_rows(), head_dim) + 4 * rows_bytes(KEY_TILE, head_dim) + 2 * KEY_TILE * 4
 }
 
-/// Shared memory of a backward block: the k and v tiles, the dS^T tile (`[TILE][rows + 8]`),
-/// two q and two dO tiles, two tiles' lse, D and query segments and each tile's common segment.
+/// Shared memory of a backward block: the k and v tiles, the dS^T tile (`[keys][rows + 8]`),
+/// two q and two dO tiles and two tiles' lse, D and query segments.
 pub fn backward_shared_bytes(head_dim: usize) -> usize {
-    let rows = backward_rows(head_dim);
-    2 * rows_bytes(TILE, head_dim)
-        + TILE * (rows + 8) * 2
+    let (rows, keys) = (backward_rows(head_dim), backward_keys());
+    2 * rows_bytes(keys, head_dim)
+        + keys * (rows + 8) * 2
         + 4 * rows_bytes(rows, head_dim)
         + 6 * rows * 4
-        + 2 * 4
 }
 
 #[cfg(test)]
@@ -105,7 +130,24 @@ mod tests {
             assert!(forward_shared_bytes(d) <= 227 << 10 && backward_shared_bytes(d) <= 227 << 10);
         }
         assert!(forward_shared_bytes(128) > forward_shared_bytes(64));
-        assert_eq!(backward_rows(64), 64);
+        assert_eq!(backward_rows(64), 32);
         assert_eq!(backward_rows(128), 32);
+    }
+
+    #[test]
+    fn the_kernels_are_built_with_these_warps_per_block() {
+        let source = include_str!("flash/flash.cu");
+        for (name, warps) in [
+            ("QF_FORWARD_WARPS", FORWARD_WARPS),
+            ("QF_BACKWARD_WARPS", BACKWARD_WARPS),
+            ("QF_BACKWARD_ROWS", backward_rows(64)),
+            ("QF_BACKWARD_ROWS", backward_rows(128)),
+        ] {
+            assert!(
+                source.contains(&format!("#define {name} {warps}\n")),
+                "flash.cu defines {name} as {warps}"
+            );
+        }
+        assert!(forward_threads() <= 256 && backward_threads() <= 256);
     }
 }

@@ -21,6 +21,7 @@ typedef unsigned int u32;
 #define __align__(n) alignas(n)
 #define QF_DEV inline
 #define QF_KERNEL void
+#define QF_KERNEL_BOUNDS(threads, blocks) void
 #define QF_DECLARE_SMEM(name) unsigned char* name = qf_emu::block->shared.data()
 #define QF_SYNC_BLOCK() qf_emu::block->barrier.arrive_and_wait()
 // A kernel's shared-memory layout must end within what the launch gave it.
@@ -45,10 +46,12 @@ struct Warp {
   const u16* row[32];
 };
 
+// Up to 8 warps; `threads` of them take part in the barrier.
 struct Block {
-  std::barrier<> barrier{128};
+  explicit Block(int threads) : barrier(threads) {}
+  std::barrier<> barrier;
   std::vector<unsigned char> shared;
-  Warp warps[4];
+  Warp warps[8];
 };
 
 inline thread_local Block* block;
@@ -96,6 +99,10 @@ inline void atomic_add2(float* at, float x, float y) {
 inline void copy_async16(void* dst, const void* src, bool valid) {
   if (valid) std::memcpy(dst, src, 16);
   else std::memset(dst, 0, 16);
+}
+inline void copy_async4(void* dst, const void* src, bool valid) {
+  if (valid) std::memcpy(dst, src, 4);
+  else std::memset(dst, 0, 4);
 }
 inline void copy_async_commit() {}
 inline void copy_async_wait() {}
@@ -177,17 +184,35 @@ inline void ldmatrix_x4_trans(u32* r, const u16* row) {
   });
 }
 
-// Runs `kernel` over `grid`, one block after another, 128 threads each.
+// stmatrix.m8n8.x4 (the converse of ldmatrix_x4): lanes 8m..8m+7 give the rows of matrix m;
+// each lane's register m goes to M_m[g][2t..2t+1].
+#define QF_STMATRIX 1
+inline void stmatrix_x4(u16* row, const u32* r) {
+  exchange_rows(row, [&](const u16* const* rows, int g, int t) {
+    for (int m = 0; m < 4; m++) {
+      u16* at = const_cast<u16*>(rows[m * 8 + g]) + 2 * t;
+      at[0] = (u16)(r[m] & 0xffffu);
+      at[1] = (u16)(r[m] >> 16);
+    }
+  });
+}
+
+// Runs `kernel` over `grid`, one block after another, `block_threads` threads each (at most 256).
 template <class P>
-void qf_launch(void (*kernel)(const P), const P& params, QfDim grid, size_t shared_bytes) {
+void qf_launch(void (*kernel)(const P), const P& params, QfDim grid, size_t shared_bytes,
+               unsigned block_threads) {
+  if (block_threads == 0 || block_threads > 256 || block_threads % 32 != 0) {
+    std::fprintf(stderr, "qf_launch: %u threads per block\n", block_threads);
+    std::abort();
+  }
   qf_emu::grid_dim = grid;
   for (unsigned z = 0; z < grid.z; z++)
     for (unsigned y = 0; y < grid.y; y++)
       for (unsigned x = 0; x < grid.x; x++) {
-        auto block = std::make_unique<qf_emu::Block>();
+        auto block = std::make_unique<qf_emu::Block>((int)block_threads);
         block->shared.assign(shared_bytes, 0xcd);  // garbage, as on a GPU
         std::vector<std::thread> threads;
-        for (unsigned i = 0; i < 128; i++)
+        for (unsigned i = 0; i < block_threads; i++)
           threads.emplace_back([&, i] {
             qf_emu::block = block.get();
             qf_emu::thread_index = {i, 0, 0};

@@ -2,9 +2,11 @@
 // bf16 inputs. Run by tests/flash_emulated.rs:
 //
 //   emulate_test HEAD_DIM BATCH HEADS KV_HEADS SEQ SEED FORWARD_SHARED BACKWARD_SHARED
+//                FORWARD_ROWS FORWARD_THREADS BACKWARD_KEYS BACKWARD_THREADS
 //
-// (the last two: the shared-memory bytes of a forward and a backward block, as the CUDA
-// launcher gives them, `attention::flash_plan`)
+// (the last six: the shared-memory bytes of a forward and a backward block, the queries and
+// threads of a forward block, the keys and threads of a backward block, as the CUDA launcher
+// gives them, `attention::flash_plan`)
 //
 // Prints one line of relative errors (max |x - ref| / max |ref|) and exits 1 if one is over its
 // tolerance, or if a row that sees no key has a non-zero output or gradient or a finite lse.
@@ -41,8 +43,11 @@ double rel_err(const std::vector<double>& ref, const std::vector<double>& got) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 9) {
-    std::fprintf(stderr, "usage: %s HEAD_DIM BATCH HEADS KV_HEADS SEQ SEED FORWARD_SHARED BACKWARD_SHARED\n", argv[0]);
+  if (argc != 13) {
+    std::fprintf(stderr,
+                 "usage: %s HEAD_DIM BATCH HEADS KV_HEADS SEQ SEED FORWARD_SHARED BACKWARD_SHARED "
+                 "FORWARD_ROWS FORWARD_THREADS BACKWARD_KEYS BACKWARD_THREADS\n",
+                 argv[0]);
     return 2;
   }
   Dims m{std::atoi(argv[1]), std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5])};
@@ -113,7 +118,8 @@ int main(int argc, char** argv) {
   std::vector<u16> out((size_t)B * H * S * D, 0x7fc0);  // [B, S, H, D], as the forward writes it
   std::vector<float> dk(ref_dk.size(), 0.0f), dv(ref_dk.size(), 0.0f);
   std::vector<float> lse((size_t)B * H * S, NAN), delta(lse.size(), NAN), dq(ref_dq.size(), 0.0f);
-  const int tiles = (S + 63) / 64;
+  const int fwd_rows = std::atoi(argv[9]), bwd_keys = std::atoi(argv[11]);
+  const unsigned fwd_threads = std::strtoul(argv[10], nullptr, 10), bwd_threads = std::strtoul(argv[12], nullptr, 10);
   QfForward f{};
   f.q = q.data(), f.k = k.data(), f.v = v.data(), f.qseg = seg.data(), f.kseg = seg.data();
   f.out = out.data(), f.lse = lse.data();
@@ -123,7 +129,8 @@ int main(int argc, char** argv) {
   f.seq = S, f.heads = H, f.kv_heads = KV;
   f.scale_log2 = (float)(scale * 1.4426950408889634);
   size_t fwd_smem = std::strtoul(argv[7], nullptr, 10), bwd_smem = std::strtoul(argv[8], nullptr, 10);
-  qf_launch(D == 64 ? qf_forward_64 : qf_forward_128, f, {(unsigned)tiles, (unsigned)H, (unsigned)B}, fwd_smem);
+  qf_launch(D == 64 ? qf_forward_64 : qf_forward_128, f, {(unsigned)((S + fwd_rows - 1) / fwd_rows), (unsigned)H, (unsigned)B},
+            fwd_smem, fwd_threads);
 
   QfDelta dl{};
   dl.out = out.data(), dl.dout = dout.data(), dl.delta = delta.data();
@@ -131,7 +138,7 @@ int main(int argc, char** argv) {
   dl.do_b = f.q_b, dl.do_h = f.q_h, dl.do_s = f.q_s;
   dl.seq = S, dl.heads = H, dl.rows = B * H * S;
   const int delta_rows = 128 / (D / 8);
-  qf_launch(D == 64 ? qf_delta_64 : qf_delta_128, dl, {(unsigned)((B * H * S + delta_rows - 1) / delta_rows), 1, 1}, 0);
+  qf_launch(D == 64 ? qf_delta_64 : qf_delta_128, dl, {(unsigned)((B * H * S + delta_rows - 1) / delta_rows), 1, 1}, 0, 128);
 
   QfBackward bw{};
   bw.q = f.q, bw.k = f.k, bw.v = f.v, bw.qseg = f.qseg, bw.kseg = f.kseg, bw.dout = dout.data();
@@ -140,7 +147,8 @@ int main(int argc, char** argv) {
   bw.v_b = f.v_b, bw.v_h = f.v_h, bw.v_s = f.v_s, bw.qseg_b = f.qseg_b, bw.qseg_s = f.qseg_s;
   bw.kseg_b = f.kseg_b, bw.kseg_s = f.kseg_s, bw.do_b = f.q_b, bw.do_h = f.q_h, bw.do_s = f.q_s;
   bw.seq = S, bw.heads = H, bw.kv_heads = KV, bw.scale_log2 = f.scale_log2, bw.scale = (float)scale;
-  qf_launch(D == 64 ? qf_backward_64 : qf_backward_128, bw, {(unsigned)tiles, (unsigned)H, (unsigned)B}, bwd_smem);
+  qf_launch(D == 64 ? qf_backward_64 : qf_backward_128, bw, {(unsigned)((S + bwd_keys - 1) / bwd_keys), (unsigned)H, (unsigned)B},
+            bwd_smem, bwd_threads);
 
   // The output in the reference's [B, H, S, D] order.
   std::vector<double> got_out(out.size());

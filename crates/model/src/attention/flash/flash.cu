@@ -25,6 +25,9 @@
 #else
 #define QF_DEV __device__ __forceinline__
 #define QF_KERNEL extern "C" __global__ void __launch_bounds__(128)
+// A kernel of `threads` threads per block, `blocks` of which should fit on a multiprocessor
+// (which bounds its registers).
+#define QF_KERNEL_BOUNDS(threads, blocks) extern "C" __global__ void __launch_bounds__(threads, blocks)
 #define QF_DECLARE_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -57,6 +60,17 @@ QF_DEV void ldmatrix_x4_trans(u32* r, const u16* row) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)));
 }
 
+// The converse of ldmatrix_x4: lanes 8m..8m+7 give the rows of matrix m, and each lane's
+// register m is stored at M_m[g][2t..2t+1]. Compute capability 9.0 has one instruction for it;
+// before, each lane stores its own four words (`store_a`).
+#if __CUDA_ARCH__ >= 900
+#define QF_STMATRIX 1
+QF_DEV void stmatrix_x4(u16* row, const u32* r) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
+               :: "r"(shared_address(row)), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
+#endif
+
 // Two f32 to bf16 (round to nearest even), `lo` in the low half.
 QF_DEV u32 pack_bf16(float lo, float hi) {
   u32 out;
@@ -81,6 +95,11 @@ QF_DEV float qf_log2(float x) {
 QF_DEV void copy_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+// 4 bytes, likewise (an lse, a D or a segment id of one row).
+QF_DEV void copy_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
+               :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 4 : 0));
 }
 QF_DEV void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits for this thread's copies; a block barrier after it makes everyone's visible.
@@ -110,6 +129,11 @@ QF_DEV void atomic_add2(float* at, float x, float y) {
 // 16 bytes, for copying 8 bf16 at once.
 struct __align__(16) QfVec {
   u32 x, y, z, w;
+};
+
+// Two adjacent f32 in one 8-byte load.
+struct __align__(8) QfPair {
+  float x, y;
 };
 
 // The forward pass's arguments (mirrored by `ForwardArgs` in mod.rs, field for field).
@@ -158,13 +182,13 @@ struct QfDelta {
 };
 
 // Copies ROWS rows of D bf16 from global memory (row `r` at src + r * stride) into shared
-// memory with row pitch `ld`, zeros past `valid` rows. Every thread of the block takes part,
-// each copying 16 bytes at a time: rows r0, r0 + 128 / (D / 8), ... at its column, with the
-// count known at compile time (no loop and no division per copy).
-template <int D, int ROWS>
+// memory with row pitch `ld`, zeros past `valid` rows. Every thread of the block (THREADS) takes
+// part, each copying 16 bytes at a time: rows r0, r0 + THREADS / (D / 8), ... at its column,
+// with the count known at compile time (no loop and no division per copy).
+template <int D, int ROWS, int THREADS>
 QF_DEV void load_rows(u16* dst, int ld, const u16* src, long long stride, int valid) {
-  constexpr int PER_ROW = D / 8, STRIDE_ROWS = 128 / PER_ROW;
-  static_assert(ROWS % STRIDE_ROWS == 0, "whole rounds of the block's 128 threads");
+  constexpr int PER_ROW = D / 8, STRIDE_ROWS = THREADS / PER_ROW;
+  static_assert(ROWS % STRIDE_ROWS == 0, "whole rounds of the block's threads");
   const int r0 = threadIdx.x / PER_ROW, c = (threadIdx.x % PER_ROW) * 8;
   src += r0 * stride + c;
   dst += r0 * ld + c;
@@ -179,10 +203,10 @@ QF_DEV void load_rows(u16* dst, int ld, const u16* src, long long stride, int va
 }
 
 // As `load_rows`, but with asynchronous copies: the caller commits, waits and synchronises.
-template <int D, int ROWS>
+template <int D, int ROWS, int THREADS>
 QF_DEV void copy_rows_async(u16* dst, int ld, const u16* src, long long stride, int valid) {
-  constexpr int PER_ROW = D / 8, STRIDE_ROWS = 128 / PER_ROW;
-  static_assert(ROWS % STRIDE_ROWS == 0, "whole rounds of the block's 128 threads");
+  constexpr int PER_ROW = D / 8, STRIDE_ROWS = THREADS / PER_ROW;
+  static_assert(ROWS % STRIDE_ROWS == 0, "whole rounds of the block's threads");
   const int r0 = threadIdx.x / PER_ROW, c = (threadIdx.x % PER_ROW) * 8;
   const u16* row = src + r0 * stride + c;
   dst += r0 * ld + c;
@@ -206,12 +230,38 @@ QF_DEV int common_segment(const int* seg, long long stride, int first, int count
   return warp_all(same) ? common : 0;
 }
 
+// As `common_segment`, of `count` segment ids already in shared memory (zeros for the rows
+// past the sequence): their one segment, or 0. Called by a whole warp.
+QF_DEV int common_segment_shared(const int* seg, int count) {
+  int common = seg[0];
+  bool same = true;
+  for (int r = threadIdx.x & 31; r < count; r += 32) same = same && seg[r] == common;
+  return warp_all(same) ? common : 0;
+}
+
 // The A fragment of the 16x16 block at (row0, col0) of a row-major bf16 matrix in shared
 // memory: matrices (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15),
 // (rows 8-15, cols 8-15) are a0..a3.
 QF_DEV void load_a(u32* a, const u16* m, int ld, int row0, int col0) {
   int lane = threadIdx.x & 31, quarter = lane >> 3;
   ldmatrix_x4(a, m + (row0 + (lane & 7) + 8 * (quarter & 1)) * ld + col0 + 8 * (quarter >> 1));
+}
+
+// Stores the A fragment `a` (as load_a reads it) at the 16x16 block (row0, col0) of a row-major
+// bf16 matrix in shared memory.
+QF_DEV void store_a(u16* m, int ld, int row0, int col0, const u32* a) {
+  int lane = threadIdx.x & 31;
+#ifdef QF_STMATRIX
+  int quarter = lane >> 3;
+  stmatrix_x4(m + (row0 + (lane & 7) + 8 * (quarter & 1)) * ld + col0 + 8 * (quarter >> 1), a);
+#else
+  int g = lane >> 2, t = lane & 3;
+  u16* at = m + (row0 + g) * ld + col0 + 2 * t;
+  *(u32*)at = a[0];
+  *(u32*)(at + 8 * ld) = a[1];
+  *(u32*)(at + 8) = a[2];
+  *(u32*)(at + 8 * ld + 8) = a[3];
+#endif
 }
 
 // The A fragment of the 16x16 block at (row0, col0) of A = M^T, M row-major [col][row] in
@@ -258,20 +308,19 @@ QF_DEV void c_pair_to_a(u32* a, const float* left, const float* right) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: a block of 64 queries of one head (4 warps of 16 rows) walks the key tiles of 64 up
-// to its last query, with the running maximum and sum of each row (online softmax).
+// Forward: a block of 16 WARPS queries of one head (a warp per 16 rows) walks the key tiles of
+// 64 up to its last query, with the running maximum and sum of each row (online softmax).
 // ---------------------------------------------------------------------------------------------
-template <int D>
+template <int D, int WARPS>
 QF_DEV void forward(const QfForward& p) {
-  constexpr int BR = 64, BC = 64, LD = D + 8;
+  constexpr int THREADS = 32 * WARPS, BR = 16 * WARPS, BC = 64, LD = D + 8;
   QF_DECLARE_SMEM(smem);
   // K, V and the keys' segments twice: the next tile is copied while this one is used.
   u16* q_tile = (u16*)smem;               // [BR][LD]
   u16* k_tiles = q_tile + BR * LD;        // [2][BC][LD]
   u16* v_tiles = k_tiles + 2 * BC * LD;   // [2][BC][LD]
   int* key_segs = (int*)(v_tiles + 2 * BC * LD);  // [2][BC]
-  int* key_tile_seg = key_segs + 2 * BC;          // [2]: the tile's common segment, or 0
-  QF_CHECK_SHARED(key_tile_seg + 2);
+  QF_CHECK_SHARED(key_segs + 2 * BC);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   // The last query blocks see the most keys: start them first.
@@ -282,7 +331,7 @@ QF_DEV void forward(const QfForward& p) {
   const u16* k = p.k + b * p.k_b + kvh * p.k_h;
   const u16* v = p.v + b * p.v_b + kvh * p.v_h;
 
-  load_rows<D, BR>(q_tile, LD, q + q0 * p.q_s, p.q_s, p.seq - q0);
+  load_rows<D, BR, THREADS>(q_tile, LD, q + q0 * p.q_s, p.q_s, p.seq - q0);
   // This thread's two rows: g and g + 8 of the warp's 16.
   const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   int seg[2];
@@ -302,16 +351,17 @@ QF_DEV void forward(const QfForward& p) {
   const int last_query = (q0 + BR < p.seq ? q0 + BR : p.seq) - 1;
   // Starts the copy of the key tile at `k0` into buffer `buf`.
   auto fetch = [&](int k0, int buf) {
-    copy_rows_async<D, BC>(k_tiles + buf * BC * LD, LD, k + k0 * p.k_s, p.k_s, p.seq - k0);
-    copy_rows_async<D, BC>(v_tiles + buf * BC * LD, LD, v + k0 * p.v_s, p.v_s, p.seq - k0);
-    copy_async_commit();
-    int key = k0 + (int)threadIdx.x;
-    if (threadIdx.x < BC)
-      key_segs[buf * BC + threadIdx.x] = key < p.seq ? p.kseg[b * p.kseg_b + key * p.kseg_s] : 0;
-    if (warp == 0) {
-      int common = common_segment(p.kseg + b * p.kseg_b, p.kseg_s, k0, BC, p.seq);
-      if (lane == 0) key_tile_seg[buf] = common;
+    copy_rows_async<D, BC, THREADS>(k_tiles + buf * BC * LD, LD, k + k0 * p.k_s, p.k_s, p.seq - k0);
+    copy_rows_async<D, BC, THREADS>(v_tiles + buf * BC * LD, LD, v + k0 * p.v_s, p.v_s, p.seq - k0);
+    // The keys' segments too: no thread waits for a global load here (it would hold its warp,
+    // and at the next barrier the block, for a memory latency per tile).
+    if (threadIdx.x < BC) {
+      int key = k0 + (int)threadIdx.x;
+      bool valid = key < p.seq;
+      copy_async4(key_segs + buf * BC + threadIdx.x,
+                  p.kseg + b * p.kseg_b + (valid ? key : 0) * p.kseg_s, valid);
     }
+    copy_async_commit();
   };
   fetch(0, 0);
 
@@ -343,8 +393,8 @@ QF_DEV void forward(const QfForward& p) {
     // Mask, then the rows' new maxima over the 4 lanes of a row, in unscaled scores (the scale
     // is positive: it joins the exponent below, one FFMA per score). A tile wholly before the
     // warp's rows, in their one segment, needs no mask.
-    const bool unmasked = warp_seg != 0 && key_tile_seg[buf] == warp_seg &&
-                          k0 + BC - 1 <= q0 + warp * 16;
+    const bool unmasked = warp_seg != 0 && k0 + BC - 1 <= q0 + warp * 16 &&
+                          common_segment_shared(key_seg, BC) == warp_seg;
     float tile_max[2] = {-QF_INF, -QF_INF};
     // Inlined twice, once per constant `masked`: the common, unmasked tiles run no mask code.
     auto mask_and_max = [&](bool masked) {
@@ -434,18 +484,21 @@ QF_DEV void forward(const QfForward& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: a block of 64 keys and one query head (4 warps of 16 keys) walks the query tiles
-// of BR that can see the keys. dK and dV of the head accumulate in registers and are added
-// atomically (f32) to the kv head's, as dQ is per tile: a block per query head rather than per
-// kv head gives the GPU n_rep times the blocks (ncu: 512 blocks at 12% occupancy for 0.5b).
+// Backward: a block of BC = 16 WARPS keys and one query head (a warp per 16 keys) walks the
+// query tiles of BR queries (`backward_rows` in flash_plan.rs) that can see the keys. dK and dV
+// of the head accumulate in registers and are added atomically (f32) to the kv head's, as dQ is
+// per tile: a block per query head rather than per kv head gives the GPU n_rep times the blocks.
+// (Eight warps would share each query tile's copy among 128 keys and halve the dQ atomics per
+// key; on the H200 that gained 1-4%, less than the registers of smaller tiles: QF_* below.)
 //   S^T = K Q^T, P^T = exp(S^T scale - lse), dP^T = V dO^T, dS^T = P^T (dP^T - D)
 //   dV += P^T dO, dK += dS^T Q (scaled at the end), dQ += scale dS K
 // ---------------------------------------------------------------------------------------------
-template <int D>
+template <int D, int WARPS, int BR, bool HOLD_KV>
 QF_DEV void backward(const QfBackward& p) {
-  constexpr int BC = 64, BR = D > 64 ? 32 : 64, LD = D + 8, LDS = BR + 8;
+  constexpr int THREADS = 32 * WARPS, BC = 16 * WARPS, LD = D + 8, LDS = BR + 8;
   // dQ of a query tile: BR / 16 row groups, the columns split among the remaining warps.
-  constexpr int ROW_GROUPS = BR / 16, PARTS = 4 / ROW_GROUPS, DQ_COLS = D / PARTS;
+  constexpr int ROW_GROUPS = BR / 16, PARTS = WARPS / ROW_GROUPS, DQ_COLS = D / PARTS;
+  static_assert(WARPS % ROW_GROUPS == 0 && DQ_COLS % 16 == 0, "dQ's split among the warps");
   QF_DECLARE_SMEM(smem);
   // q, dO and their rows' lse, D and segments twice: the next (head, query tile) is copied
   // while this one is used.
@@ -454,19 +507,19 @@ QF_DEV void backward(const QfBackward& p) {
   u16* ds_tile = v_tile + BC * LD;        // [BC][LDS]: dS^T, key-major
   u16* q_tiles = ds_tile + BC * LDS;      // [2][BR][LD]
   u16* do_tiles = q_tiles + 2 * BR * LD;  // [2][BR][LD]
-  float* lse2s = (float*)(do_tiles + 2 * BR * LD);  // [2][BR]: lse in log2 units
-  float* deltas = lse2s + 2 * BR;                    // [2][BR]
-  int* query_segs = (int*)(deltas + 2 * BR);         // [2][BR]
-  int* query_tile_seg = query_segs + 2 * BR;         // [2]: the tile's common segment, or 0
-  QF_CHECK_SHARED(query_tile_seg + 2);
+  float* lses = (float*)(do_tiles + 2 * BR * LD);  // [2][BR]: lse (0 past the sequence)
+  float* deltas = lses + 2 * BR;                    // [2][BR]
+  int* query_segs = (int*)(deltas + 2 * BR);        // [2][BR]
+  QF_CHECK_SHARED(query_segs + 2 * BR);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // The first key blocks see the most query tiles: they come first in the grid.
   const int k0 = blockIdx.x * BC, h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / (p.heads / p.kv_heads);
   const u16* k = p.k + b * p.k_b + kvh * p.k_h;
   const u16* v = p.v + b * p.v_b + kvh * p.v_h;
-  load_rows<D, BC>(k_tile, LD, k + k0 * p.k_s, p.k_s, p.seq - k0);
-  load_rows<D, BC>(v_tile, LD, v + k0 * p.v_s, p.v_s, p.seq - k0);
+  load_rows<D, BC, THREADS>(k_tile, LD, k + k0 * p.k_s, p.k_s, p.seq - k0);
+  load_rows<D, BC, THREADS>(v_tile, LD, v + k0 * p.v_s, p.v_s, p.seq - k0);
   // This thread's two keys: rows g and g + 8 of the warp's 16.
   const int key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
   int kseg[2];
@@ -474,9 +527,8 @@ QF_DEV void backward(const QfBackward& p) {
   for (int i = 0; i < 2; i++) kseg[i] = key[i] < p.seq ? p.kseg[b * p.kseg_b + key[i] * p.kseg_s] : 0;
   const int warp_seg = common_segment(p.kseg + b * p.kseg_b, p.kseg_s, k0 + warp * 16, 16, p.seq);
 
-  // At head size 64 the warp's K and V rows stay in registers as A fragments for the whole
-  // walk (at 128 they would spill: read from shared memory per query tile instead).
-  constexpr bool HOLD_KV = D == 64;
+  // With HOLD_KV, the warp's K and V rows stay in registers as A fragments for the whole walk
+  // (at head size 128 they would spill); else they are read from shared memory per query tile.
   u32 kv_held[HOLD_KV ? D / 16 : 1][2][4];
   if (HOLD_KV) {
     QF_SYNC_BLOCK();
@@ -500,22 +552,24 @@ QF_DEV void backward(const QfBackward& p) {
   // Starts the copies of query tile `it` into buffer `buf`.
   auto fetch = [&](int it, int buf) {
     int q0 = first_q0 + it * BR;
-    copy_rows_async<D, BR>(q_tiles + buf * BR * LD, LD,
-                           p.q + b * p.q_b + h * p.q_h + q0 * p.q_s, p.q_s, p.seq - q0);
-    copy_rows_async<D, BR>(do_tiles + buf * BR * LD, LD,
-                           p.dout + b * p.do_b + h * p.do_h + q0 * p.do_s, p.do_s, p.seq - q0);
-    copy_async_commit();
+    copy_rows_async<D, BR, THREADS>(q_tiles + buf * BR * LD, LD,
+                                    p.q + b * p.q_b + h * p.q_h + q0 * p.q_s, p.q_s, p.seq - q0);
+    copy_rows_async<D, BR, THREADS>(do_tiles + buf * BR * LD, LD,
+                                    p.dout + b * p.do_b + h * p.do_h + q0 * p.do_s, p.do_s,
+                                    p.seq - q0);
+    // The rows' lse, D and segments too, asynchronously (zeros past the sequence, where the
+    // mask hides everything): no thread waits for a global load here (it would hold its warp,
+    // and at the next barrier the block, for a memory latency per tile).
     if (threadIdx.x < BR) {
       int qi = q0 + threadIdx.x;
       bool valid = qi < p.seq;
-      lse2s[buf * BR + threadIdx.x] = valid ? p.lse[head_row + qi] * QF_LOG2E : QF_INF;
-      deltas[buf * BR + threadIdx.x] = valid ? p.delta[head_row + qi] : 0.0f;
-      query_segs[buf * BR + threadIdx.x] = valid ? p.qseg[b * p.qseg_b + qi * p.qseg_s] : 0;
+      long long row = head_row + (valid ? qi : 0);
+      copy_async4(lses + buf * BR + threadIdx.x, p.lse + row, valid);
+      copy_async4(deltas + buf * BR + threadIdx.x, p.delta + row, valid);
+      copy_async4(query_segs + buf * BR + threadIdx.x,
+                  p.qseg + b * p.qseg_b + (valid ? qi : 0) * p.qseg_s, valid);
     }
-    if (warp == 0) {
-      int common = common_segment(p.qseg + b * p.qseg_b, p.qseg_s, q0, BR, p.seq);
-      if (lane == 0) query_tile_seg[buf] = common;
-    }
+    copy_async_commit();
   };
   fetch(0, 0);
   for (int it = 0, buf = 0; it < tiles; it++, buf ^= 1) {
@@ -527,10 +581,15 @@ QF_DEV void backward(const QfBackward& p) {
     if (it + 1 < tiles) fetch(it + 1, buf ^ 1);
     const u16* q_tile = q_tiles + buf * BR * LD;
     const u16* do_tile = do_tiles + buf * BR * LD;
-    const float* lse2 = lse2s + buf * BR;
+    const float* lse = lses + buf * BR;
     const float* delta = deltas + buf * BR;
     const int* query_seg = query_segs + buf * BR;
-    {
+    // The groups of 16 keys that some query of the tile may see (causal): the warps past them
+    // have nothing to do on this tile, and dQ reads no dS of theirs (at most one tile in
+    // BC / BR, near the diagonal).
+    const int seen_groups = (q0 + BR - 1 - k0) / 16 + 1,
+              key_groups = seen_groups < WARPS ? seen_groups : WARPS;
+    if (warp < key_groups) {
       // S^T and dP^T for the warp's 16 keys against the BR queries.
       float st[BR / 8][4], dpt[BR / 8][4];
       #pragma unroll
@@ -561,80 +620,90 @@ QF_DEV void backward(const QfBackward& p) {
           mma_bf16(dpt[n + 1], va, dob_next);
         }
       }
-      // P^T and dS^T in place; dS^T (bf16) to shared memory for dQ, two queries per store. A
-      // tile wholly after the warp's keys, in their one segment, needs no mask.
-      const bool unmasked = warp_seg != 0 && query_tile_seg[buf] == warp_seg &&
-                            q0 >= k0 + warp * 16 + 15;
+      // P^T and dS^T, packed to bf16 once: as the A operands below (two C tiles side by side
+      // are one A fragment) and, dS^T, to shared memory for dQ. A tile wholly after the warp's
+      // keys, in their one segment, needs no mask.
+      const bool unmasked = warp_seg != 0 && q0 >= k0 + warp * 16 + 15 &&
+                            common_segment_shared(query_seg, BR) == warp_seg;
+      u32 pa[BR / 16][4], dsa[BR / 16][4];
       // Inlined twice, once per constant `masked`: the common, unmasked tiles run no mask code.
       auto probabilities = [&](bool masked) {
         #pragma unroll
         for (int n = 0; n < BR / 8; n++) {
+          // The lse (in log2 units) and D of this lane's two queries of the n-tile (columns 2t,
+          // 2t + 1).
+          QfPair l2 = *(const QfPair*)(lse + n * 8 + 2 * t);
+          l2.x *= QF_LOG2E;
+          l2.y *= QF_LOG2E;
+          const QfPair dl = *(const QfPair*)(delta + n * 8 + 2 * t);
           #pragma unroll
           for (int e = 0; e < 4; e++) {
             int i = e >> 1, col = n * 8 + 2 * t + (e & 1), query = q0 + col;
-            float x = st[n][e] * p.scale_log2 - lse2[col];
+            float x = st[n][e] * p.scale_log2 - ((e & 1) ? l2.y : l2.x);
             if (masked) {
               int qs = query_seg[col];
               bool seen = (key[i] <= query) & (kseg[i] != 0) & (kseg[i] == qs);
               x = seen ? x : -QF_INF;  // exp2(-inf) = 0, with no branch per element
             }
             float prob = qf_exp2(x);
-            float ds = prob * (dpt[n][e] - delta[col]);
             st[n][e] = prob;
-            dpt[n][e] = ds;
+            dpt[n][e] = prob * (dpt[n][e] - ((e & 1) ? dl.y : dl.x));
           }
+          // n-tile n is registers 0, 1 (n even) or 2, 3 (n odd) of A fragment n / 2.
           #pragma unroll
-          for (int i = 0; i < 2; i++)
-            *(u32*)(ds_tile + (warp * 16 + g + 8 * i) * LDS + n * 8 + 2 * t) =
-                pack_bf16(dpt[n][2 * i], dpt[n][2 * i + 1]);
+          for (int i = 0; i < 2; i++) {
+            pa[n >> 1][2 * (n & 1) + i] = pack_bf16(st[n][2 * i], st[n][2 * i + 1]);
+            dsa[n >> 1][2 * (n & 1) + i] = pack_bf16(dpt[n][2 * i], dpt[n][2 * i + 1]);
+          }
         }
       };
       if (unmasked) probabilities(false);
       else probabilities(true);
+      #pragma unroll
+      for (int kb = 0; kb < BR / 16; kb++) store_a(ds_tile, LDS, warp * 16, kb * 16, dsa[kb]);
       // dV += P^T dO and dK += dS^T Q, the A operands straight from the registers.
       #pragma unroll
       for (int kb = 0; kb < BR / 16; kb++) {
-        u32 pa[4], dsa[4];
-        c_pair_to_a(pa, st[2 * kb], st[2 * kb + 1]);
-        c_pair_to_a(dsa, dpt[2 * kb], dpt[2 * kb + 1]);
         #pragma unroll
         for (int j = 0; j < D / 8; j += 2) {
           u32 dob[2], dob_next[2], qb[2], qb_next[2];
           load_b2(dob, dob_next, do_tile, LD, kb * 16, j * 8);
           load_b2(qb, qb_next, q_tile, LD, kb * 16, j * 8);
-          mma_bf16(dv[j], pa, dob);
-          mma_bf16(dv[j + 1], pa, dob_next);
-          mma_bf16(dk[j], dsa, qb);
-          mma_bf16(dk[j + 1], dsa, qb_next);
+          mma_bf16(dv[j], pa[kb], dob);
+          mma_bf16(dv[j + 1], pa[kb], dob_next);
+          mma_bf16(dk[j], dsa[kb], qb);
+          mma_bf16(dk[j + 1], dsa[kb], qb_next);
         }
       }
-      QF_SYNC_BLOCK();  // dS is complete
+    }
+    QF_SYNC_BLOCK();  // dS is complete
 
-      // dQ rows 16 rg.. of the tile, columns part * DQ_COLS..: dS [16 x BC] K [BC x DQ_COLS].
-      float dq[DQ_COLS / 8][4];
+    // dQ rows 16 rg.. of the tile, columns part * DQ_COLS..: dS [16 x BC] K [BC x DQ_COLS],
+    // over the key groups that the tile sees.
+    float dq[DQ_COLS / 8][4];
+    #pragma unroll
+    for (int j = 0; j < DQ_COLS / 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
+    #pragma unroll
+    for (int kb = 0; kb < BC / 16; kb++) {
+      if (kb >= key_groups) break;
+      u32 dsa[4];
+      load_a_of_transposed(dsa, ds_tile, LDS, rg * 16, kb * 16);
       #pragma unroll
-      for (int j = 0; j < DQ_COLS / 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
-      #pragma unroll
-      for (int kb = 0; kb < BC / 16; kb++) {
-        u32 dsa[4];
-        load_a_of_transposed(dsa, ds_tile, LDS, rg * 16, kb * 16);
-        #pragma unroll
-        for (int j = 0; j < DQ_COLS / 8; j += 2) {
-          u32 kbf[2], kbf_next[2];
-          load_b2(kbf, kbf_next, k_tile, LD, kb * 16, part * DQ_COLS + j * 8);
-          mma_bf16(dq[j], dsa, kbf);
-          mma_bf16(dq[j + 1], dsa, kbf_next);
-        }
+      for (int j = 0; j < DQ_COLS / 8; j += 2) {
+        u32 kbf[2], kbf_next[2];
+        load_b2(kbf, kbf_next, k_tile, LD, kb * 16, part * DQ_COLS + j * 8);
+        mma_bf16(dq[j], dsa, kbf);
+        mma_bf16(dq[j + 1], dsa, kbf_next);
       }
+    }
+    #pragma unroll
+    for (int i = 0; i < 2; i++) {
+      int query = q0 + rg * 16 + g + 8 * i;
+      if (query >= p.seq) continue;
+      float* at = p.dq + (head_row + query) * D + part * DQ_COLS + 2 * t;
       #pragma unroll
-      for (int i = 0; i < 2; i++) {
-        int query = q0 + rg * 16 + g + 8 * i;
-        if (query >= p.seq) continue;
-        float* at = p.dq + (head_row + query) * D + part * DQ_COLS + 2 * t;
-        #pragma unroll
-        for (int j = 0; j < DQ_COLS / 8; j++)
-          atomic_add2(at + j * 8, dq[j][2 * i] * p.scale, dq[j][2 * i + 1] * p.scale);
-      }
+      for (int j = 0; j < DQ_COLS / 8; j++)
+        atomic_add2(at + j * 8, dq[j][2 * i] * p.scale, dq[j][2 * i + 1] * p.scale);
     }
   }
 
@@ -674,9 +743,21 @@ QF_DEV void row_delta(const QfDelta& p) {
   if (valid && c == 0) p.delta[row] = sum;
 }
 
-QF_KERNEL qf_forward_64(const QfForward p) { forward<64>(p); }
-QF_KERNEL qf_forward_128(const QfForward p) { forward<128>(p); }
-QF_KERNEL qf_backward_64(const QfBackward p) { backward<64>(p); }
-QF_KERNEL qf_backward_128(const QfBackward p) { backward<128>(p); }
+// Warps per block (32 threads each) and the backward's query tile: `forward_rows`,
+// `backward_keys`, `backward_rows` and the threads in attention/flash_plan.rs say the same. The
+// H200 measured these (xtask/device/flash_bench): the kernels are latency-bound, and at head
+// size 64 a 32-query backward tile whose registers let 3 blocks share a multiprocessor beats
+// 64-query tiles at 2 blocks, and 8-warp blocks, which share each tile among more keys.
+#define QF_FORWARD_WARPS 4
+#define QF_BACKWARD_WARPS 4
+#define QF_BACKWARD_ROWS 32
+QF_KERNEL_BOUNDS(32 * QF_FORWARD_WARPS, 1) qf_forward_64(const QfForward p) { forward<64, QF_FORWARD_WARPS>(p); }
+QF_KERNEL_BOUNDS(32 * QF_FORWARD_WARPS, 1) qf_forward_128(const QfForward p) { forward<128, QF_FORWARD_WARPS>(p); }
+QF_KERNEL_BOUNDS(32 * QF_BACKWARD_WARPS, 3) qf_backward_64(const QfBackward p) {
+  backward<64, QF_BACKWARD_WARPS, QF_BACKWARD_ROWS, true>(p);
+}
+QF_KERNEL_BOUNDS(32 * QF_BACKWARD_WARPS, 1) qf_backward_128(const QfBackward p) {
+  backward<128, QF_BACKWARD_WARPS, QF_BACKWARD_ROWS, false>(p);
+}
 QF_KERNEL qf_delta_64(const QfDelta p) { row_delta<64>(p); }
 QF_KERNEL qf_delta_128(const QfDelta p) { row_delta<128>(p); }

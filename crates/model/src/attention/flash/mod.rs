@@ -40,15 +40,18 @@ use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr, LaunchConfig, PushKe
 use qwen_gemm::nvrtc::{Compiled, PerDevice, compile, once_per_device};
 
 use super::AttentionParams;
-use super::flash_plan::{TILE, backward_shared_bytes, forward_shared_bytes, takes};
+use super::flash_plan::{
+    backward_keys, backward_shared_bytes, backward_threads, forward_rows, forward_shared_bytes,
+    forward_threads, takes,
+};
 
 type Tensor = CubeTensor<CudaRuntime>;
 
 /// The kernels' source, compiled on first use.
 pub const SOURCE: &str = include_str!("flash.cu");
 
-/// Threads per block of every kernel (4 warps).
-const THREADS: u32 = 128;
+/// Threads per block of the row-sum (`qf_delta_*`) kernels (4 warps).
+const DELTA_THREADS: u32 = 128;
 
 /// The forward pass's arguments, field for field `QfForward` in `flash.cu`.
 #[repr(C)]
@@ -267,8 +270,9 @@ impl Call {
         (self.head_dim as f64).powf(-0.5) as f32
     }
 
-    fn tiles(&self) -> u32 {
-        self.seq.div_ceil(TILE) as u32
+    /// Blocks along the sequence of `per_block` positions each.
+    fn tiles(&self, per_block: usize) -> u32 {
+        self.seq.div_ceil(per_block) as u32
     }
 }
 
@@ -298,7 +302,7 @@ fn launch<A: DeviceRepr>(
     stream: cudarc::driver::sys::CUstream,
     function: &CudaFunction,
     args: &A,
-    grid: (u32, u32, u32),
+    (grid, threads): ((u32, u32, u32), u32),
     shared: usize,
 ) {
     // SAFETY: cubecl's stream of this context, alive as long as its server (the process); the
@@ -306,7 +310,7 @@ fn launch<A: DeviceRepr>(
     let stream = unsafe { kernels.ctx.wrap_borrowed_stream(stream) };
     let config = LaunchConfig {
         grid_dim: grid,
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: shared as u32,
     };
     // SAFETY: the arguments match the kernel's struct (see `DeviceRepr` above); every address
@@ -340,7 +344,7 @@ pub fn forward<R: CubeRuntime>(
         scale_log2: call.scale() * std::f32::consts::LOG2_E,
         ..Default::default()
     };
-    let grid = (call.tiles(), h as u32, b as u32);
+    let grid = (call.tiles(forward_rows()), h as u32, b as u32);
     let kernels = call.kernels;
     qwen_gemm::on_burn_stream(q, &[q, k, v, qseg, kseg, &out, &lse], move |stream, a| {
         [
@@ -358,7 +362,7 @@ pub fn forward<R: CubeRuntime>(
             stream,
             function,
             &args,
-            grid,
+            (grid, forward_threads() as u32),
             forward_shared_bytes(d),
         );
     });
@@ -438,8 +442,8 @@ pub fn backward<R: CubeRuntime>(
         scale,
         ..Default::default()
     };
-    // A block per 64 keys and query head.
-    let grid = (call.tiles(), h as u32, b as u32);
+    // A block per `backward_keys()` keys and query head.
+    let grid = (call.tiles(backward_keys()), h as u32, b as u32);
     let kernels = call.kernels;
     let accumulators = [&grad_q, &grad_k, &grad_v].map(|t| t.meta.shape().num_elements() * 4);
     qwen_gemm::on_burn_stream(
@@ -475,13 +479,13 @@ pub fn backward<R: CubeRuntime>(
             }
             let i = dim_index(d);
             // `d / 8` threads per row.
-            let blocks = rows.div_ceil(THREADS as usize / (d / 8)) as u32;
+            let blocks = rows.div_ceil(DELTA_THREADS as usize / (d / 8)) as u32;
             launch(
                 kernels,
                 stream,
                 &kernels.delta[i],
                 &delta_args,
-                (blocks, 1, 1),
+                ((blocks, 1, 1), DELTA_THREADS),
                 0,
             );
             launch(
@@ -489,7 +493,7 @@ pub fn backward<R: CubeRuntime>(
                 stream,
                 &kernels.backward[i],
                 &args,
-                grid,
+                (grid, backward_threads() as u32),
                 backward_shared_bytes(d),
             );
         },
