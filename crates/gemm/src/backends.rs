@@ -5,9 +5,14 @@
 //! its own impl behind a feature of this crate.
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorMetadata};
 
-use crate::GemmBackend;
+use crate::{GemmBackend, cast_to};
 
 #[cfg(feature = "flex")]
 impl GemmBackend for burn::backend::Flex {}
@@ -20,6 +25,43 @@ impl GemmBackend for burn::backend::NdArray {}
 impl<B: GemmBackend, C: CheckpointStrategy> GemmBackend for Autodiff<B, C> {
     fn gemm_name() -> &'static str {
         B::gemm_name()
+    }
+
+    fn cast_param(t: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self> {
+        let from = t.primitive.dtype();
+        if from == dtype {
+            return t;
+        }
+        match CastParamBackward
+            .prepare::<C>([t.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(from, B::cast_param(t.primitive, dtype)),
+            OpsKind::UnTracked(prep) => prep.finish(B::cast_param(t.primitive, dtype)),
+        }
+    }
+}
+
+/// The backward step of [`GemmBackend::cast_param`]: the gradient cast back to the
+/// parameter's dtype (its state).
+#[derive(Debug)]
+struct CastParamBackward;
+
+impl<B: GemmBackend> Backward<B, 1> for CastParamBackward {
+    type State = DType;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(parent) = parent {
+            grads.register::<B>(parent.id, cast_to::<B>(grad, ops.state));
+        }
     }
 }
 
@@ -80,6 +122,15 @@ where
             crate::GemmBody::Burn.name()
         }
     }
+
+    fn cast_param(t: burn_cubecl::tensor::CubeTensor<R>, dtype: DType) -> FloatTensor<Self> {
+        if t.dtype != dtype
+            && let Some(copy) = crate::copies::lookup(&t, dtype)
+        {
+            return copy;
+        }
+        cast_to::<Self>(t, dtype)
+    }
 }
 
 /// Under fusion, a product whose inner backend has a body of its own runs as one custom
@@ -98,6 +149,26 @@ mod fusion {
     use crate::{
         GemmBackend, GemmBody, cast_to, gemm_reference, gemm_shape, inner_dim, takes_picked_body,
     };
+
+    /// [`GemmBackend::cast_param`] as a custom operation: the inner backend's, which can hand
+    /// out a kept copy (`crate::copies`) rather than cast.
+    #[derive(Clone, Debug)]
+    struct CastParam<B> {
+        desc: CustomOpIr,
+        dtype: DType,
+        _backend: PhantomData<B>,
+    }
+
+    impl<B: FusionBackend + GemmBackend> Operation<B::FusionRuntime> for CastParam<B> {
+        fn execute(
+            &self,
+            handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+        ) {
+            let ([t], [out]) = self.desc.as_fixed();
+            let cast = B::cast_param(handles.get_float_tensor::<B>(t), self.dtype);
+            handles.register_float_tensor::<B>(&out.id, cast);
+        }
+    }
 
     #[derive(Clone, Debug)]
     struct Gemm<B> {
@@ -170,6 +241,26 @@ mod fusion {
 
         fn gemm_name() -> &'static str {
             B::gemm_name()
+        }
+
+        /// A fusion cast while no copy is kept (it may fuse with its neighbours); once the
+        /// optimizer keeps copies, a custom operation that can take one.
+        fn cast_param(t: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self> {
+            if t.dtype == dtype || !crate::copies::any() {
+                return cast_to::<Self>(t, dtype);
+            }
+            let client = t.client.clone();
+            let streams = OperationStreams::with_inputs([&t]);
+            let out = TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), dtype);
+            let desc = CustomOpIr::new("qwen_gemm::cast_param", &[t.into_ir()], &[out]);
+            let op = CastParam::<B> {
+                desc: desc.clone(),
+                dtype,
+                _backend: PhantomData,
+            };
+            client
+                .register(streams, OperationIr::Custom(desc), op)
+                .output()
         }
     }
 }

@@ -17,6 +17,8 @@
 //! [`GemmBackend::gemm_name`] says which one a backend uses, so that a benchmark can report it.
 
 mod backends;
+#[cfg(feature = "cubecl")]
+pub mod copies;
 #[cfg(feature = "cublaslt")]
 mod cublaslt;
 mod layout;
@@ -81,6 +83,14 @@ pub trait GemmBackend: Backend {
     /// The body that runs [`gemm`](Self::gemm) here: a [`GemmBody::name`].
     fn gemm_name() -> &'static str {
         GemmBody::Burn.name()
+    }
+
+    /// A parameter `t` in `dtype` for compute (an f32 master weight for bf16 products, say):
+    /// on CubeCL backends the copy that the optimizer kept for `t`'s value where there is one
+    /// (the `copies` module, no kernel), else `t` cast. Under autodiff one node whose backward casts the
+    /// gradient back to `t`'s dtype, as a cast's does.
+    fn cast_param(t: FloatTensor<Self>, dtype: DType) -> FloatTensor<Self> {
+        cast_to::<Self>(t, dtype)
     }
 }
 
@@ -334,6 +344,34 @@ mod tests {
     use super::*;
 
     type B = Flex;
+
+    /// `cast_param` under autodiff: the cast's values, and the gradient cast back to the
+    /// parameter's dtype, as burn's cast gives; the identity where the dtypes agree.
+    #[test]
+    fn cast_param_is_a_cast_under_autodiff() {
+        type Ad = burn::backend::Autodiff<Flex>;
+        let device = Default::default();
+        let w = Tensor::<Ad, 2>::random([3, 5], Distribution::Default, &device).require_grad();
+        let g = Tensor::<Ad, 2>::random([3, 5], Distribution::Default, &device).cast(DType::BF16);
+        let ours = Tensor::<Ad, 2>::from_primitive(TensorPrimitive::Float(Ad::cast_param(
+            w.clone().into_primitive().tensor(),
+            DType::BF16,
+        )));
+        let theirs = w.clone().cast(DType::BF16);
+        assert_eq!(ours.dtype(), DType::BF16);
+        let exact = Tolerance::<f32>::absolute(0.0);
+        ours.clone()
+            .into_data()
+            .assert_approx_eq(&theirs.clone().into_data(), exact);
+        let grad_ours = w.grad(&(ours * g.clone()).sum().backward()).unwrap();
+        let grad_theirs = w.grad(&(theirs * g).sum().backward()).unwrap();
+        assert_eq!(grad_ours.dtype(), DType::F32);
+        grad_ours
+            .into_data()
+            .assert_approx_eq(&grad_theirs.into_data(), exact);
+        let same = Ad::cast_param(w.clone().into_primitive().tensor(), DType::F32);
+        assert_eq!(same.node.id, w.into_primitive().tensor().node.id);
+    }
 
     fn gemm<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, ta: bool, tb: bool) -> Tensor<B, D> {
         Tensor::from_primitive(TensorPrimitive::Float(B::gemm(

@@ -5,7 +5,7 @@
 //! traits; every one of them has a tensor-op body that runs on any backend and is its
 //! reference. One process-wide setting picks which runs, for all of them together.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
 
 /// Which body runs where a CubeCL backend has a kernel of this crate.
 ///
@@ -108,10 +108,14 @@ pub enum Kernel {
     /// flat buffers and running tensor ops over them. Listed here so that one switch (this
     /// enum, [`KernelBody`]) turns every kernel of the workspace on or off.
     Adamw,
+    /// The AdamW kernels' bf16 copies of the parameters they step, for a model that computes
+    /// in bf16 (`qwen_gemm::copies`): its casts of a parameter, forward and backward, take the
+    /// copy instead of a cast kernel each. Off, every cast runs.
+    Bf16Copies,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Self::Softmax,
         Self::Rotary,
         Self::RmsNorm,
@@ -120,6 +124,7 @@ impl Kernel {
         Self::SwiGlu,
         Self::ColumnSums,
         Self::Adamw,
+        Self::Bf16Copies,
     ];
 
     /// The name used on the command line and in reports.
@@ -133,12 +138,13 @@ impl Kernel {
             Self::SwiGlu => "swiglu",
             Self::ColumnSums => "column-sums",
             Self::Adamw => "adamw",
+            Self::Bf16Copies => "bf16-copies",
         }
     }
 
-    /// One bit of the `u8` mask of kernels turned off (eight kernels at most).
-    fn bit(self) -> u8 {
-        1 << self as u8
+    /// One bit of the `u16` mask of kernels turned off (sixteen kernels at most).
+    fn bit(self) -> u16 {
+        1 << self as u16
     }
 }
 
@@ -153,7 +159,7 @@ impl std::str::FromStr for Kernel {
     }
 }
 
-static KERNELS_OFF: AtomicU8 = AtomicU8::new(0);
+static KERNELS_OFF: AtomicU16 = AtomicU16::new(0);
 
 /// Keeps `kernels` on their tensor-op bodies whatever [`KernelBody`] is set (none by default),
 /// for the whole process; read, like the body, when a lazy backend runs its queue.

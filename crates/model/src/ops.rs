@@ -18,7 +18,9 @@ use crate::rowwise::RowwiseBackend;
 ///
 /// The weight is cast to the activations' dtype, so f32 master weights serve bf16 compute;
 /// under autodiff the backward pass casts it again rather than keeping the copy
-/// ([`LinearBackend::dense_cast`]).
+/// ([`LinearBackend::dense_cast`]). Weight and bias go through
+/// [`GemmBackend::cast_param`](qwen_gemm::GemmBackend::cast_param), which hands out the
+/// optimizer's copy of a parameter where it kept one.
 ///
 /// # Shapes
 /// - x: `[..., in]`
@@ -38,13 +40,24 @@ pub fn linear<B: LinearBackend, const D: usize>(
     let w = weight.into_primitive().tensor();
     let y = B::dense_cast(x, w);
     let y = match bias {
-        Some(bias) => B::add_bias(y, bias.cast(dtype).into_primitive().tensor()),
+        Some(bias) => B::add_bias(y, B::cast_param(bias.into_primitive().tensor(), dtype)),
         None => y,
     };
     let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y));
     let mut out_dims = dims;
     out_dims[D - 1] = out_features;
     y.reshape(out_dims)
+}
+
+/// A parameter in `dtype` for compute (an f32 master weight for bf16 products):
+/// [`GemmBackend::cast_param`](qwen_gemm::GemmBackend::cast_param), the copy the optimizer kept
+/// for its value where there is one, else a cast; differentiable, as a cast.
+pub fn cast_param<B: qwen_gemm::GemmBackend, const D: usize>(
+    t: Tensor<B, D>,
+    dtype: DType,
+) -> Tensor<B, D> {
+    let cast = B::cast_param(t.into_primitive().tensor(), dtype);
+    Tensor::from_primitive(TensorPrimitive::Float(cast))
 }
 
 /// Token embedding lookup: under autodiff one node whose backward adds each position's
@@ -80,7 +93,7 @@ pub fn rms_norm<B: RowwiseBackend, const D: usize>(
     let rows = dims[..D - 1].iter().product();
     // [..., hidden] -> [rows, hidden]
     let x = x.reshape([rows, dims[D - 1]]).into_primitive().tensor();
-    let weight = weight.cast(dtype).into_primitive().tensor();
+    let weight = B::cast_param(weight.into_primitive().tensor(), dtype);
     let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::rms_norm(x, weight, eps)));
     y.reshape(dims)
 }

@@ -74,7 +74,7 @@ pub fn score_examples<B: AttentionBackend>(
             .collect();
         if !supervised.is_empty() {
             let hidden = hidden.reshape([rows * len, width]);
-            let weight = model.lm_head_weight().cast(hidden.dtype());
+            let weight = qwen_model::ops::cast_param(model.lm_head_weight(), hidden.dtype());
             let vocab = weight.dims()[0];
             // Rows per chunk so that one chunk of f32 logits stays within the budget.
             let chunk = (chunk_bytes / (vocab * 4 * 3)).max(1);

@@ -46,8 +46,8 @@ struct Cli {
     #[arg(long, global = true, default_value = "auto")]
     kernels: qwen_model::KernelBody,
     /// Kernels to keep on their tensor-op bodies whatever `--kernels` says, comma-separated:
-    /// softmax, rotary, rms-norm, flash, embedding, swiglu, column-sums, adamw (to find which
-    /// one a difference comes from).
+    /// softmax, rotary, rms-norm, flash, embedding, swiglu, column-sums, adamw, bf16-copies (to
+    /// find which one a difference comes from).
     #[arg(long, global = true, value_delimiter = ',')]
     kernels_off: Vec<qwen_model::Kernel>,
 }

@@ -136,6 +136,9 @@ pub struct Optimizer<B: Backend> {
     /// The moments of parameters outside `flat`: loaded from a checkpoint and not stepped
     /// since, or without a gradient in the last step (kept, as torch keeps them).
     parked: HashMap<String, Moments<B>>,
+    /// Whether AdamW's kernels also write the parameters' bf16 copies for a model that
+    /// computes in bf16 ([`keep_bf16_copies`](Self::keep_bf16_copies)).
+    bf16_copies: bool,
     /// Tests: AdamW through [`OptimizerBackend`] even where the backend has no kernels (its
     /// tensor-op bodies then run), to check that path against the flat one.
     #[cfg(test)]
@@ -178,6 +181,7 @@ impl<B: OptimizerBackend> Optimizer<B> {
                 weight_decay,
                 step: self.step,
                 max_grad_norm,
+                bf16_copies: self.bf16_copies,
             }),
             OptimizerConfig::Sgd { .. } => None,
         };
@@ -282,9 +286,18 @@ impl<B: Backend> Optimizer<B> {
             flat: Vec::new(),
             group_values: GROUP_VALUES,
             parked: HashMap::new(),
+            bf16_copies: false,
             #[cfg(test)]
             backend_path: false,
         }
+    }
+
+    /// For a model of f32 parameters that computes in bf16: AdamW's kernels (CUDA) then write
+    /// each stepped parameter's bf16 copy as they step it, and `qwen_gemm::copies` keeps it,
+    /// so that the model's casts of the parameter, forward and backward, take the copy instead
+    /// of a cast kernel each. The copies cost 2 bytes a parameter of device memory.
+    pub fn keep_bf16_copies(&mut self, keep: bool) {
+        self.bf16_copies = keep;
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -563,6 +576,7 @@ impl<B: Backend> Optimizer<B> {
             flat: Vec::new(),
             group_values: GROUP_VALUES,
             parked,
+            bf16_copies: false,
             #[cfg(test)]
             backend_path: false,
         })

@@ -110,6 +110,7 @@ where
     };
     if config.train.precision == Precision::Bf16 {
         model = model.with_compute_dtype(DType::BF16);
+        optimizer.keep_bf16_copies(true);
     }
     model = model
         .with_attention_chunk_bytes(config.train.attention_chunk_mib << 20)
@@ -410,7 +411,7 @@ pub fn lm_head_loss<B: ChunkedCeBackend>(
     opts: &CrossEntropyOptions,
 ) -> Result<LossOutput<B>, TrainError> {
     let [rows, len, width] = hidden.dims();
-    let weight = model.lm_head_weight().cast(hidden.dtype());
+    let weight = qwen_model::ops::cast_param(model.lm_head_weight(), hidden.dtype());
     Ok(chunked_lm_head_cross_entropy(
         hidden.reshape([rows * len, width]),
         weight,

@@ -10,7 +10,7 @@ use burn::backend::autodiff::{
 use burn::tensor::TensorMetadata;
 use burn::tensor::ops::FloatTensor;
 
-use super::{LinearBackend, cast_to};
+use super::LinearBackend;
 
 /// The backward step of `x @ cast(w)^T` (of `x @ w^T` where `w` is already in `x`'s dtype, the
 /// casts then being no-ops); its parents are `[x, w]`.
@@ -39,7 +39,7 @@ impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
         }
         if let Some(node) = node_x {
             // [rows, out] @ [out, in]
-            let w = cast_to::<B>(w, compute);
+            let w = B::cast_param(w, compute);
             grads.register::<B>(node.id, B::gemm(grad, w, false, false));
         }
     }

@@ -18,7 +18,6 @@ mod backends;
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Shape, TensorMetadata};
-pub(crate) use qwen_gemm::cast_to;
 pub use qwen_gemm::{GemmBackend, GemmBody, gemm_body, gemm_reference, set_gemm_body};
 
 /// A backend whose linear layers can run on a kernel of its own.
@@ -37,15 +36,16 @@ pub trait LinearBackend: GemmBackend + crate::RowwiseBackend {
     }
 
     /// The differentiable `x @ cast(w)^T`, `w` (an f32 master weight, say) cast to `x`'s dtype
-    /// on use. The same values as `dense(x, cast(w))`; on `Autodiff<B>` the backward node keeps
-    /// `w` itself, which the model holds anyway, and casts it again, instead of keeping the
-    /// cast copy of every layer's weight until the backward pass reaches it (0.67 GiB in bf16
-    /// for the 0.5b preset).
+    /// on use ([`GemmBackend::cast_param`]: the optimizer's kept copy where there is one). The
+    /// same values as `dense(x, cast(w))`; on `Autodiff<B>` the backward node keeps `w` itself,
+    /// which the model holds anyway, and casts it again, instead of keeping the cast copy of
+    /// every layer's weight until the backward pass reaches it (0.67 GiB in bf16 for the 0.5b
+    /// preset).
     ///
     /// # Shapes
     /// As [`dense`](Self::dense).
     fn dense_cast(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        let w = cast_to::<Self>(w, x.dtype());
+        let w = Self::cast_param(w, x.dtype());
         Self::dense(x, w)
     }
 

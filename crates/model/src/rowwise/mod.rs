@@ -47,8 +47,9 @@ use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 /// [`AttentionBackend`](crate::AttentionBackend), which extends this trait. The default bodies
 /// are plain tensor ops; the CubeCL backends override RMSNorm's and the rotary embedding's
 /// `_forward` and `_backward` methods with kernels (`rowwise/cube.rs`) when
-/// [`crate::kernels`] says so.
-pub trait RowwiseBackend: Backend {
+/// [`crate::kernels`] says so. It extends [`GemmBackend`](qwen_gemm::GemmBackend) for
+/// [`cast_param`](qwen_gemm::GemmBackend::cast_param), the norm weights' cast.
+pub trait RowwiseBackend: qwen_gemm::GemmBackend {
     /// RMSNorm of each row in f32, cast back to `x`'s dtype, scaled by `weight`; also returns
     /// `rstd = 1 / sqrt(mean(x^2) + eps)` for the backward. Not differentiable on
     /// `Autodiff<B>`; use [`rms_norm`](Self::rms_norm) for that.

@@ -7,7 +7,9 @@
 // A launch covers up to QO_MAX_TENSORS tensors, listed in its argument struct (by value, under
 // CUDA's 4 KiB of kernel parameters); block b belongs to tensor i when
 // first_block[i] <= b < first_block[i + 1]. The step reads the parameter, its gradient and both
-// moments once and writes the parameter and the moments once (28 bytes a value), in f32.
+// moments once and writes the parameter and the moments once (28 bytes a value), in f32; where
+// asked, it also writes the new value's bf16 copy for the model's bf16 compute (2 bytes more;
+// qwen_gemm::copies keeps it, so the model's casts of the parameter find it).
 //
 // The same source compiles on the host with QO_HOST defined (adamw_host_test.cpp), one thread
 // per block, to test the indexing and the arithmetic without a GPU.
@@ -26,6 +28,23 @@
 
 typedef unsigned long long qo_u64;
 typedef long long qo_i64;
+typedef unsigned short qo_u16;
+
+// f32 to bf16, rounded to nearest even (NaN stays NaN), as a cast kernel rounds.
+#ifdef QO_HOST
+QO_DEV qo_u16 qo_bf16(float x) {
+  unsigned bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (qo_u16)((bits >> 16) | 0x40u);
+  return (qo_u16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+#else
+QO_DEV qo_u16 qo_bf16(float x) {
+  qo_u16 out;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(x));
+  return out;
+}
+#endif
 
 // Field for field `NormArgs` in mod.rs.
 struct QoNormArgs {
@@ -51,6 +70,7 @@ struct QoStepArgs {
   qo_u64 param[QO_MAX_TENSORS];
   qo_u64 grad[QO_MAX_TENSORS];
   qo_u64 out[QO_MAX_TENSORS];
+  qo_u64 copy[QO_MAX_TENSORS];  // bf16 [numel] each, or 0: no copy
   // Where each tensor's values start in the flat moments of its group.
   qo_i64 moment_offset[QO_MAX_TENSORS];
   qo_i64 numel[QO_MAX_TENSORS];
@@ -185,9 +205,10 @@ QO_KERNEL qo_adamw_step(const QoStepArgs a) {
   const float* v = (const float*)a.second + a.moment_offset[t];
   float* m_out = (float*)a.first_out + a.moment_offset[t];
   float* v_out = (float*)a.second_out + a.moment_offset[t];
+  qo_u16* copy = (qo_u16*)a.copy[t];
   qo_i64 i = start;
   if (qo_aligned(p) && qo_aligned(g) && qo_aligned(out) && qo_aligned(m) && qo_aligned(v) &&
-      qo_aligned(m_out) && qo_aligned(v_out)) {
+      qo_aligned(m_out) && qo_aligned(v_out) && ((qo_u64)copy & 7) == 0) {
     const qo_i64 n4 = (end - start) / 4;
     for (qo_i64 k = threadIdx.x; k < n4; k += blockDim.x) {
       const qo_i64 j = start + 4 * k;
@@ -202,6 +223,11 @@ QO_KERNEL qo_adamw_step(const QoStepArgs a) {
       *(float4*)(out + j) = pv;
       *(float4*)(m_out + j) = mv;
       *(float4*)(v_out + j) = vv;
+      if (copy) {  // four bf16 in one 8-byte store (j is a multiple of 4)
+        const qo_u64 packed = (qo_u64)qo_bf16(pv.x) | (qo_u64)qo_bf16(pv.y) << 16 |
+                              (qo_u64)qo_bf16(pv.z) << 32 | (qo_u64)qo_bf16(pv.w) << 48;
+        *(qo_u64*)(copy + j) = packed;
+      }
     }
     i = start + 4 * n4;
   }
@@ -211,5 +237,6 @@ QO_KERNEL qo_adamw_step(const QoStepArgs a) {
     out[j] = pj;
     m_out[j] = mj;
     v_out[j] = vj;
+    if (copy) copy[j] = qo_bf16(pj);
   }
 }

@@ -1,12 +1,14 @@
 // adamw.cu on the host, one thread per block (tests/adamw_emulated.rs): the norm and two AdamW
 // steps over tensors of awkward sizes (empty, one value, a chunk and one more, several chunks),
 // some misaligned so that the scalar path runs too, in launches of at most QO_MAX_TENSORS,
-// against the same step in f64. Prints one line, `ok ...` or `FAIL ...`.
+// against the same step in f64, with the new values' bf16 copies (all but every fourth tensor)
+// against the nearest bf16. Prints one line, `ok ...` or `FAIL ...`.
 
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -21,7 +23,26 @@ struct alignas(16) float4 {
 #define QO_HOST
 #include "adamw.cu"
 
-static qo_u64 address(const float* p) { return (qo_u64)(uintptr_t)p; }
+static qo_u64 address(const void* p) { return (qo_u64)(uintptr_t)p; }
+
+static float from_bf16(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// The bf16 nearest to a finite `x`, the even one of a tie: of its two bf16 neighbours (the
+// truncation and the next one away from zero), by their distances in f64.
+static uint16_t nearest_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const uint16_t low = (uint16_t)(bits >> 16), high = (uint16_t)(low + 1);
+  const double to_low = std::fabs((double)x - from_bf16(low));
+  const double to_high = std::fabs((double)from_bf16(high) - x);
+  if (to_low != to_high) return to_low < to_high ? low : high;
+  return (low & 1) ? high : low;
+}
 
 // The first block of each of `numels`, then the block count.
 static std::vector<int> first_blocks(const std::vector<long long>& numels) {
@@ -64,11 +85,16 @@ int main(int argc, char** argv) {
   }
   // One buffer per tensor, one value past a 16-byte boundary for every third tensor.
   std::vector<std::vector<float>> param(n), grad(n), out(n);
+  std::vector<std::vector<uint16_t>> copy(n);
   std::vector<const float*> pp(n), gp(n);
   std::vector<float*> op(n);
+  std::vector<uint16_t*> cp(n);
   for (int t = 0; t < n; ++t) {
     const int skew = t % 3 == 2 ? 1 : 0;
     for (auto* v : {&param[t], &grad[t], &out[t]}) v->assign(numels[t] + 8, 0.f);
+    copy[t].assign(numels[t] + 8, 0xffffu);
+    // A copy one bf16 past an 8-byte boundary for tensors whose other buffers are aligned.
+    cp[t] = t % 4 == 3 ? nullptr : copy[t].data() + (t % 3 == 1 ? 1 : 0);
     for (long long i = 0; i < numels[t]; ++i) {
       param[t][skew + i] = 0.2f * normal(rng);
       grad[t][skew + i] = normal(rng) * (t % 5 == 0 ? 10.f : 0.1f);
@@ -122,6 +148,7 @@ int main(int argc, char** argv) {
         a.param[i] = address(step == 1 ? pp[t] : op[t]);
         a.grad[i] = address(gp[t]);
         a.out[i] = address(op[t]);
+        a.copy[i] = address(cp[t]);
         a.moment_offset[i] = offsets[t];
         a.numel[i] = numels[t];
         a.first_block[i] = first[t] - first[start];
@@ -165,7 +192,18 @@ int main(int argc, char** argv) {
             !close(v_now[j], v_ref[j], 1e-5, "second moment", t, i))
           return 1;
         p_ref[t][i] = op[t][i];  // the next step starts from the kernel's value
+        if (cp[t] && cp[t][i] != nearest_bf16(op[t][i])) {
+          std::printf("FAIL bf16 copy of tensor %d at %lld: %04x for %.9g, want %04x\n", t, i,
+                      cp[t][i], op[t][i], nearest_bf16(op[t][i]));
+          return 1;
+        }
       }
+      // Nothing written where no copy was asked for.
+      for (uint16_t h : copy[t])
+        if (!cp[t] && h != 0xffffu) {
+          std::printf("FAIL a copy written for tensor %d\n", t);
+          return 1;
+        }
     }
   }
   std::printf("ok: %d tensors, %lld values, %d launches\n", n, total, launches);

@@ -42,16 +42,29 @@ mod cube {
             step: AdamwStep,
         ) -> AdamwGroupOut<Self> {
             #[cfg(feature = "cuda-unfused")]
+            let step = AdamwStep {
+                bf16_copies: step.bf16_copies && kernel_runs(Kernel::Bf16Copies, true),
+                ..step
+            };
+            #[cfg(feature = "cuda-unfused")]
             if Self::has_adamw_kernels()
-                && let Some((values, [first, second])) = crate::fused_adamw::cuda::adamw_group(
-                    &group.values,
-                    &group.grads,
-                    &group.decays,
-                    [&group.first, &group.second],
-                    &norm,
-                    step,
-                )
+                && let Some((values, [first, second], copies)) =
+                    crate::fused_adamw::cuda::adamw_group(
+                        &group.values,
+                        &group.grads,
+                        &group.decays,
+                        [&group.first, &group.second],
+                        &norm,
+                        step,
+                    )
             {
+                // The old values' copies go, the new ones' are kept for the model's casts.
+                for old in &group.values {
+                    qwen_gemm::copies::forget(old);
+                }
+                for (value, copy) in values.iter().zip(copies) {
+                    qwen_gemm::copies::remember(value, copy);
+                }
                 return AdamwGroupOut {
                     values,
                     first,

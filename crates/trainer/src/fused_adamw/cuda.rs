@@ -55,6 +55,7 @@ struct StepArgs {
     param: [u64; MAX_TENSORS],
     grad: [u64; MAX_TENSORS],
     out: [u64; MAX_TENSORS],
+    copy: [u64; MAX_TENSORS],
     moment_offset: [i64; MAX_TENSORS],
     numel: [i64; MAX_TENSORS],
     first: u64,
@@ -79,7 +80,7 @@ struct StepArgs {
 
 // The structs have no padding: 8-byte fields first, the i32 arrays after them sized so that
 // the next 8-byte field (StepArgs::decays) falls on a multiple of 8, and an explicit `pad`.
-const _: () = assert!(size_of::<NormArgs>() == 1304 && size_of::<StepArgs>() == 2912);
+const _: () = assert!(size_of::<NormArgs>() == 1304 && size_of::<StepArgs>() == 3424);
 const _: () = assert!(size_of::<FinishArgs>() == 24);
 
 // SAFETY: plain `#[repr(C)]` data laid out as the kernels' argument structs, without padding.
@@ -138,11 +139,15 @@ fn flat_f32<R: CubeRuntime>(t: CubeTensor<R>) -> Option<Tensor> {
 }
 
 fn empty(like: &Tensor, len: usize) -> Tensor {
+    empty_of(like, len, DType::F32)
+}
+
+fn empty_of(like: &Tensor, len: usize, dtype: DType) -> Tensor {
     empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         Shape::from(vec![len]),
-        DType::F32,
+        dtype,
     )
 }
 
@@ -238,12 +243,14 @@ pub fn grad_norm<R: CubeRuntime>(grads: &[CubeTensor<R>]) -> Option<CubeTensor<R
     Some(back(norm))
 }
 
-/// A group's new values and moments `[first, second]`.
-type Stepped<R> = (Vec<CubeTensor<R>>, [CubeTensor<R>; 2]);
+/// A group's new values, moments `[first, second]` and the new values' bf16 copies (empty
+/// unless asked for).
+type Stepped<R> = (Vec<CubeTensor<R>>, [CubeTensor<R>; 2], Vec<CubeTensor<R>>);
 
 /// The new values and moments of [`super::OptimizerBackend::adamw_group`] in kernels, from
-/// the group's `values`, `grads`, `decays` and moments `[first, second]`, or `None` where they
-/// do not run (the caller then runs the tensor ops on the same inputs).
+/// the group's `values`, `grads`, `decays` and moments `[first, second]`, with the new values'
+/// bf16 copies where `step.bf16_copies` asks for them, or `None` where the kernels do not run
+/// (the caller then runs the tensor ops on the same inputs).
 pub fn adamw_group<R: CubeRuntime>(
     values: &[CubeTensor<R>],
     grads: &[CubeTensor<R>],
@@ -282,8 +289,16 @@ pub fn adamw_group<R: CubeRuntime>(
     let like = &inputs[0];
     let outputs: Vec<Tensor> = numels.iter().map(|&len| empty(like, len)).collect();
     let moments_out = [empty(like, total), empty(like, total)];
+    let copies: Vec<Tensor> = match step.bf16_copies {
+        true => numels
+            .iter()
+            .map(|&len| empty_of(like, len, DType::BF16))
+            .collect(),
+        false => Vec::new(),
+    };
     let mut buffers: Vec<&Tensor> = inputs.iter().chain(&outputs).collect();
     buffers.extend(&moments_out);
+    buffers.extend(&copies);
     let plan = launches(&numels, MAX_TENSORS, CHUNK);
     let mut offsets = Vec::with_capacity(n);
     offsets.extend(numels.iter().scan(0, |offset, &len| {
@@ -293,13 +308,14 @@ pub fn adamw_group<R: CubeRuntime>(
     }));
     let decays = decays.to_vec();
     qwen_gemm::on_burn_stream(like, &buffers, move |stream, a| {
-        // values, grads, [first, second, norm], outputs, [first out, second out]
+        // values, grads, [first, second, norm], outputs, [first out, second out], copies
         let (values, a) = a.split_at(n);
         let (grads, a) = a.split_at(n);
         let (&[first, second, norm], a) = a.split_at(3) else {
             unreachable!("three buffers")
         };
-        let (outputs, &[first_out, second_out]) = a.split_at(n) else {
+        let (outputs, a) = a.split_at(n);
+        let (&[first_out, second_out], copies) = a.split_at(2) else {
             unreachable!("two buffers")
         };
         for launch_plan in &plan {
@@ -308,6 +324,7 @@ pub fn adamw_group<R: CubeRuntime>(
                 param: [0; MAX_TENSORS],
                 grad: [0; MAX_TENSORS],
                 out: [0; MAX_TENSORS],
+                copy: [0; MAX_TENSORS],
                 moment_offset: [0; MAX_TENSORS],
                 numel: [0; MAX_TENSORS],
                 first,
@@ -333,6 +350,7 @@ pub fn adamw_group<R: CubeRuntime>(
                 args.param[i] = values[t];
                 args.grad[i] = grads[t];
                 args.out[i] = outputs[t];
+                args.copy[i] = copies.get(t).copied().unwrap_or(0);
                 args.moment_offset[i] = offsets[t];
                 args.numel[i] = numels[t] as i64;
                 args.decays |= u64::from(decays[t]) << i;
@@ -346,5 +364,6 @@ pub fn adamw_group<R: CubeRuntime>(
     Some((
         outputs.into_iter().map(back).collect(),
         [back(first), back(second)],
+        copies.into_iter().map(back).collect(),
     ))
 }

@@ -40,6 +40,10 @@ pub struct AdamwStep {
     pub step: u64,
     /// The global norm the gradients are clipped to; 0: no clipping.
     pub max_grad_norm: f64,
+    /// Whether the kernels also write each new value's bf16 copy, kept by
+    /// `qwen_gemm::copies` for the model's bf16 casts of the parameter (tensor ops write
+    /// none: the casts then cast).
+    pub bf16_copies: bool,
 }
 
 impl AdamwStep {

@@ -16,6 +16,15 @@ pub struct ManagedMemoryBinding {
     descriptor: Arc<ManagedMemoryDescriptor>,
 }
 
+impl ManagedMemoryHandle {
+    /// Patched in by qwen-sft (vendor/README.md): the memory's id (a counter's, never given
+    /// twice), the same for every clone of the handle; qwen-gemm's compute copies are keyed by
+    /// it.
+    pub fn id(&self) -> usize {
+        self.descriptor.id.value
+    }
+}
+
 impl Clone for ManagedMemoryHandle {
     fn clone(&self) -> Self {
         Self {
