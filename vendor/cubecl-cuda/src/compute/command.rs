@@ -492,8 +492,16 @@ impl<'a> Command<'a> {
             const_info,
         );
 
-        if stream.drop_queue.should_flush() {
+        // Patched in by qwen-sft (vendor/README.md): also every so many launches. In the
+        // release every launch uploaded its metadata, so this cadence held; with the metadata in
+        // the launch parameters only data uploads would count, and the queue went unflushed for
+        // many training steps.
+        stream.launches_since_flush += 1;
+        if stream.drop_queue.should_flush()
+            || stream.launches_since_flush >= super::stream::uploads_per_flush()
+        {
             stream.drop_queue.flush(|| Fence::new(stream.sys));
+            stream.launches_since_flush = 0;
         }
 
         if let Err(err) = result {

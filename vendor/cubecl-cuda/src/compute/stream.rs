@@ -26,18 +26,24 @@ pub struct Stream {
     pub memory_management_cpu: MemoryManagement<PinnedMemoryStorage>,
     pub errors: Vec<ServerError>,
     pub drop_queue: drop_queue::PendingDropQueue<Fence>,
+    /// Patched in by qwen-sft (vendor/README.md): kernel launches since the drop queue's last
+    /// flush, which also flushes it every `uploads_per_flush()` launches.
+    pub launches_since_flush: u32,
 }
 
-/// Uploads between two flushes of a stream's drop queue: `CUBECL_CUDA_UPLOADS_PER_FLUSH`, or
-/// the release's 64 (patched in by qwen-sft, vendor/README.md). Each flush waits for the fence
-/// of the flush before it, so the device thread runs at most about twice this many launches
-/// (each uploads its metadata) ahead of the GPU.
-fn uploads_per_flush() -> u32 {
-    std::env::var("CUBECL_CUDA_UPLOADS_PER_FLUSH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(64)
+/// Uploads, or kernel launches, between two flushes of a stream's drop queue:
+/// `CUBECL_CUDA_UPLOADS_PER_FLUSH`, or the release's 64 (patched in by qwen-sft,
+/// vendor/README.md). Each flush waits for the fence of the flush before it, so the device
+/// thread runs at most about twice this many launches ahead of the GPU.
+pub(crate) fn uploads_per_flush() -> u32 {
+    static PER_FLUSH: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PER_FLUSH.get_or_init(|| {
+        std::env::var("CUBECL_CUDA_UPLOADS_PER_FLUSH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(64)
+    })
 }
 
 impl drop_queue::Fence for Fence {
@@ -95,6 +101,7 @@ impl EventStreamBackend for CudaStreamBackend {
                 max_bytes_count: uploads_per_flush(),
                 ..Default::default()
             }),
+            launches_since_flush: 0,
         }
     }
 
