@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Builds the bench (four translation units in parallel) and runs it; on the device machine:
+# Builds the bench (four translation units in parallel) and runs it. Here first, for the old
+# kernels (git-ignored, so pass it in the device tool's carry):
+#   bash xtask/device/flash_bench/baseline.sh   # carry ["xtask/device/flash_bench/baseline_flash.cu"]
+# then on the device machine:
 #   bash xtask/device/flash_bench/run.sh
 # ptxas's register and spill figures go to $OUT/ptxas.txt (and the summary lines to stdout).
 set -u
