@@ -76,6 +76,12 @@ pub fn forget<R: CubeRuntime>(value: &CubeTensor<R>) {
     }
 }
 
+/// Drops every kept copy (a training run, as it starts: a process's earlier run's last copies
+/// would otherwise stay until it exits).
+pub fn clear() {
+    *copies() = None;
+}
+
 /// Whether any copy is kept (under fusion, a parameter's cast becomes an operation that can
 /// take one only then).
 pub fn any() -> bool {

@@ -112,6 +112,9 @@ where
         model = model.with_compute_dtype(DType::BF16);
         optimizer.keep_bf16_copies(true);
     }
+    // An earlier run's copies (same process) are of parameters this run no longer has.
+    #[cfg(feature = "cubecl")]
+    qwen_gemm::copies::clear();
     model = model
         .with_attention_chunk_bytes(config.train.attention_chunk_mib << 20)
         .with_attention_impl(config.train.attention);

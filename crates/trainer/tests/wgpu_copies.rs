@@ -1,7 +1,7 @@
 //! `qwen_gemm::copies` on a CubeCL backend (wgpu; Mesa's software Vulkan in CI): a copy kept
 //! for a parameter's value stands in for that value's cast in `GemmBackend::cast_param`, on the
 //! backend itself and under fusion, for the whole value and any reshape of it, and for nothing
-//! else (a slice of it, another dtype, other memory with equal values, a forgotten value).
+//! else (a slice of it, other memory with equal values, a forgotten value, a cleared cache).
 //!
 //! The copy is made of *twice* the value, so that a result tells which one ran: the kept copy
 //! or a cast. (The optimizer keeps true copies: `tests/adamw_emulated.rs` checks those.) The
@@ -78,5 +78,18 @@ fn a_kept_copy_stands_in_for_the_cast_of_its_whole_value_only() {
     let other = value.clone().mul_scalar(3.0);
     assert_eq!(cast_param(other.clone()), f16(other));
     copies::forget(&inner);
+    assert_eq!(cast_param(value.clone()), f16(value.clone()));
+
+    // A run's start drops whatever an earlier one kept.
+    copies::remember(
+        &inner,
+        Tensor::<Cube, 2>::zeros([4, 8], &device)
+            .cast(DType::F16)
+            .into_primitive()
+            .tensor(),
+    );
+    assert_eq!(copies::count(), 1);
+    copies::clear();
+    assert!(!copies::any());
     assert_eq!(cast_param(value.clone()), f16(value));
 }
