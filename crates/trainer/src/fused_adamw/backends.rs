@@ -42,11 +42,6 @@ mod cube {
             step: AdamwStep,
         ) -> AdamwGroupOut<Self> {
             #[cfg(feature = "cuda-unfused")]
-            let step = AdamwStep {
-                bf16_copies: step.bf16_copies && kernel_runs(Kernel::Bf16Copies, true),
-                ..step
-            };
-            #[cfg(feature = "cuda-unfused")]
             if Self::has_adamw_kernels()
                 && let Some((values, [first, second], copies)) =
                     crate::fused_adamw::cuda::adamw_group(
@@ -55,7 +50,10 @@ mod cube {
                         &group.decays,
                         [&group.first, &group.second],
                         &norm,
-                        step,
+                        AdamwStep {
+                            bf16_copies: step.bf16_copies && kernel_runs(Kernel::Bf16Copies, true),
+                            ..step
+                        },
                     )
             {
                 // The old values' copies go, the new ones' are kept for the model's casts.

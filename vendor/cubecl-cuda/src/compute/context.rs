@@ -41,6 +41,9 @@ pub(crate) struct CudaContext {
     pub arch: CudaArchitecture,
     pub compilation_options: CompilationOptions,
     pub properties: DeviceProperties,
+    /// Patched in by qwen-sft (vendor/README.md): the padded `info` of the launch in hand,
+    /// reused from launch to launch.
+    info_scratch: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -72,6 +75,7 @@ impl CudaContext {
         Self {
             context,
             module_names: HashMap::new(),
+            info_scratch: Vec::new(),
             ptx_cache: {
                 use cubecl_runtime::config::RuntimeConfig;
                 let config = cubecl_runtime::config::CubeClRuntimeConfig::get();
@@ -304,7 +308,6 @@ impl CudaContext {
         // Patched in by qwen-sft (vendor/README.md): an `info` that holds the dynamic metadata
         // is declared with room for tensors of rank up to `DYNAMIC_META_MAX_RANK`; the driver
         // copies the whole declared size, so the launch's values are padded to it.
-        let padded_info;
         let const_info = match (const_info, kernel.info_bytes) {
             (Some(values), Some(bytes)) => {
                 let words = bytes.div_ceil(size_of::<u64>());
@@ -319,10 +322,11 @@ impl CudaContext {
                         backtrace: BackTrace::capture(),
                     });
                 }
-                let mut padded = values.to_vec();
+                let padded = &mut self.info_scratch;
+                padded.clear();
+                padded.extend_from_slice(values);
                 padded.resize(words, 0);
-                padded_info = padded;
-                Some(padded_info.as_ptr() as *mut c_void)
+                Some(padded.as_ptr() as *mut c_void)
             }
             (values, _) => values.map(|values| values.as_ptr() as *mut c_void),
         };

@@ -174,6 +174,7 @@ impl ComputeServer for CudaServer {
 
         let current = command.streams.current();
         current.drop_queue.flush(|| Fence::new(current.sys));
+        current.launches_since_flush = 0; // patched in by qwen-sft (vendor/README.md)
         current.memory_management_gpu.storage().flush();
 
         Ok(())
