@@ -5,8 +5,11 @@
 
 Writes OUT_DIR/NAME.json: the command's last JSON line merged with
 {"peak_used_gib", "baseline_used_gib", "peak_delta_gib", "wall_seconds", "exit_code",
-"timed_out"}, and OUT_DIR/NAME.log with its stderr, streamed as it comes, each line stamped with the seconds since
-the start. A command still
+"timed_out", "busy_sm_mhz_median", "busy_power_w_mean", "busy_samples"}, OUT_DIR/NAME.log with its
+stderr, streamed as it comes, each line stamped with the seconds since the start, and
+OUT_DIR/NAME.gpu.csv with the sampled SM clock, power, utilisation and clock-limit reasons
+(the "busy" figures are over the samples where the GPU was at least 90% busy: whether a run
+is held back by its clock, ours and the peer alike). A command still
 running at LIMIT_SECONDS is killed with its whole process group, so nothing it started lingers
 on the GPU into the next measurement. The same sampler measures ours and the peer, so the figures
 compare: device memory in use by the process, allocator pools included.
@@ -32,10 +35,31 @@ def main() -> None:
     baseline = used()
     peak = [baseline]
     done = threading.Event()
+    series = []  # (seconds, SM MHz, watts, busy %, clock-limit reasons)
+    t0 = time.time()
+
+    def reasons() -> int:
+        for call in ("nvmlDeviceGetCurrentClocksEventReasons",
+                     "nvmlDeviceGetCurrentClocksThrottleReasons"):
+            try:
+                return getattr(pynvml, call)(handle)
+            except (AttributeError, pynvml.NVMLError):
+                continue
+        return -1
 
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], used())
+            try:  # the memory figure must survive a driver without these queries
+                series.append((
+                    time.time() - t0,
+                    pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                    pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+                    pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+                    reasons(),
+                ))
+            except pynvml.NVMLError:
+                pass
             time.sleep(0.02)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -71,7 +95,16 @@ def main() -> None:
             break
         except json.JSONDecodeError:
             continue
+    with open(f"{out_dir}/{name}.gpu.csv", "w") as f:
+        f.write("seconds,sm_mhz,power_w,busy_pct,clock_reasons\n")
+        for row in series:
+            f.write("%.3f,%d,%.1f,%d,%d\n" % row)
+    busy = [row for row in series if row[3] >= 90]
+    clocks = sorted(row[1] for row in busy)
     result.update({
+        "busy_samples": len(busy),
+        "busy_sm_mhz_median": clocks[len(clocks) // 2] if clocks else None,
+        "busy_power_w_mean": sum(row[2] for row in busy) / len(busy) if busy else None,
         "name": name,
         "peak_used_gib": peak[0],
         "baseline_used_gib": baseline,
