@@ -103,8 +103,16 @@ where
             }
             for target in targets {
                 let (body, shape) = (crate::gemm_body(), shape.clone());
-                let c =
-                    crate::cublaslt::gemm(body, &a, &b, transpose_a, transpose_b, shape, target);
+                let c = crate::cublaslt::gemm(
+                    body,
+                    &a,
+                    &b,
+                    transpose_a,
+                    transpose_b,
+                    shape,
+                    target,
+                    None,
+                );
                 if let Some(c) = c {
                     return crate::cast_to::<Self>(c, out);
                 }
@@ -112,6 +120,35 @@ where
         }
         let product = crate::gemm_reference::<Self>(a, b, transpose_a, transpose_b);
         crate::cast_to::<Self>(product, out)
+    }
+
+    #[cfg(feature = "cublaslt")]
+    fn gemm_add(
+        a: burn_cubecl::tensor::CubeTensor<R>,
+        b: burn_cubecl::tensor::CubeTensor<R>,
+        transpose_a: bool,
+        transpose_b: bool,
+        acc: burn_cubecl::tensor::CubeTensor<R>,
+    ) -> burn_cubecl::tensor::CubeTensor<R> {
+        use burn::tensor::ops::FloatTensorOps;
+        let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
+        let k = crate::inner_dim(a.meta.shape(), transpose_a);
+        if crate::takes_picked_body(&shape, k)
+            && let Some(sum) = crate::cublaslt::gemm(
+                crate::gemm_body(),
+                &a,
+                &b,
+                transpose_a,
+                transpose_b,
+                shape,
+                acc.dtype,
+                Some(&acc),
+            )
+        {
+            return sum;
+        }
+        let product = Self::gemm_to(a, b, transpose_a, transpose_b, acc.dtype);
+        Self::float_add(acc, product)
     }
 
     #[cfg(feature = "cublaslt")]
@@ -197,6 +234,32 @@ mod fusion {
         }
     }
 
+    /// [`GemmBackend::gemm_add`] as a custom operation: the inner backend's.
+    #[derive(Clone, Debug)]
+    struct GemmAdd<B> {
+        desc: CustomOpIr,
+        transpose_a: bool,
+        transpose_b: bool,
+        _backend: PhantomData<B>,
+    }
+
+    impl<B: FusionBackend + GemmBackend> Operation<B::FusionRuntime> for GemmAdd<B> {
+        fn execute(
+            &self,
+            handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+        ) {
+            let ([a, b, acc], [out]) = self.desc.as_fixed();
+            let sum = B::gemm_add(
+                handles.get_float_tensor::<B>(a),
+                handles.get_float_tensor::<B>(b),
+                self.transpose_a,
+                self.transpose_b,
+                handles.get_float_tensor::<B>(acc),
+            );
+            handles.register_float_tensor::<B>(&out.id, sum);
+        }
+    }
+
     impl<B: FusionBackend + GemmBackend> GemmBackend for Fusion<B> {
         fn gemm(
             a: FloatTensor<Self>,
@@ -232,6 +295,42 @@ mod fusion {
                 transpose_a,
                 transpose_b,
                 out,
+                _backend: PhantomData,
+            };
+            client
+                .register(streams, OperationIr::Custom(desc), op)
+                .output()
+        }
+
+        fn gemm_add(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            transpose_a: bool,
+            transpose_b: bool,
+            acc: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            use burn::tensor::ops::FloatTensorOps;
+            let shape = gemm_shape(&a.shape, &b.shape, transpose_a, transpose_b);
+            let k = inner_dim(&a.shape, transpose_a);
+            if B::gemm_name() == GemmBody::Burn.name()
+                || !takes_picked_body(&shape, k)
+                || acc.shape != shape
+            {
+                let product = Self::gemm_to(a, b, transpose_a, transpose_b, acc.dtype);
+                return Self::float_add(acc, product);
+            }
+            let client = a.client.clone();
+            let streams = OperationStreams::with_inputs([&a, &b, &acc]);
+            let out = TensorIr::uninit(client.create_empty_handle(), shape, acc.dtype);
+            let desc = CustomOpIr::new(
+                "qwen_gemm::gemm_add",
+                &[a.into_ir(), b.into_ir(), acc.into_ir()],
+                &[out],
+            );
+            let op = GemmAdd::<B> {
+                desc: desc.clone(),
+                transpose_a,
+                transpose_b,
                 _backend: PhantomData,
             };
             client

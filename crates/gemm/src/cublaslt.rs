@@ -54,6 +54,10 @@ type Tensor = CubeTensor<CudaRuntime>;
 /// `op(a) @ op(b)` on cuBLASLt, or `None` where it does not apply (another runtime, dtype or
 /// rank, or no cuBLASLt), for the caller to run burn's matmul instead. `shape` is the output's,
 /// as [`gemm_shape`] checked it.
+/// With `acc`, the product is added to it (`beta = 1`, one rounding to `out`, which must be
+/// `acc`'s dtype) and written to a new tensor laid out as `acc`, which must be laid out as a
+/// fresh output would be (else `None`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn gemm<R: CubeRuntime>(
     body: GemmBody,
     a: &CubeTensor<R>,
@@ -62,10 +66,15 @@ pub(super) fn gemm<R: CubeRuntime>(
     transpose_b: bool,
     shape: Shape,
     out: DType,
+    acc: Option<&CubeTensor<R>>,
 ) -> Option<CubeTensor<R>> {
     let a = (a as &dyn Any).downcast_ref::<Tensor>()?;
     let b = (b as &dyn Any).downcast_ref::<Tensor>()?;
-    let c = gemm_cuda(body, a, b, transpose_a, transpose_b, shape, out)?;
+    let acc = match acc {
+        Some(acc) => Some((acc as &dyn Any).downcast_ref::<Tensor>()?),
+        None => None,
+    };
+    let c = gemm_cuda(body, a, b, transpose_a, transpose_b, shape, out, acc)?;
     let c: Box<dyn Any> = Box::new(c);
     c.downcast::<CubeTensor<R>>().ok().map(|c| *c)
 }
@@ -167,6 +176,7 @@ fn address(t: &Tensor) -> Option<(u64, impl Sized + use<>)> {
     Some((resource.resource().ptr, resource))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn gemm_cuda(
     body: GemmBody,
     a: &Tensor,
@@ -175,6 +185,7 @@ fn gemm_cuda(
     transpose_b: bool,
     shape: Shape,
     out: DType,
+    acc: Option<&Tensor>,
 ) -> Option<Tensor> {
     // The product in the inputs' dtype, or half-precision inputs into f32 (a mixed plan).
     let mixed = matches!(a.dtype, DType::BF16 | DType::F16) && out == DType::F32;
@@ -198,6 +209,14 @@ fn gemm_cuda(
     };
     let c = empty_device_dtype(a.tensor.client.clone(), a.tensor.device.clone(), shape, out);
     let c = Operand::strided(&c)?;
+    // The accumulator is cuBLASLt's C, read with the output's layout.
+    let acc = match acc {
+        Some(acc) if acc.dtype == out && Operand::strided(acc)?.layout == c.layout => {
+            Some(acc.clone())
+        }
+        Some(_) => return None,
+        None => None,
+    };
     let batched = c.layout.batch > 1;
     let config = MatmulConfig {
         // Column-major C^T [n, m] = op(B)^T [n, k] @ op(A)^T [k, m].
@@ -210,7 +229,7 @@ fn gemm_cuda(
         alpha: 1.0,
         lda: b.layout.ld as i64,
         ldb: a.layout.ld as i64,
-        beta: 0.0,
+        beta: if acc.is_some() { 1.0 } else { 0.0 },
         ldc: c.layout.ld as i64,
         stride_a: batched.then_some(b.layout.batch_stride as i64),
         stride_b: batched.then_some(a.layout.batch_stride as i64),
@@ -224,26 +243,31 @@ fn gemm_cuda(
         spans,
         dtype: a.tensor.dtype,
         out,
-        // cudarc's typed `matmul` writes the inputs' type only: a mixed product takes a plan.
-        cached: body == GemmBody::CublasltCached || out != a.tensor.dtype,
+        // cudarc's typed `matmul` writes the inputs' type only, and into its C: a mixed
+        // product, or one added to an accumulator, takes a plan.
+        cached: body == GemmBody::CublasltCached || out != a.tensor.dtype || acc.is_some(),
+        accumulates: acc.is_some(),
     };
+    // The output's tensor stands in for the accumulator where there is none.
+    let acc = acc.unwrap_or_else(|| c.tensor.clone());
     let started = Instant::now();
     match body {
         GemmBody::CublasltHostSync => {
             let (pa, _keep_a) = address(&a.tensor)?;
             let (pb, _keep_b) = address(&b.tensor)?;
             let (pc, _keep_c) = address(&c.tensor)?;
+            let (pacc, _keep_acc) = address(&acc)?;
             // Wait for cubecl's stream: the inputs are written and the output allocated.
             burn_cubecl::cubecl::future::block_on(a.tensor.client.sync()).ok()?;
             let waited = started.elapsed();
             with_blas(a.tensor.device.index, StreamKind::Own, |blas| {
-                product.launch(blas, [pa, pb, pc]);
+                product.launch(blas, [pa, pb, pc, pacc]);
                 product.check(blas.stream.synchronize().map_err(Into::into));
             })?;
             record_call(waited, started.elapsed() - waited);
         }
         _ => {
-            gemm_on_cubecl_stream(&a.tensor, [&a.tensor, &b.tensor, &c.tensor], product);
+            gemm_on_cubecl_stream(&a.tensor, [&a.tensor, &b.tensor, &c.tensor, &acc], product);
             record_call(Duration::ZERO, started.elapsed());
         }
     }
@@ -268,12 +292,15 @@ fn cublaslt_present() -> bool {
 
 /// Queues `product` on burn's own CUDA stream ([`crate::on_burn_stream`]), between the kernels
 /// queued before and after it.
-fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c]: [&Tensor; 3], product: Product) {
+fn gemm_on_cubecl_stream(on: &Tensor, [a, b, c, acc]: [&Tensor; 4], product: Product) {
     let index = on.device.index;
-    crate::on_burn_stream(on, &[a, b, c], move |stream, addresses| {
+    crate::on_burn_stream(on, &[a, b, c, acc], move |stream, addresses| {
         let started = Instant::now();
         let ran = with_blas(index, StreamKind::Cubecl(stream as usize), |blas| {
-            product.launch(blas, [addresses[0], addresses[1], addresses[2]]);
+            product.launch(
+                blas,
+                [addresses[0], addresses[1], addresses[2], addresses[3]],
+            );
         });
         // The library loads (checked before queueing), so a missing handle is a broken setup;
         // the output is already promised to later kernels, so there is nothing to fall back to.
@@ -297,6 +324,8 @@ struct Product {
     /// Whether it runs through the cached plans (`GemmBody::CublasltCached`) rather than
     /// cudarc's `matmul`, which sets cuBLASLt up anew on every call.
     cached: bool,
+    /// Whether the product is added to an accumulator (`beta = 1`; always a plan).
+    accumulates: bool,
 }
 
 impl Product {
@@ -305,16 +334,29 @@ impl Product {
     fn what(&self) -> String {
         let c = &self.config;
         format!(
-            "cuBLASLt matmul (column-major m {}, n {}, k {}, transposed: {}, {}, batch {:?}, {:?} into {:?})",
-            c.m, c.n, c.k, c.transa, c.transb, c.batch_size, self.dtype, self.out
+            "cuBLASLt matmul (column-major m {}, n {}, k {}, transposed: {}, {}, batch {:?}, {:?} into {:?}{})",
+            c.m,
+            c.n,
+            c.k,
+            c.transa,
+            c.transb,
+            c.batch_size,
+            self.dtype,
+            self.out,
+            if self.accumulates {
+                ", added to an accumulator"
+            } else {
+                ""
+            }
         )
     }
 
-    /// Puts the product on `blas`'s stream; `addresses` are our `[a, b, c]`.
-    fn launch(&self, blas: &Blas, [pa, pb, pc]: [u64; 3]) {
+    /// Puts the product on `blas`'s stream; `addresses` are our `[a, b, c, accumulator]` (the
+    /// accumulator is `c` itself where there is none).
+    fn launch(&self, blas: &Blas, [pa, pb, pc, pacc]: [u64; 4]) {
         // cuBLASLt's A and B are our B and A (module docs).
         if self.cached {
-            self.check(self.launch_cached(blas, [pb, pa, pc]));
+            self.check(self.launch_cached(blas, [pb, pa, pacc, pc]));
             return;
         }
         let done = match self.dtype {
@@ -325,11 +367,11 @@ impl Product {
         self.check(done);
     }
 
-    /// The product through `blas`'s cached plan of its shape; `[a, b, c]` are cuBLASLt's.
+    /// The product through `blas`'s cached plan of its shape; `[a, b, c, d]` are cuBLASLt's.
     fn launch_cached(
         &self,
         blas: &Blas,
-        [a, b, c]: [u64; 3],
+        [a, b, c, d]: [u64; 4],
     ) -> Result<(), Box<dyn std::error::Error>> {
         let mut cached = blas.cached.borrow_mut();
         let cached = match &mut *cached {
@@ -350,6 +392,7 @@ impl Product {
             a,
             b,
             c,
+            d,
             workspace: cached.address,
             workspace_bytes: WORKSPACE_BYTES,
         };

@@ -4,6 +4,7 @@
 //! ```text
 //! gemm(a, b, transpose_a, transpose_b) = op(a) @ op(b)      [..batch, m, n]
 //! gemm_to(a, b, transpose_a, transpose_b, out)               the same, written in `out`
+//! gemm_add(a, b, transpose_a, transpose_b, acc)               acc + op(a) @ op(b)
 //! ```
 //!
 //! [`GemmBackend::gemm`] is the one kernel: a product of the last two dimensions, batched over
@@ -78,6 +79,25 @@ pub trait GemmBackend: Backend {
         out: DType,
     ) -> FloatTensor<Self> {
         cast_to::<Self>(Self::gemm(a, b, transpose_a, transpose_b), out)
+    }
+
+    /// `acc + op(a) @ op(b)`, in `acc`'s dtype: where a body adds into an accumulator itself
+    /// (cuBLASLt, `beta = 1`: one kernel, the sum rounded once) the addition costs no kernel
+    /// and no pass over memory of its own; elsewhere it is [`gemm_to`](Self::gemm_to) `acc`'s
+    /// dtype, then an addition. The linear layers' backward adds the gradient of an input
+    /// that several layers read (q, k and v read one) into what the others gave it.
+    ///
+    /// # Shapes
+    /// As [`gemm`](Self::gemm); `acc` is shaped as the output.
+    fn gemm_add(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose_a: bool,
+        transpose_b: bool,
+        acc: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let product = Self::gemm_to(a, b, transpose_a, transpose_b, acc.dtype());
+        Self::float_add(acc, product)
     }
 
     /// The body that runs [`gemm`](Self::gemm) here: a [`GemmBody::name`].

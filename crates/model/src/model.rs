@@ -97,8 +97,11 @@ impl<B: Backend> Qwen2Mlp<B> {
 
 impl<B: LinearBackend + RowwiseBackend> Qwen2Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, seq, hidden] = x.dims();
+        // One [rows, hidden] view that both projections read (see `ops::linear`).
+        let x = x.reshape([batch * seq, hidden]);
         let gated = ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(gated)
+        self.down_proj.forward(gated).reshape([batch, seq, hidden])
     }
 }
 
@@ -153,11 +156,13 @@ impl<B: AttentionBackend> Qwen2Attention<B> {
         mask: &AttentionMask<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
+        let [batch, seq, hidden] = x.dims();
         let d = self.head_dim;
-        // [batch, seq, heads * d] -> [batch, seq, heads, d], per-head norm (Qwen3), then
+        // One [rows, hidden] view that q, k and v read (see `ops::linear`).
+        let x = x.reshape([batch * seq, hidden]);
+        // [batch * seq, heads * d] -> [batch, seq, heads, d], per-head norm (Qwen3), then
         // [batch, heads, seq, d]
-        let split = |t: Tensor<B, 3>, heads: usize, norm: Option<&RmsNorm<B>>| {
+        let split = |t: Tensor<B, 2>, heads: usize, norm: Option<&RmsNorm<B>>| {
             let t = t.reshape([batch, seq, heads, d]);
             let t = match norm {
                 Some(norm) => norm.forward(t),

@@ -36,13 +36,23 @@ pub fn linear<B: LinearBackend, const D: usize>(
     let [out_features, in_features] = weight.dims();
     let rows = dims[..D - 1].iter().product();
     // [rows, in] @ [out, in]^T -> [rows, out], on the backend's own kernel where it has one.
-    let x = x.reshape([rows, in_features]).into_primitive().tensor();
+    // A 2-d `x` goes in as it is, with no reshape of its own: layers that read one `x` then
+    // share its autodiff node, so that the backward adds their gradients as it multiplies
+    // (`LinearBackend::dense`).
+    let x = if D == 2 {
+        x.into_primitive().tensor()
+    } else {
+        x.reshape([rows, in_features]).into_primitive().tensor()
+    };
     let w = weight.into_primitive().tensor();
     let y = B::dense_cast(x, w);
     let y = match bias {
         Some(bias) => B::add_bias(y, B::cast_param(bias.into_primitive().tensor(), dtype)),
         None => y,
     };
+    if D == 2 {
+        return Tensor::from_primitive(TensorPrimitive::Float(y));
+    }
     let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y));
     let mut out_dims = dims;
     out_dims[D - 1] = out_features;

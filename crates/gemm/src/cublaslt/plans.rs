@@ -237,17 +237,19 @@ pub(super) struct Plans {
     plans: HashMap<PlanKey, Plan>,
 }
 
-/// Where a product's data lies: cuBLASLt's A, B and C (our B, A and C).
+/// Where a product's data lies: cuBLASLt's A, B, C and D (our B, A, the accumulator and the
+/// output; C is D unless the product adds into an accumulator of its own, `beta = 1`).
 pub(super) struct Buffers {
     pub a: u64,
     pub b: u64,
     pub c: u64,
+    pub d: u64,
     pub workspace: u64,
     pub workspace_bytes: usize,
 }
 
 impl Plans {
-    /// Runs `C = alpha op(A) op(B) + beta C` on `stream` with the plan of `key`, making the
+    /// Runs `D = alpha op(A) op(B) + beta C` on `stream` with the plan of `key`, making the
     /// plan on first use.
     ///
     /// # Safety
@@ -282,7 +284,7 @@ impl Plans {
                 b_layout,
                 buffers.c as *const c_void,
                 c_layout,
-                buffers.c as *mut c_void,
+                buffers.d as *mut c_void,
                 c_layout,
                 algo,
                 buffers.workspace as *mut c_void,

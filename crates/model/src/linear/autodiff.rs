@@ -1,6 +1,8 @@
 //! `LinearBackend` for `Autodiff<B, C>`: one backward node whose two products run on `B::gemm`,
 //! keeping the uncast weight of the cast-on-use product.
 
+use std::marker::PhantomData;
+
 use burn::backend::autodiff::{
     Autodiff,
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -15,11 +17,12 @@ use super::LinearBackend;
 /// The backward step of `x @ cast(w)^T` (of `x @ w^T` where `w` is already in `x`'s dtype, the
 /// casts then being no-ops); its parents are `[x, w]`.
 #[derive(Debug)]
-struct LinearBackward;
+struct LinearBackward<C>(PhantomData<C>);
 
-impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
-    /// The inner backend's `x` and uncast `w` (references, not copies).
-    type State = (FloatTensor<B>, FloatTensor<B>);
+impl<B: LinearBackend, C: CheckpointStrategy> Backward<B, 2> for LinearBackward<C> {
+    /// The tracked `x` (its gradient so far is taken from it, see below) and the inner
+    /// backend's uncast `w` (references, not copies).
+    type State = (FloatTensor<Autodiff<B, C>>, FloatTensor<B>);
 
     fn backward(
         self,
@@ -29,7 +32,8 @@ impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
     ) {
         let [node_x, node_w] = ops.parents;
         let grad = grads.consume::<B>(&ops.node); // [rows, out], x's dtype
-        let (x, w) = ops.state;
+        let (tracked_x, w) = ops.state;
+        let x = tracked_x.primitive.clone();
         let (compute, master) = (grad.dtype(), w.dtype());
         if let Some(node) = node_w {
             // [out, rows] @ [rows, in], in the weight's own dtype (a cast's backward casts; a
@@ -38,9 +42,18 @@ impl<B: LinearBackend> Backward<B, 2> for LinearBackward {
             grads.register::<B>(node.id, grad_w);
         }
         if let Some(node) = node_x {
-            // [rows, out] @ [out, in]
+            // [rows, out] @ [out, in], added by the product itself to what x's other readers
+            // gave it so far (q, k and v read one x; gate and up another)
             let w = B::cast_param(w, compute);
-            grads.register::<B>(node.id, B::gemm(grad, w, false, false));
+            let grad_x = match crate::grads::take::<B, C>(grads, &tracked_x) {
+                Some(acc) if acc.dtype() == compute => B::gemm_add(grad, w, false, false, acc),
+                Some(acc) => {
+                    grads.register::<B>(node.id, acc);
+                    B::gemm(grad, w, false, false)
+                }
+                None => B::gemm(grad, w, false, false),
+            };
+            grads.register::<B>(node.id, grad_x);
         }
     }
 }
@@ -77,14 +90,14 @@ fn tracked<B: LinearBackend, C: CheckpointStrategy>(
     w: FloatTensor<Autodiff<B, C>>,
     forward: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>> {
-    let prepared = LinearBackward
+    let prepared = LinearBackward::<C>(PhantomData)
         .prepare::<C>([x.node.clone(), w.node.clone()])
         .compute_bound()
         .stateful();
     match prepared {
         OpsKind::Tracked(prep) => {
             let y = forward(x.primitive.clone(), w.primitive.clone());
-            prep.finish((x.primitive, w.primitive), y)
+            prep.finish((x, w.primitive), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
     }

@@ -166,6 +166,42 @@ mod tests {
         }
     }
 
+    /// Three layers reading one `x` beside a residual path: the backward adds their input
+    /// gradients as it multiplies (`gemm_add` into what was registered before), and gets the
+    /// same gradients as burn's autodiff of the same products.
+    #[test]
+    fn layers_sharing_an_input_add_their_gradients() {
+        let device = Default::default();
+        let x = Tensor::<Ad, 2>::random([6, 5], Distribution::Default, &device).require_grad();
+        let ws: Vec<_> = (0..3)
+            .map(|_| Tensor::<Ad, 2>::random([5, 5], Distribution::Default, &device).require_grad())
+            .collect();
+        let g = Tensor::<Ad, 2>::random([6, 5], Distribution::Default, &device);
+        let run = |ours: bool| {
+            let product = |w: &Tensor<Ad, 2>| {
+                if ours {
+                    linear(x.clone(), w.clone())
+                } else {
+                    x.clone().matmul(w.clone().transpose())
+                }
+            };
+            // The residual first, then the layers, each scaled so that a dropped or doubled
+            // share shows.
+            let y = x.clone()
+                + product(&ws[0])
+                + product(&ws[1]).mul_scalar(2.0)
+                + product(&ws[2]).mul_scalar(-3.0);
+            let grads = (y * g.clone()).sum().backward();
+            let mut all = vec![x.grad(&grads).unwrap()];
+            all.extend(ws.iter().map(|w| w.grad(&grads).unwrap()));
+            all
+        };
+        let tol = Tolerance::<f32>::default();
+        for (ours, theirs) in run(true).into_iter().zip(run(false)) {
+            ours.into_data().assert_approx_eq(&theirs.into_data(), tol);
+        }
+    }
+
     /// The custom backward node against burn's autodiff of the same product.
     #[test]
     fn linear_gradients_equal_burns_matmul() {

@@ -138,16 +138,17 @@ mod cube {
             kernel_runs(kernel, qwen_gemm::is_cuda::<R>())
         }
     }
-    /// The column sums' parts `[parts, n]` f32 added up, as `[n]` in `dtype`.
+    /// The column sums' parts `[parts, n]` f32 added up (one part: already the sum), as `[n]`
+    /// in `dtype`.
     fn sum_parts<B: Backend>(partial: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
         let partial = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(partial));
-        let [_, n] = partial.dims();
-        partial
-            .sum_dim(0)
-            .reshape([n])
-            .cast(dtype)
-            .into_primitive()
-            .tensor()
+        let [parts, n] = partial.dims();
+        let sum = if parts == 1 {
+            partial
+        } else {
+            partial.sum_dim(0)
+        };
+        sum.reshape([n]).cast(dtype).into_primitive().tensor()
     }
 }
 

@@ -475,15 +475,10 @@ const SUM_MIN_PART_ROWS: usize = 8 * SUM_ROW_UNITS;
 /// The widest vector of any dtype (8 bf16 in 16 bytes), for the sums' shared buffer.
 const MAX_LANES: usize = 8;
 
-/// Adds the cube's units' partial sums along its rows, lane by lane, and writes the cube's
-/// vector of column sums into row `CUBE_POS_Y` of `partial` (`[parts, cols]` contiguous).
+/// Adds the cube's units' partial sums along its rows, lane by lane: the cube's vector of
+/// column sums, valid in the units of row 0 (whose column is within the row).
 #[cube]
-fn store_column_sums<N: Size>(
-    acc: Vector<f32, N>,
-    partial: &mut Tensor<Vector<f32, N>>,
-    column: usize,
-    vectors: usize,
-) {
+fn cube_column_total<N: Size>(acc: Vector<f32, N>) -> Vector<f32, N> {
     let n = acc.vector_size();
     let mut shared = SharedMemory::<f32>::new(SUM_ROW_UNITS * SUM_COLUMN_UNITS * MAX_LANES);
     let x = UNIT_POS_X as usize;
@@ -493,8 +488,8 @@ fn store_column_sums<N: Size>(
         shared[slot + k] = acc[k];
     }
     sync_cube();
-    if UNIT_POS_Y == 0 && column < vectors {
-        let mut total = acc;
+    let mut total = acc;
+    if UNIT_POS_Y == 0 {
         let mut y = 1usize;
         while y < SUM_ROW_UNITS {
             let other = (y * SUM_COLUMN_UNITS + x) * MAX_LANES;
@@ -504,7 +499,41 @@ fn store_column_sums<N: Size>(
             }
             y += 1;
         }
+    }
+    total
+}
+
+/// The cube's column sums written into row `CUBE_POS_Y` of `partial` (`[parts, cols]`
+/// contiguous).
+#[cube]
+fn store_column_sums<N: Size>(
+    acc: Vector<f32, N>,
+    partial: &mut Tensor<Vector<f32, N>>,
+    column: usize,
+    vectors: usize,
+) {
+    let total = cube_column_total::<N>(acc);
+    if UNIT_POS_Y == 0 && column < vectors {
         partial[CUBE_POS_Y as usize * vectors + column] = total;
+    }
+}
+
+/// The cube's column sums added into `sums` (`[cols]` f32) by f32 atomics: every part's cube
+/// adds into the one row, so no second stage sums the parts (in any order).
+#[cube]
+fn add_column_sums<N: Size>(
+    acc: Vector<f32, N>,
+    sums: &mut Tensor<Atomic<f32>>,
+    column: usize,
+    vectors: usize,
+) {
+    let n = acc.vector_size();
+    let total = cube_column_total::<N>(acc);
+    if UNIT_POS_Y == 0 && column < vectors {
+        #[unroll]
+        for k in 0..n {
+            sums[column * n + k].fetch_add(total[k]);
+        }
     }
 }
 
@@ -526,41 +555,37 @@ fn unit_part<E: Float, N: Size>(
     (column, vectors, start + UNIT_POS_Y as usize, end)
 }
 
-/// Column sums of `x` `[rows, cols]` in f32 over each part of `rows_per_part` rows: a cube
-/// takes [`SUM_COLUMN_UNITS`] vectors of columns of one part, its units stepping through the
-/// part's rows [`SUM_ROW_UNITS`] apart.
-#[cube(launch)]
-fn column_sums_kernel<E: Float, N: Size>(
+/// This unit's sum, in f32, of its column vector of `x` over its rows of the cube's part.
+#[cube]
+fn column_acc<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
-    partial: &mut Tensor<Vector<f32, N>>,
-    rows_per_part: u32,
-    #[define(E)] _dtype: StorageType,
-) {
+    first: usize,
+    end: usize,
+    column: usize,
+) -> Vector<f32, N> {
     let n = x.vector_size();
-    let (column, vectors, first, end) = unit_part::<E, N>(x, rows_per_part);
     let mut acc = Vector::<f32, N>::new(0.0);
     let mut r = first;
     while r < end {
         acc += Vector::<f32, N>::cast_from(x[r * x.stride(0) / n + column]);
         r += SUM_ROW_UNITS;
     }
-    store_column_sums(acc, partial, column, vectors);
+    acc
 }
 
-/// As [`column_sums_kernel`], of RMSNorm's weight-gradient terms `grad * normed`, with
+/// As [`column_acc`], of RMSNorm's weight-gradient terms `grad * normed`, with
 /// `normed = x * rstd` rounded to the activations' dtype and the product taken in it, as
 /// [`super::rms_norm_weight_grad`] has them.
-#[cube(launch)]
-fn norm_weight_sums_kernel<E: Float, N: Size>(
+#[cube]
+fn norm_weight_acc<E: Float, N: Size>(
     grad: &Tensor<Vector<E, N>>,
     x: &Tensor<Vector<E, N>>,
     rstd: &Tensor<f32>,
-    partial: &mut Tensor<Vector<f32, N>>,
-    rows_per_part: u32,
-    #[define(E)] _dtype: StorageType,
-) {
+    first: usize,
+    end: usize,
+    column: usize,
+) -> Vector<f32, N> {
     let n = x.vector_size();
-    let (column, vectors, first, end) = unit_part::<E, N>(x, rows_per_part);
     let mut acc = Vector::<f32, N>::new(0.0);
     let mut r = first;
     while r < end {
@@ -571,13 +596,74 @@ fn norm_weight_sums_kernel<E: Float, N: Size>(
         acc += Vector::<f32, N>::cast_from(grad[r * grad.stride(0) / n + column] * normed);
         r += SUM_ROW_UNITS;
     }
+    acc
+}
+
+/// Column sums of `x` `[rows, cols]` in f32 over each part of `rows_per_part` rows: a cube
+/// takes [`SUM_COLUMN_UNITS`] vectors of columns of one part, its units stepping through the
+/// part's rows [`SUM_ROW_UNITS`] apart.
+#[cube(launch)]
+fn column_sums_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    partial: &mut Tensor<Vector<f32, N>>,
+    rows_per_part: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let (column, vectors, first, end) = unit_part::<E, N>(x, rows_per_part);
+    let acc = column_acc::<E, N>(x, first, end, column);
     store_column_sums(acc, partial, column, vectors);
 }
 
-/// Per-part column sums of `x` `[rows, cols]` (or, given `norm = (x, rstd)`, of RMSNorm's
+/// As [`column_sums_kernel`], every part added into one row of sums by f32 atomics.
+#[cube(launch)]
+fn column_sums_atomic_kernel<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    sums: &mut Tensor<Atomic<f32>>,
+    rows_per_part: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let (column, vectors, first, end) = unit_part::<E, N>(x, rows_per_part);
+    let acc = column_acc::<E, N>(x, first, end, column);
+    add_column_sums(acc, sums, column, vectors);
+}
+
+/// As [`column_sums_kernel`], of RMSNorm's weight-gradient terms ([`norm_weight_acc`]).
+#[cube(launch)]
+fn norm_weight_sums_kernel<E: Float, N: Size>(
+    grad: &Tensor<Vector<E, N>>,
+    x: &Tensor<Vector<E, N>>,
+    rstd: &Tensor<f32>,
+    partial: &mut Tensor<Vector<f32, N>>,
+    rows_per_part: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let (column, vectors, first, end) = unit_part::<E, N>(x, rows_per_part);
+    let acc = norm_weight_acc::<E, N>(grad, x, rstd, first, end, column);
+    store_column_sums(acc, partial, column, vectors);
+}
+
+/// As [`norm_weight_sums_kernel`], every part added into one row of sums by f32 atomics.
+#[cube(launch)]
+fn norm_weight_sums_atomic_kernel<E: Float, N: Size>(
+    grad: &Tensor<Vector<E, N>>,
+    x: &Tensor<Vector<E, N>>,
+    rstd: &Tensor<f32>,
+    sums: &mut Tensor<Atomic<f32>>,
+    rows_per_part: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let (column, vectors, first, end) = unit_part::<E, N>(x, rows_per_part);
+    let acc = norm_weight_acc::<E, N>(grad, x, rstd, first, end, column);
+    add_column_sums(acc, sums, column, vectors);
+}
+
+/// Column sums of `x` `[rows, cols]` (or, given `norm = (x, rstd)`, of RMSNorm's
 /// weight-gradient terms of `grad = x` here and those), as `[parts, cols]` f32: the parts'
 /// sum is the whole sum. Parts are chosen so that the grid has about [`SUM_CUBES`] cubes, each
-/// part at least [`SUM_MIN_PART_ROWS`] rows.
+/// part at least [`SUM_MIN_PART_ROWS`] rows. Where the runtime adds f32 atomically (CUDA), the
+/// parts' cubes add into one row of zeros, and `parts` is 1: one kernel (and the zeros' fill)
+/// instead of a second stage, which for a few hundred columns is a kernel of its own each time
+/// (about 10 us on the H200 against 2 for the fill).
 pub fn column_sums<R: CubeRuntime>(
     x: CubeTensor<R>,
     norm: Option<(CubeTensor<R>, CubeTensor<R>)>,
@@ -608,51 +694,91 @@ pub fn column_sums<R: CubeRuntime>(
     let parts = SUM_CUBES.div_ceil(column_cubes).clamp(1, rows.max(1));
     let rows_per_part = rows.div_ceil(parts).max(SUM_MIN_PART_ROWS);
     let parts = rows.div_ceil(rows_per_part).max(1);
+    let atomic = adds_f32_atomically(&x.client);
+    let out_rows = if atomic { 1 } else { parts };
+    let zeros = || {
+        burn_cubecl::ops::numeric::zeros_client(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::new([out_rows, cols]),
+            DType::F32,
+        )
+    };
     if rows == 0 || cols == 0 {
-        return burn_cubecl::ops::numeric::zeros_client(
+        return zeros();
+    }
+    let out = if atomic {
+        zeros()
+    } else {
+        // Every entry is written: each cube's row units cover its part's rows.
+        empty_device_contiguous_dtype(
             x.client.clone(),
             x.device.clone(),
             Shape::new([parts, cols]),
             DType::F32,
-        );
-    }
-    // Every entry is written: each cube's row units cover its part's rows.
-    let partial = empty_device_contiguous_dtype(
-        x.client.clone(),
-        x.device.clone(),
-        Shape::new([parts, cols]),
-        DType::F32,
-    );
+        )
+    };
     let client = x.client.clone();
     let count = CubeCount::Static(column_cubes as u32, parts as u32, 1);
     let cube_dim = CubeDim::new_2d(SUM_COLUMN_UNITS as u32, SUM_ROW_UNITS as u32);
     let dtype = x.dtype.into();
     let rows_per_part = u32::try_from(rows_per_part).expect("rows fit in u32");
-    match norm {
-        None => column_sums_kernel::launch::<R>(
+    let (x, out_arg) = (x.into_tensor_arg(), out.clone().into_tensor_arg());
+    match (norm, atomic) {
+        (None, false) => column_sums_kernel::launch::<R>(
             &client,
             count,
             cube_dim,
             vector_size,
-            x.into_tensor_arg(),
-            partial.clone().into_tensor_arg(),
+            x,
+            out_arg,
             rows_per_part,
             dtype,
         ),
-        Some((normed_x, rstd)) => norm_weight_sums_kernel::launch::<R>(
+        (None, true) => column_sums_atomic_kernel::launch::<R>(
             &client,
             count,
             cube_dim,
             vector_size,
-            x.into_tensor_arg(),
+            x,
+            out_arg,
+            rows_per_part,
+            dtype,
+        ),
+        (Some((normed_x, rstd)), false) => norm_weight_sums_kernel::launch::<R>(
+            &client,
+            count,
+            cube_dim,
+            vector_size,
+            x,
             normed_x.into_tensor_arg(),
             rstd.into_tensor_arg(),
-            partial.clone().into_tensor_arg(),
+            out_arg,
+            rows_per_part,
+            dtype,
+        ),
+        (Some((normed_x, rstd)), true) => norm_weight_sums_atomic_kernel::launch::<R>(
+            &client,
+            count,
+            cube_dim,
+            vector_size,
+            x,
+            normed_x.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            out_arg,
             rows_per_part,
             dtype,
         ),
     }
-    partial
+    out
+}
+
+/// Whether the runtime of `client` adds f32 atomically (CUDA does; wgpu does not).
+fn adds_f32_atomically<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    client
+        .properties()
+        .atomic_type_usage(Type::new(StorageType::Atomic(FloatKind::F32.into())))
+        .contains(AtomicUsage::Add)
 }
 
 /// `out[ids[r], c] += grad[r, c]` for every element of `grad` (a unit each), on f32 atomics
@@ -737,10 +863,7 @@ pub fn embedding_backward<R: CubeRuntime>(
     let cube_dim = CubeDim::new_1d(CUBE_SIZE as u32);
     let count = cubecl::calculate_cube_count_elemwise(&client, rows * hidden, cube_dim);
     let dtypes = [grad.dtype.into(), ids.dtype.into()];
-    let native = client
-        .properties()
-        .atomic_type_usage(Type::new(StorageType::Atomic(FloatKind::F32.into())))
-        .contains(AtomicUsage::Add);
+    let native = adds_f32_atomically(&client);
     let (grad_arg, ids_arg, out_arg) = (
         grad.into_tensor_arg(),
         ids.into_tensor_arg(),
