@@ -273,3 +273,66 @@ fn half_precision_inputs_are_upcast() {
             .all(|g| g.is_finite())
     );
 }
+
+/// An f32 master weight with bf16 hidden states: the products read the weight cast on use, so
+/// the loss equals that of the weight cast beforehand, and the weight's gradient comes back in
+/// f32, close to the cast's (which rounds it to bf16 on the way), over several tiles.
+#[test]
+fn an_f32_master_weight_is_cast_on_use() {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{DType, FloatDType};
+    let device = device();
+    Ad::seed(&device, 9);
+    let hidden = Tensor::<Ad, 2>::random([24, 16], Distribution::Normal(0.0, 1.0), &device)
+        .cast(FloatDType::BF16)
+        .detach();
+    let weight = Tensor::<Ad, 2>::random([50, 16], Distribution::Normal(0.0, 0.3), &device);
+    let labels: Vec<i64> = (0..24)
+        .map(|i| {
+            if i % 4 == 0 {
+                IGNORE_INDEX
+            } else {
+                (i * 11) % 50
+            }
+        })
+        .collect();
+    let targets = Tensor::<Ad, 1, Int>::from_data(TensorData::new(labels, [24]), &device);
+    // Small tiles: several vocabulary slabs and row chunks, so that sums take several products.
+    let opts = CrossEntropyOptions::default().with_chunk_memory_bytes(2 << 10);
+    let run = |cast_first: bool| {
+        let (hidden, weight) = (hidden.clone().require_grad(), weight.clone().require_grad());
+        let used = if cast_first {
+            weight.clone().cast(FloatDType::BF16)
+        } else {
+            weight.clone()
+        };
+        let out =
+            chunked_lm_head_cross_entropy(hidden.clone(), used, targets.clone(), &opts).unwrap();
+        let grads = out.loss.clone().backward();
+        (
+            to_f32(out.loss),
+            hidden.grad(&grads).expect("hidden gradient"),
+            weight.grad(&grads).expect("weight gradient"),
+        )
+    };
+    let (loss, grad_hidden, grad_weight) = run(false);
+    let (loss_ref, grad_hidden_ref, grad_weight_ref) = run(true);
+    assert_eq!(loss, loss_ref);
+    assert_eq!(grad_weight.dtype(), DType::F32);
+    assert_eq!(grad_hidden.dtype(), DType::BF16);
+    let f32s = |t: Tensor<Cpu, 2>| to_f32(t.cast(FloatDType::F32));
+    assert_close_f32(
+        "hidden",
+        &f32s(grad_hidden),
+        &f32s(grad_hidden_ref),
+        0.0,
+        0.0,
+    );
+    assert_close_f32(
+        "weight",
+        &f32s(grad_weight),
+        &f32s(grad_weight_ref),
+        1e-2,
+        1e-3,
+    );
+}

@@ -226,14 +226,21 @@ impl<B: AttentionBackend> Qwen2DecoderLayer<B> {
         mask: &AttentionMask<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let attended =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
-        let x = x + attended;
-        let mlp_out = self
-            .mlp
-            .forward(self.post_attention_layernorm.forward(x.clone()));
-        x + mlp_out
+        let dims = x.dims();
+        let [batch, seq, hidden] = dims;
+        // The residual stream as [rows, hidden] views: each norm reads the very tensor that its
+        // residual addition reads, so that the norm's backward adds the two gradients as it
+        // writes its own (`ops::rms_norm`).
+        let x = x.reshape([batch * seq, hidden]);
+        let normed = self.input_layernorm.forward(x.clone()).reshape(dims);
+        let attended = self.self_attn.forward(normed, rope, mask, cache);
+        let x = x + attended.reshape([batch * seq, hidden]);
+        let normed = self
+            .post_attention_layernorm
+            .forward(x.clone())
+            .reshape(dims);
+        let mlp_out = self.mlp.forward(normed);
+        (x + mlp_out.reshape([batch * seq, hidden])).reshape(dims)
     }
 }
 

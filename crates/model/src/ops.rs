@@ -101,9 +101,16 @@ pub fn rms_norm<B: RowwiseBackend, const D: usize>(
     let dtype = x.dtype();
     let dims = x.dims();
     let rows = dims[..D - 1].iter().product();
-    // [..., hidden] -> [rows, hidden]
-    let x = x.reshape([rows, dims[D - 1]]).into_primitive().tensor();
+    // [..., hidden] -> [rows, hidden]; a 2-d `x` goes in as it is, with no reshape of its own,
+    // so that the norm's node reads `x`'s (under autodiff the norm's backward then adds the
+    // gradient that `x`'s other readers, a residual addition, gave it, see
+    // `RowwiseBackend::rms_norm_backward`).
     let weight = B::cast_param(weight.into_primitive().tensor(), dtype);
+    if D == 2 {
+        let y = B::rms_norm(x.into_primitive().tensor(), weight, eps);
+        return Tensor::from_primitive(TensorPrimitive::Float(y));
+    }
+    let x = x.reshape([rows, dims[D - 1]]).into_primitive().tensor();
     let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::rms_norm(x, weight, eps)));
     y.reshape(dims)
 }

@@ -414,10 +414,11 @@ pub fn lm_head_loss<B: ChunkedCeBackend>(
     opts: &CrossEntropyOptions,
 ) -> Result<LossOutput<B>, TrainError> {
     let [rows, len, width] = hidden.dims();
-    let weight = qwen_model::ops::cast_param(model.lm_head_weight(), hidden.dtype());
+    // The master weight itself: the loss reads it cast on use, and its gradient comes back in
+    // f32 with no cast (`chunked_lm_head_cross_entropy`).
     Ok(chunked_lm_head_cross_entropy(
         hidden.reshape([rows * len, width]),
-        weight,
+        model.lm_head_weight(),
         targets,
         opts,
     )?)

@@ -391,7 +391,8 @@ fn rotary_is_the_same_with_the_kernel() {
 }
 
 /// `rms_norm` on `x` `[rows, hidden]` under autodiff with the given body: the output and the
-/// gradients of `x` and the weight for a fixed upstream gradient.
+/// gradients of `x` and the weight for a fixed upstream gradient, `x` also read by a later op
+/// (a residual path, whose gradient the kernel adds to the norm's).
 fn rms_norm_with(body: KernelBody, hidden: usize, seed: u64) -> [Vec<f32>; 3] {
     type AB = Autodiff<B>;
     let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
@@ -413,7 +414,8 @@ fn rms_norm_with(body: KernelBody, hidden: usize, seed: u64) -> [Vec<f32>; 3] {
         Tensor::<AB, 1>::from_data(TensorData::new(weight, [hidden]), &device()).require_grad();
     let upstream = Tensor::<AB, 2>::from_data(TensorData::new(upstream, [rows, hidden]), &device());
     let y = qwen_model::ops::rms_norm(x.clone(), weight.clone(), 1e-6);
-    let grads = (y.clone() * upstream).sum().backward();
+    let residual = upstream.clone().flip([0]);
+    let grads = ((y.clone() * upstream).sum() + (x.clone() * residual).sum()).backward();
     let out = [
         values(y.inner()),
         values(x.grad(&grads).expect("x's gradient")),

@@ -37,6 +37,34 @@ fn gemm_f32<B: GemmBackend>(a: Tensor<B, 2>, b: Tensor<B, 2>, ta: bool, tb: bool
     float(B::gemm_to(primitive(a), primitive(b), ta, tb, LOSS_DTYPE))
 }
 
+/// `acc + op(a) @ op(b)` in `acc`'s dtype ([`GemmBackend::gemm_add`]: cuBLASLt adds into the
+/// accumulator itself), or the f32 product where there is no accumulator yet.
+fn gemm_f32_add<B: GemmBackend>(
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    ta: bool,
+    tb: bool,
+    acc: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    match acc {
+        Some(acc) => float(B::gemm_add(
+            primitive(a),
+            primitive(b),
+            ta,
+            tb,
+            primitive(acc),
+        )),
+        None => gemm_f32(a, b, ta, tb),
+    }
+}
+
+/// The lm_head weight in the activations' dtype for the products
+/// ([`GemmBackend::cast_param`]: the optimizer's kept copy of an f32 master weight, where
+/// there is one).
+fn compute_weight<B: GemmBackend>(weight: FloatTensor<B>, hidden: &Tensor<B, 2>) -> Tensor<B, 2> {
+    float(B::cast_param(weight, hidden.dtype()))
+}
+
 /// Forward: per-row loss and log-sum-exp, one row chunk of full-vocabulary logits at a time.
 ///
 /// # Shapes
@@ -49,7 +77,7 @@ pub fn forward<B: ChunkedCeBackend>(
     params: &LmHeadCeParams,
 ) -> LmHeadCeForward<B> {
     let hidden = float::<B, 2>(hidden);
-    let weight = float::<B, 2>(weight); // [vocab, hidden]
+    let weight = compute_weight::<B>(weight, &hidden); // [vocab, hidden]
     let targets = Tensor::<B, 1, Int>::from_primitive(targets);
     let [n, _] = hidden.dims();
     let [vocab, _] = weight.dims();
@@ -87,7 +115,10 @@ pub fn forward<B: ChunkedCeBackend>(
 /// so a tile needs only its logits, the saved `lse` and `g`. For each vocabulary slab
 /// `W[c0..c1]`, `grad_hidden += dx @ W[c0..c1]` per row chunk, and
 /// `grad_weight[c0..c1] = sum over row chunks of dx^T @ hidden`, written once per slab.
-/// Both are accumulated in f32 and cast to the inputs' dtype at the end.
+/// Both are summed in f32, each product after a sum's first adding itself in
+/// ([`GemmBackend::gemm_add`]); `grad_hidden` is cast to the activations' dtype at the end,
+/// `grad_weight` to the weight's (none for an f32 master weight, which the products read cast
+/// on use).
 ///
 /// # Shapes
 /// - `hidden`: `[n, hidden]`, `weight`: `[vocab, hidden]`, `targets`, `lse`, `grad_loss`: `[n]`
@@ -102,15 +133,14 @@ pub fn backward<B: ChunkedCeBackend>(
     request: GradRequest,
 ) -> LmHeadCeGrads<B> {
     let hidden = float::<B, 2>(hidden);
-    let weight = float::<B, 2>(weight);
+    let weight_dtype = weight.dtype();
+    let weight = compute_weight::<B>(weight, &hidden);
     let targets = Tensor::<B, 1, Int>::from_primitive(targets);
     let lse = float::<B, 1>(lse).cast(LOSS_DTYPE);
     let grad_loss = float::<B, 1>(grad_loss).cast(LOSS_DTYPE);
-    let [n, dim] = hidden.dims();
+    let [n, _] = hidden.dims();
     let [vocab, _] = weight.dims();
-    let device = hidden.device();
     let compute_dtype = hidden.dtype();
-    let weight_dtype = weight.dtype();
     let plan = ChunkPlan::new(n, vocab, params.chunk_memory_bytes);
     let eps = params.label_smoothing;
     let z = params.z_loss_weight;
@@ -136,24 +166,15 @@ pub fn backward<B: ChunkedCeBackend>(
         .map(|&(start, rows)| targets.clone().narrow(0, start, rows).into_primitive())
         .collect();
 
-    let mut grad_hidden: Vec<Tensor<B, 2>> = if request.hidden {
-        row_chunks
-            .iter()
-            .map(|&(_, rows)| Tensor::zeros([rows, dim], (&device, LOSS_DTYPE)))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut grad_weight = request
-        .weight
-        .then(|| Tensor::<B, 2>::zeros([vocab, dim], (&device, weight_dtype)));
+    // Each sum in f32, started by its first product and added to by the others' products
+    // themselves (`gemm_add`), with no zeros and no addition kernels.
+    let mut grad_hidden: Vec<Option<Tensor<B, 2>>> = vec![None; row_chunks.len()];
+    // Each slab's rows of the weight's gradient, in the weight's dtype, joined at the end.
+    let mut grad_weight = Vec::new();
 
     for (col_start, cols) in chunks(vocab, plan.backward_cols) {
-        let col_end = col_start + cols;
         let weight_slab = weight.clone().narrow(0, col_start, cols); // [cols, hidden]
-        let mut grad_slab = request
-            .weight
-            .then(|| Tensor::<B, 2>::zeros([cols, dim], (&device, LOSS_DTYPE)));
+        let mut grad_slab: Option<Tensor<B, 2>> = None;
 
         for (chunk, &(row_start, rows)) in row_chunks.iter().enumerate() {
             let [g, p_scale, lse_rows] = row_state[chunk].clone();
@@ -173,27 +194,29 @@ pub fn backward<B: ChunkedCeBackend>(
             )); // [rows, cols], compute dtype
 
             if request.hidden {
-                let part = gemm_f32(dlogits.clone(), weight_slab.clone(), false, false); // [rows, hidden]
-                grad_hidden[chunk].inplace(|acc| acc + part);
+                // [rows, hidden]
+                let acc = grad_hidden[chunk].take();
+                let sum = gemm_f32_add(dlogits.clone(), weight_slab.clone(), false, false, acc);
+                grad_hidden[chunk] = Some(sum);
             }
-            if let Some(grad_slab) = grad_slab.as_mut() {
-                let part = gemm_f32(dlogits, hidden_rows, true, false); // [cols, hidden]
-                grad_slab.inplace(|acc| acc + part);
+            if request.weight {
+                // [cols, hidden]
+                grad_slab = Some(gemm_f32_add(dlogits, hidden_rows, true, false, grad_slab));
             }
         }
-
-        if let (Some(grad_weight), Some(grad_slab)) = (grad_weight.as_mut(), grad_slab) {
-            let grad_slab = grad_slab.cast(weight_dtype);
-            grad_weight.inplace(|acc| acc.slice_assign([col_start..col_end, 0..dim], grad_slab));
-        }
+        grad_weight.extend(grad_slab.map(|slab| slab.cast(weight_dtype)));
     }
 
+    let join = |parts: Vec<Tensor<B, 2>>| match parts.len() {
+        1 => parts.into_iter().next().expect("one part"),
+        _ => Tensor::cat(parts, 0),
+    };
     LmHeadCeGrads {
         hidden: request.hidden.then(|| {
-            let grad = Tensor::cat(grad_hidden, 0).cast(compute_dtype); // [n, hidden]
-            primitive(grad)
+            let parts = grad_hidden.into_iter().flatten().collect();
+            primitive(join(parts).cast(compute_dtype)) // [n, hidden]
         }),
-        weight: grad_weight.map(primitive),
+        weight: request.weight.then(|| primitive(join(grad_weight))), // [vocab, hidden]
     }
 }
 

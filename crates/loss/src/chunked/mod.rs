@@ -10,7 +10,7 @@ mod plan;
 pub use plan::{ChunkPlan, LIVE_TILE_BUFFERS, MIN_TILE_COLS, TILE_COL_MULTIPLE};
 
 use burn::tensor::{
-    Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,
+    Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive,
     backend::Backend,
     ops::{FloatTensor, IntTensor},
 };
@@ -253,8 +253,11 @@ pub trait ChunkedCeBackend: qwen_gemm::GemmBackend {
 /// output gives the gradients of `hidden` (zero on ignored rows) and of `weight`, recomputed
 /// tile by tile in the backward pass.
 ///
-/// The matmul runs in the inputs' dtype (as the model's lm_head would) and everything after it
-/// in f32. With no supervised token the loss is 0 and both gradients are 0.
+/// The matmul runs in `hidden`'s dtype (as the model's lm_head would) and everything after it
+/// in f32. The weight is `hidden`'s dtype, or an f32 master weight that the products read cast
+/// on use ([`qwen_gemm::GemmBackend::cast_param`], the optimizer's kept copy where there is
+/// one) and whose gradient comes in f32 with no cast. With no supervised token the loss is 0
+/// and both gradients are 0.
 ///
 /// # Shapes
 /// - `hidden`: `[N, hidden]`, the final-norm output flattened from `[batch, seq, hidden]`
@@ -278,10 +281,11 @@ pub fn chunked_lm_head_cross_entropy<'a, B: ChunkedCeBackend>(
         n, n_targets,
         "chunked_lm_head_cross_entropy: hidden has {n} rows but targets have {n_targets}"
     );
-    assert_eq!(
-        hidden.dtype(),
+    assert!(
+        weight.dtype() == hidden.dtype() || weight.dtype() == DType::F32,
+        "chunked_lm_head_cross_entropy: the weight is {:?}, neither hidden's {:?} nor an f32 master weight",
         weight.dtype(),
-        "chunked_lm_head_cross_entropy: hidden and weight must share a dtype"
+        hidden.dtype()
     );
     opts.validate()?;
     let checked = targets.check(vocab)?;

@@ -1,6 +1,8 @@
 //! `RowwiseBackend` for `Autodiff<B, C>`: one backward node per RMSNorm, per SwiGLU, per
 //! rotary embedding and per embedding lookup.
 
+use std::marker::PhantomData;
+
 use burn::backend::autodiff::{
     Autodiff,
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -14,12 +16,13 @@ use super::RowwiseBackend;
 
 /// The backward step of RMSNorm; its parents are `[x, weight]`.
 #[derive(Debug)]
-struct RmsNormBackward;
+struct RmsNormBackward<C>(PhantomData<C>);
 
-impl<B: RowwiseBackend> Backward<B, 2> for RmsNormBackward {
-    /// The inner backend's `x` and `weight` (references, not copies) and the `[rows, 1]` f32
-    /// `rstd`.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+impl<B: RowwiseBackend, C: CheckpointStrategy> Backward<B, 2> for RmsNormBackward<C> {
+    /// The tracked `x` (its gradient so far is taken from it: the residual stream's, which
+    /// the kernel adds to the norm's), the `[rows, 1]` f32 `rstd` and the inner backend's
+    /// `weight` (a reference, not a copy).
+    type State = (FloatTensor<Autodiff<B, C>>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(
         self,
@@ -29,9 +32,24 @@ impl<B: RowwiseBackend> Backward<B, 2> for RmsNormBackward {
     ) {
         let [node_x, node_weight] = ops.parents;
         let grad = grads.consume::<B>(&ops.node); // [rows, hidden]
-        let (x, rstd, weight) = ops.state;
+        let (tracked_x, rstd, weight) = ops.state;
+        let x = tracked_x.primitive.clone();
         let request = [node_x.is_some(), node_weight.is_some()];
-        let [dx, dw] = B::rms_norm_backward(x, rstd, weight, grad, request);
+        let acc = match node_x {
+            Some(_) => crate::grads::take::<B, C>(grads, &tracked_x),
+            None => None,
+        };
+        // An accumulator the kernel cannot take goes back to be added as usual.
+        let acc = match acc {
+            Some(acc) if acc.dtype() == x.dtype() && acc.shape() == x.shape() => Some(acc),
+            Some(acc) => {
+                let id = node_x.as_ref().expect("taken for a tracked x").id;
+                grads.register::<B>(id, acc);
+                None
+            }
+            None => None,
+        };
+        let [dx, dw] = B::rms_norm_backward(x, rstd, weight, grad, request, acc);
         crate::grads::register::<B, 2>(
             grads,
             [(node_x.map(|n| n.id), dx), (node_weight.map(|n| n.id), dw)],
@@ -118,7 +136,7 @@ impl<B: RowwiseBackend> Backward<B, 1> for EmbeddingBackward {
 // their small state is kept rather than the forward re-run.
 impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        let prepared = RmsNormBackward
+        let prepared = RmsNormBackward::<C>(PhantomData)
             .prepare::<C>([x.node.clone(), weight.node.clone()])
             .compute_bound()
             .stateful();
@@ -126,7 +144,7 @@ impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C>
             OpsKind::Tracked(prep) => {
                 let (y, rstd) =
                     B::rms_norm_forward(x.primitive.clone(), weight.primitive.clone(), eps);
-                prep.finish((x.primitive, rstd, weight.primitive), y)
+                prep.finish((x, rstd, weight.primitive), y)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::rms_norm_forward(x.primitive, weight.primitive, eps).0)

@@ -44,9 +44,10 @@ mod cube {
             weight: CubeTensor<R>,
             grad: CubeTensor<R>,
             request: [bool; 2],
+            acc: Option<CubeTensor<R>>,
         ) -> [Option<CubeTensor<R>>; 2] {
             if !Self::rowwise_kernel_runs(Kernel::RmsNorm) {
-                return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
+                return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request, acc);
             }
             tensor_ops::rms_norm_backward_with_dx_kernel::<Self>(
                 x,
@@ -54,6 +55,7 @@ mod cube {
                 weight,
                 grad,
                 request,
+                acc,
                 cube::rms_norm_backward_x,
             )
         }
@@ -177,8 +179,8 @@ mod fusion {
     enum Kind {
         /// `[x, weight] -> [y, rstd]`
         RmsNorm { eps: f64 },
-        /// `[x, rstd, weight, grad] -> [dx]`
-        RmsNormBackwardX,
+        /// `[x, rstd, weight, grad] -> [dx]`, or `[x, rstd, weight, grad, acc] -> [acc + dx]`
+        RmsNormBackwardX { accumulate: bool },
         /// `[x, cos, sin] -> [y]`
         Rotary { backward: bool },
         /// `[grad, ids (int)] -> [table gradient]`
@@ -195,7 +197,10 @@ mod fusion {
         fn name(self) -> &'static str {
             match self {
                 Self::RmsNorm { .. } => "qwen_model::rms_norm",
-                Self::RmsNormBackwardX => "qwen_model::rms_norm_backward_x",
+                Self::RmsNormBackwardX { accumulate: false } => "qwen_model::rms_norm_backward_x",
+                Self::RmsNormBackwardX { accumulate: true } => {
+                    "qwen_model::rms_norm_backward_x_add"
+                }
                 Self::Rotary { backward: false } => "qwen_model::rotary",
                 Self::Rotary { backward: true } => "qwen_model::rotary_backward",
                 Self::EmbeddingBackward { .. } => "qwen_model::embedding_backward",
@@ -238,9 +243,10 @@ mod fusion {
                     let (y, rstd) = B::rms_norm_forward(next(), next(), eps);
                     vec![y, rstd]
                 }
-                Kind::RmsNormBackwardX => {
+                Kind::RmsNormBackwardX { accumulate } => {
                     let (x, rstd, weight, grad) = (next(), next(), next(), next());
-                    let [dx, _] = B::rms_norm_backward(x, rstd, weight, grad, [true, false]);
+                    let acc = accumulate.then(next);
+                    let [dx, _] = B::rms_norm_backward(x, rstd, weight, grad, [true, false], acc);
                     vec![dx.expect("dx was asked for")]
                 }
                 Kind::EmbeddingBackward { .. } => unreachable!("handled above"),
@@ -326,9 +332,10 @@ mod fusion {
             weight: FloatTensor<Self>,
             grad: FloatTensor<Self>,
             request: [bool; 2],
+            acc: Option<FloatTensor<Self>>,
         ) -> [Option<FloatTensor<Self>>; 2] {
             if !B::rowwise_kernel_runs(Kernel::RmsNorm) {
-                return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request);
+                return tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request, acc);
             }
             tensor_ops::rms_norm_backward_with_dx_kernel::<Self>(
                 x,
@@ -336,8 +343,14 @@ mod fusion {
                 weight,
                 grad,
                 request,
-                |x, rstd, weight, grad| {
-                    register_like_first::<B>(Kind::RmsNormBackwardX, vec![x, rstd, weight, grad])
+                acc,
+                |x, rstd, weight, grad, acc| {
+                    let kind = Kind::RmsNormBackwardX {
+                        accumulate: acc.is_some(),
+                    };
+                    let mut inputs = vec![x, rstd, weight, grad];
+                    inputs.extend(acc);
+                    register_like_first::<B>(kind, inputs)
                 },
             )
         }

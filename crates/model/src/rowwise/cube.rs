@@ -251,14 +251,17 @@ fn rms_norm_forward_kernel<E: Float, N: Size>(
 /// The gradient of RMSNorm with respect to `x`, one row per cube (`x`, `grad` `[rows, hidden]`,
 /// `rstd` `[rows]` f32, `weight` `[hidden]`; `dx` contiguous), as
 /// [`super::rms_norm_backward`]: `g = (dy * w)` in the activations' dtype, then in f32
-/// `dx = rstd * (g - n * mean(g * n))` with `n = x * rstd`.
+/// `dx = rstd * (g - n * mean(g * n))` with `n = x * rstd`; with `accumulate`, `acc + dx`
+/// (`acc` `[rows, hidden]`, columns contiguous).
 #[cube(launch)]
 fn rms_norm_backward_kernel<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
     rstd: &Tensor<f32>,
     weight: &Tensor<Vector<E, N>>,
     grad: &Tensor<Vector<E, N>>,
+    acc: &Tensor<Vector<E, N>>,
     dx: &mut Tensor<Vector<E, N>>,
+    #[comptime] accumulate: bool,
     #[define(E)] _dtype: StorageType,
 ) {
     let row = row_id();
@@ -284,7 +287,12 @@ fn rms_norm_backward_kernel<E: Float, N: Size>(
     while j < vectors {
         let g = Vector::<f32, N>::cast_from(grad[gb + j] * weight[j]);
         let normed = Vector::<f32, N>::cast_from(x[xb + j]) * r;
-        dx[out + j] = Vector::cast_from((g - normed * dot) * r);
+        let mut value = Vector::<E, N>::cast_from((g - normed * dot) * r);
+        if comptime!(accumulate) {
+            // Rounded to E, then added in E: the values of `acc + dx` as two ops.
+            value += acc[row * acc.stride(0) / n + j];
+        }
+        dx[out + j] = value;
         j += CUBE_DIM_X as usize;
     }
 }
@@ -344,12 +352,14 @@ pub fn rms_norm_forward<R: CubeRuntime>(
     (y, rstd)
 }
 
-/// The gradient of RMSNorm with respect to `x`; see [`super::rms_norm_backward`].
+/// The gradient of RMSNorm with respect to `x` (see [`super::rms_norm_backward`]), added to
+/// `acc` where given.
 pub fn rms_norm_backward_x<R: CubeRuntime>(
     x: CubeTensor<R>,
     rstd: CubeTensor<R>,
     weight: CubeTensor<R>,
     grad: CubeTensor<R>,
+    acc: Option<CubeTensor<R>>,
 ) -> CubeTensor<R> {
     let [rows, hidden] = check_rows("rms_norm backward", &x, &weight);
     assert_eq!(
@@ -362,14 +372,25 @@ pub fn rms_norm_backward_x<R: CubeRuntime>(
         &[rows, 1],
         "rms_norm backward: rstd"
     );
+    if let Some(acc) = &acc {
+        assert!(
+            acc.meta.shape().as_slice() == [rows, hidden] && acc.dtype == x.dtype,
+            "rms_norm backward: the accumulator is {:?} {:?}, not x's",
+            acc.meta.shape().as_slice(),
+            acc.dtype
+        );
+    }
     let [x, weight, grad] = [x, weight, grad].map(unit_last_stride);
+    let accumulate = acc.is_some();
+    // Without an accumulator the kernel never reads it: `grad` stands in.
+    let acc = unit_last_stride(acc.unwrap_or_else(|| grad.clone()));
     let dx = empty_device_contiguous_dtype(
         x.client.clone(),
         x.device.clone(),
         Shape::new([rows, hidden]),
         x.dtype,
     );
-    let vector_size = vector_size(&[&x, &weight, &grad, &dx], hidden);
+    let vector_size = vector_size(&[&x, &weight, &grad, &acc, &dx], hidden);
     let client = x.client.clone();
     let dtype = x.dtype.into();
     rms_norm_backward_kernel::launch::<R>(
@@ -381,7 +402,9 @@ pub fn rms_norm_backward_x<R: CubeRuntime>(
         rstd.into_tensor_arg(),
         weight.into_tensor_arg(),
         grad.into_tensor_arg(),
+        acc.into_tensor_arg(),
         dx.clone().into_tensor_arg(),
+        accumulate,
         dtype,
     );
     dx

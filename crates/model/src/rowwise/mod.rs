@@ -66,15 +66,19 @@ pub trait RowwiseBackend: qwen_gemm::GemmBackend {
     }
 
     /// The gradients of [`rms_norm_forward`](Self::rms_norm_forward) with respect to `x` and
-    /// `weight`, each computed only when asked for.
+    /// `weight`, each computed only when asked for. Given `acc` (x's gradient from its other
+    /// readers so far, shaped and typed as `x`), `x`'s comes back added to it: the residual
+    /// stream's gradient joins the norm's in the kernel that writes it, not in an addition of
+    /// its own.
     fn rms_norm_backward(
         x: FloatTensor<Self>,
         rstd: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         request: [bool; 2],
+        acc: Option<FloatTensor<Self>>,
     ) -> [Option<FloatTensor<Self>>; 2] {
-        tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request)
+        tensor_ops::rms_norm_backward::<Self>(x, rstd, weight, grad, request, acc)
     }
 
     /// The gradient of RMSNorm's weight alone (see [`rms_norm_backward`](
@@ -253,6 +257,7 @@ pub(crate) mod tensor_ops {
         weight: FloatTensor<B>,
         grad: FloatTensor<B>,
         request: [bool; 2],
+        acc: Option<FloatTensor<B>>,
     ) -> [Option<FloatTensor<B>>; 2] {
         let (dx, dw) = super::rms_norm_backward::<B>(
             float(x),
@@ -262,9 +267,17 @@ pub(crate) mod tensor_ops {
             request,
         );
         [
-            dx.map(|t| t.into_primitive().tensor()),
+            dx.map(|dx| add_to::<B>(acc, dx.into_primitive().tensor())),
             dw.map(|t| t.into_primitive().tensor()),
         ]
+    }
+
+    /// `acc + t`, or `t` where there is no `acc`.
+    fn add_to<B: Backend>(acc: Option<FloatTensor<B>>, t: FloatTensor<B>) -> FloatTensor<B> {
+        match acc {
+            Some(acc) => B::float_add(acc, t),
+            None => t,
+        }
     }
 
     pub fn rotary_forward<B: Backend>(
@@ -315,16 +328,18 @@ pub(crate) mod tensor_ops {
         weight: FloatTensor<B>,
         grad: FloatTensor<B>,
         [want_x, want_weight]: [bool; 2],
+        acc: Option<FloatTensor<B>>,
         dx_kernel: impl FnOnce(
             FloatTensor<B>,
             FloatTensor<B>,
             FloatTensor<B>,
             FloatTensor<B>,
+            Option<FloatTensor<B>>,
         ) -> FloatTensor<B>,
     ) -> [Option<FloatTensor<B>>; 2] {
         let dw =
             want_weight.then(|| B::rms_norm_weight_grad(x.clone(), rstd.clone(), grad.clone()));
-        let dx = want_x.then(|| dx_kernel(x, rstd, weight, grad));
+        let dx = want_x.then(|| dx_kernel(x, rstd, weight, grad, acc));
         [dx, dw]
     }
 }
@@ -468,6 +483,8 @@ mod tests {
 
     /// The lean RMSNorm node against autodiff of the plain ops: the same output, and the same
     /// gradients for `x` and the weight, in f32 and in bf16 (f32 master weight cast on use).
+    /// `x` is also read by a later op (a residual path), whose gradient the node adds to its
+    /// own (`rms_norm_backward`'s accumulator).
     #[test]
     fn rms_norm_node_equals_plain_ops() {
         let device = Default::default();
@@ -478,6 +495,9 @@ mod tests {
             let upstream = Tensor::<Ad, 2>::random([12, 48], Distribution::Default, &device)
                 .cast(dtype)
                 .detach();
+            let residual = Tensor::<Ad, 2>::random([12, 48], Distribution::Default, &device)
+                .cast(dtype)
+                .detach();
             let run = |lean: bool| {
                 let (x, weight) = (x.clone(), weight.clone());
                 let y = if lean {
@@ -485,7 +505,9 @@ mod tests {
                 } else {
                     ops::rms_norm_reference(x.clone(), weight.clone(), 1e-6)
                 };
-                let grads = (y.clone() * upstream.clone()).sum().backward();
+                let loss =
+                    (y.clone() * upstream.clone()).sum() + (x.clone() * residual.clone()).sum();
+                let grads = loss.backward();
                 let dx = x.grad(&grads).unwrap();
                 let dw = weight.grad(&grads).unwrap().unsqueeze::<2>();
                 (y.inner(), dx, dw)
