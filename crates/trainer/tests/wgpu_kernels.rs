@@ -444,10 +444,12 @@ fn rms_norm_is_the_same_with_the_kernels() {
     }
 }
 
-/// The token embedding under autodiff with the given body: the lookup and the table's gradient
-/// for a fixed upstream gradient, with ids that repeat (several rows add into one table row,
-/// by compare-and-swap on wgpu, which has no f32 atomic addition) and table rows no id uses.
-fn embedding_with(body: KernelBody, seed: u64) -> [Vec<f32>; 2] {
+/// The token embedding under autodiff with the given body: the lookup, the table's gradient
+/// for a fixed upstream gradient and the tied reader's multiplier, with ids that repeat
+/// (several rows add into one table row, by compare-and-swap on wgpu, which has no f32 atomic
+/// addition) and table rows no id uses; the table is also read after the lookup, as a tied
+/// lm_head reads it, and the lookup's rows go into that reader's gradient in place.
+fn embedding_with(body: KernelBody, seed: u64) -> [Vec<f32>; 3] {
     type AB = Autodiff<B>;
     let _turn = BODY.lock().unwrap_or_else(|e| e.into_inner());
     set_kernel_body(body);
@@ -476,10 +478,14 @@ fn embedding_with(body: KernelBody, seed: u64) -> [Vec<f32>; 2] {
     let upstream =
         Tensor::<AB, 3>::from_data(TensorData::new(upstream, [batch, seq, hidden]), &device());
     let y = qwen_model::ops::embedding(table.clone(), ids);
-    let grads = (y.clone() * upstream).sum().backward();
+    // The table is also read after the lookup, as a tied lm_head reads it: the lookup's rows
+    // are added into that gradient (in place, by the kernel).
+    let tied = table.clone().flip([0]).detach();
+    let grads = ((y.clone() * upstream).sum() + (table.clone() * tied.clone()).sum()).backward();
     let out = [
         values(y.inner()),
         values(table.grad(&grads).expect("the table's gradient")),
+        values(tied.inner()),
     ];
     set_kernel_body(KernelBody::default());
     out
@@ -492,8 +498,8 @@ fn embedding_gradient_is_the_same_with_the_kernel() {
     assert_eq!(kernel[0], tensor_ops[0], "the lookup");
     let diff = relative_diff(&kernel[1], &tensor_ops[1]);
     assert!(diff <= 1e-5, "the table's gradient: {diff}");
-    // Rows no id uses stay exactly zero.
-    assert!(kernel[1][30 * 24..].iter().all(|&x| x == 0.0));
+    // Rows no id uses get exactly the tied reader's gradient (its multiplier).
+    assert_eq!(kernel[1][30 * 24..], kernel[2][30 * 24..]);
 }
 
 /// `swiglu` on `gate`, `up` `[rows, cols]` under autodiff with the given body: the output and

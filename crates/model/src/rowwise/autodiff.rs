@@ -108,11 +108,12 @@ impl<B: RowwiseBackend> Backward<B, 1> for RotaryBackward {
 
 /// The backward step of an embedding lookup; its one parent is the table.
 #[derive(Debug)]
-struct EmbeddingBackward;
+struct EmbeddingBackward<C>(PhantomData<C>);
 
-impl<B: RowwiseBackend> Backward<B, 1> for EmbeddingBackward {
-    /// The ids, and the table's row count and dtype.
-    type State = (IntTensor<B>, usize, DType);
+impl<B: RowwiseBackend, C: CheckpointStrategy> Backward<B, 1> for EmbeddingBackward<C> {
+    /// The ids, the tracked table (its gradient so far is taken from it: a tied lm_head's,
+    /// which the rows are added into) and the table's row count and dtype.
+    type State = (IntTensor<B>, FloatTensor<Autodiff<B, C>>, usize, DType);
 
     fn backward(
         self,
@@ -122,11 +123,12 @@ impl<B: RowwiseBackend> Backward<B, 1> for EmbeddingBackward {
     ) {
         let [node_weight] = ops.parents;
         let grad = grads.consume::<B>(&ops.node); // [n, hidden]
-        let (ids, vocab, dtype) = ops.state;
+        let (ids, table, vocab, dtype) = ops.state;
         if let Some(node) = node_weight {
+            let acc = crate::grads::take::<B, C>(grads, &table);
             grads.register::<B>(
                 node.id,
-                B::token_embedding_backward(grad, ids, vocab, dtype),
+                B::token_embedding_backward(grad, ids, vocab, dtype, acc),
             );
         }
     }
@@ -188,15 +190,15 @@ impl<B: RowwiseBackend, C: CheckpointStrategy> RowwiseBackend for Autodiff<B, C>
     }
 
     fn token_embedding(weight: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
-        let prepared = EmbeddingBackward
+        let prepared = EmbeddingBackward::<C>(PhantomData)
             .prepare::<C>([weight.node.clone()])
             .compute_bound()
             .stateful();
         match prepared {
             OpsKind::Tracked(prep) => {
                 let (vocab, dtype) = (weight.primitive.shape()[0], weight.primitive.dtype());
-                let y = B::token_embedding(weight.primitive, ids.clone());
-                prep.finish((ids, vocab, dtype), y)
+                let y = B::token_embedding(weight.primitive.clone(), ids.clone());
+                prep.finish((ids, weight, vocab, dtype), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::token_embedding(weight.primitive, ids)),
         }

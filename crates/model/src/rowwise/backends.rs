@@ -121,15 +121,23 @@ mod cube {
             ids: CubeTensor<R>,
             vocab: usize,
             dtype: DType,
+            acc: Option<CubeTensor<R>>,
         ) -> CubeTensor<R> {
             if !Self::rowwise_kernel_runs(Kernel::Embedding) {
-                return tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype);
+                return tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype, acc);
             }
-            let out = cube::embedding_backward(grad, ids, vocab);
-            match dtype {
-                DType::F32 => out,
-                _ => Self::float_cast(out, dtype.into()),
+            let hidden = grad.meta.shape()[1];
+            // The rows go straight into an accumulator that can take them; any other is added
+            // after.
+            let (start, rest) = match acc {
+                Some(acc) if cube::embedding_adds_into(&acc, [vocab, hidden]) => (Some(acc), None),
+                acc => (None, acc),
+            };
+            let mut out = cube::embedding_backward(grad, ids, vocab, start);
+            if let Some(acc) = rest {
+                out = Self::float_add(out, qwen_gemm::cast_to::<Self>(acc, DType::F32));
             }
+            qwen_gemm::cast_to::<Self>(out, dtype)
         }
 
         fn has_rowwise_kernels() -> bool {
@@ -183,8 +191,12 @@ mod fusion {
         RmsNormBackwardX { accumulate: bool },
         /// `[x, cos, sin] -> [y]`
         Rotary { backward: bool },
-        /// `[grad, ids (int)] -> [table gradient]`
-        EmbeddingBackward { vocab: usize, dtype: DType },
+        /// `[grad, ids (int)] -> [table gradient]`, or `[grad, ids, acc] -> [acc + table gradient]`
+        EmbeddingBackward {
+            vocab: usize,
+            dtype: DType,
+            accumulate: bool,
+        },
         /// `[gate, up, grad] -> [d gate, d up]`
         SwigluBackward,
         /// `[x, rstd, grad] -> [weight gradient]`
@@ -203,7 +215,12 @@ mod fusion {
                 }
                 Self::Rotary { backward: false } => "qwen_model::rotary",
                 Self::Rotary { backward: true } => "qwen_model::rotary_backward",
-                Self::EmbeddingBackward { .. } => "qwen_model::embedding_backward",
+                Self::EmbeddingBackward {
+                    accumulate: false, ..
+                } => "qwen_model::embedding_backward",
+                Self::EmbeddingBackward {
+                    accumulate: true, ..
+                } => "qwen_model::embedding_backward_add",
                 Self::SwigluBackward => "qwen_model::swiglu_backward",
                 Self::RmsNormWeightGrad => "qwen_model::rms_norm_weight_grad",
                 Self::SumRows => "qwen_model::sum_rows",
@@ -220,15 +237,20 @@ mod fusion {
 
     impl<B: FusionBackend + RowwiseBackend> Operation<B::FusionRuntime> for RowOp<B> {
         fn execute(&self, handles: &mut Handles<B>) {
-            if let Kind::EmbeddingBackward { vocab, dtype } = self.kind {
-                let [grad, ids] = &self.desc.inputs[..] else {
-                    unreachable!("the embedding's gradient takes two inputs")
+            if let Kind::EmbeddingBackward { vocab, dtype, .. } = self.kind {
+                let (grad, ids, acc) = match &self.desc.inputs[..] {
+                    [grad, ids] => (grad, ids, None),
+                    [grad, ids, acc] => (grad, ids, Some(acc)),
+                    _ => unreachable!("the embedding's gradient takes two or three inputs"),
                 };
                 let (grad, ids) = (
                     handles.get_float_tensor::<B>(grad),
                     handles.get_int_tensor::<B>(ids),
                 );
-                let out = B::token_embedding_backward(grad, ids, vocab, dtype);
+                // The accumulator's last reader is this op: fusion hands its handle over, so
+                // the inner backend can add into it in place.
+                let acc = acc.map(|acc| handles.get_float_tensor::<B>(acc));
+                let out = B::token_embedding_backward(grad, ids, vocab, dtype, acc);
                 handles.register_float_tensor::<B>(&self.desc.outputs[0].id, out);
                 return;
             }
@@ -423,13 +445,20 @@ mod fusion {
             ids: IntTensor<Self>,
             vocab: usize,
             dtype: DType,
+            acc: Option<FloatTensor<Self>>,
         ) -> FloatTensor<Self> {
             if !B::rowwise_kernel_runs(Kernel::Embedding) {
-                return tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype);
+                return tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype, acc);
             }
             let hidden = grad.shape.as_slice()[1];
-            let kind = Kind::EmbeddingBackward { vocab, dtype };
-            let mut out = register::<B>(kind, vec![grad, ids], vec![(vec![vocab, hidden], dtype)]);
+            let kind = Kind::EmbeddingBackward {
+                vocab,
+                dtype,
+                accumulate: acc.is_some(),
+            };
+            let mut inputs = vec![grad, ids];
+            inputs.extend(acc);
+            let mut out = register::<B>(kind, inputs, vec![(vec![vocab, hidden], dtype)]);
             out.pop().expect("the table's gradient")
         }
 

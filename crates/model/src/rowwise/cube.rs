@@ -862,23 +862,56 @@ fn embedding_term<E: Float, I: Int>(
     (row * out_stride + c, value)
 }
 
-/// The gradient of an embedding lookup, `[vocab, hidden]` f32: zeros, then each row of `grad`
-/// added into its id's row atomically (rows of one token add in any order).
+/// Whether the embedding's gradient can be added into `acc` in place: f32, `[vocab, hidden]`,
+/// contiguous and held nowhere else.
+pub fn embedding_adds_into<R: CubeRuntime>(
+    acc: &CubeTensor<R>,
+    [vocab, hidden]: [usize; 2],
+) -> bool {
+    acc.dtype == DType::F32
+        && acc.meta.shape().as_slice() == [vocab, hidden]
+        && acc.is_contiguous()
+        && acc.can_mut()
+}
+
+/// The gradient of an embedding lookup, `[vocab, hidden]` f32: zeros, or `start` (the table's
+/// gradient so far, a tied lm_head's, that [`embedding_adds_into`] passes), then each row of
+/// `grad` added into its id's row atomically (rows of one token add in any order).
 pub fn embedding_backward<R: CubeRuntime>(
     grad: CubeTensor<R>,
     ids: CubeTensor<R>,
     vocab: usize,
+    start: Option<CubeTensor<R>>,
 ) -> CubeTensor<R> {
     let dims = grad.meta.shape().as_slice().to_vec();
     let [rows, hidden] = dims[..] else {
         panic!("embedding_backward: grad must be [n, hidden], not {dims:?}")
     };
-    let out = burn_cubecl::ops::numeric::zeros_client(
-        grad.client.clone(),
-        grad.device.clone(),
-        Shape::new([vocab, hidden]),
-        DType::F32,
-    );
+    let out = match start {
+        Some(start) => {
+            assert!(
+                embedding_adds_into(&start, [vocab, hidden]),
+                "embedding_backward: the start cannot be added into in place"
+            );
+            start
+        }
+        None => burn_cubecl::ops::numeric::zeros_client(
+            grad.client.clone(),
+            grad.device.clone(),
+            Shape::new([vocab, hidden]),
+            DType::F32,
+        ),
+    };
+    scatter_rows(grad, ids, out, [rows, hidden])
+}
+
+/// Each row of `grad` `[rows, hidden]` added into its id's row of `out` (f32) atomically.
+fn scatter_rows<R: CubeRuntime>(
+    grad: CubeTensor<R>,
+    ids: CubeTensor<R>,
+    out: CubeTensor<R>,
+    [rows, hidden]: [usize; 2],
+) -> CubeTensor<R> {
     if rows * hidden == 0 {
         return out;
     }

@@ -160,18 +160,21 @@ pub trait RowwiseBackend: qwen_gemm::GemmBackend {
     }
 
     /// The gradient of an embedding lookup with respect to its table: row `v` is the sum of
-    /// the rows of `grad` whose id is `v`, in `dtype`.
+    /// the rows of `grad` whose id is `v`, summed in f32, in `dtype`. Given `acc` (the table's
+    /// gradient so far: a tied lm_head's), the sum starts from it rather than from zeros; CUDA
+    /// adds the rows into it in place where nothing else holds it.
     ///
     /// # Shapes
-    /// - grad: `[n, hidden]`, ids: `[n]` in `0..vocab`
+    /// - grad: `[n, hidden]`, ids: `[n]` in `0..vocab`, acc: `[vocab, hidden]`
     /// - output: `[vocab, hidden]`
     fn token_embedding_backward(
         grad: FloatTensor<Self>,
         ids: IntTensor<Self>,
         vocab: usize,
         dtype: DType,
+        acc: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype)
+        tensor_ops::embedding_backward::<Self>(grad, ids, vocab, dtype, acc)
     }
 
     /// The differentiable embedding lookup (rows `ids` of `weight`): on `Autodiff<B>` one node
@@ -300,18 +303,23 @@ pub(crate) mod tensor_ops {
             .tensor()
     }
 
-    /// Zeros, then each row of `grad` added into its id's row (burn's `select_add`), in f32,
-    /// cast to `dtype`.
+    /// Zeros (or `acc`), then each row of `grad` added into its id's row (burn's
+    /// `select_add`), in f32, cast to `dtype`.
     pub fn embedding_backward<B: Backend>(
         grad: FloatTensor<B>,
         ids: IntTensor<B>,
         vocab: usize,
         dtype: DType,
+        acc: Option<FloatTensor<B>>,
     ) -> FloatTensor<B> {
         let grad = float::<B, 2>(grad).cast(FloatDType::F32);
         let [_, hidden] = grad.dims();
         let ids = Tensor::<B, 1, Int>::from_primitive(ids);
-        Tensor::<B, 2>::zeros([vocab, hidden], (&grad.device(), DType::F32))
+        let start = match acc {
+            Some(acc) => float::<B, 2>(acc).cast(FloatDType::F32),
+            None => Tensor::<B, 2>::zeros([vocab, hidden], (&grad.device(), DType::F32)),
+        };
+        start
             .select_assign(0, ids, grad, IndexingUpdateOp::Add)
             .cast(dtype)
             .into_primitive()
@@ -523,6 +531,36 @@ mod tests {
                 "{dtype:?}: dx {ex}, dw {ew}"
             );
         }
+    }
+
+    /// The embedding node against autodiff of burn's `select`, with the table also read after
+    /// the lookup (as a tied lm_head reads it): the lookup's rows are added into the gradient
+    /// that reader gave the table.
+    #[test]
+    fn embedding_node_adds_into_a_tied_readers_gradient() {
+        let device = Default::default();
+        let table = Tensor::<Ad, 2>::random([10, 6], Distribution::Default, &device).require_grad();
+        let ids = Tensor::<Ad, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(vec![3i64, 1, 3, 9, 0, 3], [2, 3]),
+            &device,
+        );
+        let upstream = Tensor::<Ad, 3>::random([2, 3, 6], Distribution::Default, &device);
+        let tied = Tensor::<Ad, 2>::random([10, 6], Distribution::Default, &device);
+        let run = |ours: bool| {
+            let y = if ours {
+                ops::embedding(table.clone(), ids.clone())
+            } else {
+                table
+                    .clone()
+                    .select(0, ids.clone().reshape([6]))
+                    .reshape([2, 3, 6])
+            };
+            let loss = (y * upstream.clone()).sum() + (table.clone() * tied.clone()).sum();
+            table.grad(&loss.backward()).unwrap()
+        };
+        run(true)
+            .into_data()
+            .assert_approx_eq::<f32>(&run(false).into_data(), Tolerance::default());
     }
 
     /// The lean SwiGLU node against autodiff of `silu(gate) * up`.
