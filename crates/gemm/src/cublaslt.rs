@@ -38,7 +38,7 @@ use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeRuntime;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, empty_device_dtype};
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig, MatmulShared};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
@@ -207,7 +207,15 @@ fn gemm_cuda(
     } else {
         a.layout.cols
     };
-    let c = empty_device_dtype(a.tensor.client.clone(), a.tensor.device.clone(), shape, out);
+    // Rows packed where that keeps them 16-byte aligned (every model width here): a pitched
+    // buffer (cubecl's default layout) would make later reshapes that merge its dimensions
+    // copy it.
+    let (client, device) = (a.tensor.client.clone(), a.tensor.device.clone());
+    let c = if (n * out.size()).is_multiple_of(16) {
+        empty_device_contiguous_dtype(client, device, shape, out)
+    } else {
+        empty_device_dtype(client, device, shape, out)
+    };
     let c = Operand::strided(&c)?;
     // The accumulator is cuBLASLt's C, read with the output's layout.
     let acc = match acc {

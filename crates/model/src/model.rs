@@ -98,10 +98,15 @@ impl<B: Backend> Qwen2Mlp<B> {
 impl<B: LinearBackend + RowwiseBackend> Qwen2Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
-        // One [rows, hidden] view that both projections read (see `ops::linear`).
-        let x = x.reshape([batch * seq, hidden]);
+        self.forward_rows(x.reshape([batch * seq, hidden]))
+            .reshape([batch, seq, hidden])
+    }
+
+    /// [`forward`](Self::forward) on `[rows, hidden]`: both projections read the one `x`
+    /// (see `ops::linear`).
+    pub fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let gated = ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(gated).reshape([batch, seq, hidden])
+        self.down_proj.forward(gated)
     }
 }
 
@@ -157,9 +162,22 @@ impl<B: AttentionBackend> Qwen2Attention<B> {
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
-        let d = self.head_dim;
-        // One [rows, hidden] view that q, k and v read (see `ops::linear`).
         let x = x.reshape([batch * seq, hidden]);
+        self.forward_rows(x, [batch, seq], rope, mask, cache)
+            .reshape([batch, seq, hidden])
+    }
+
+    /// [`forward`](Self::forward) on the `[batch * seq, hidden]` rows of `[batch, seq]`: q, k
+    /// and v read the one `x` (see `ops::linear`).
+    pub fn forward_rows(
+        &self,
+        x: Tensor<B, 2>,
+        [batch, seq]: [usize; 2],
+        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        mask: &AttentionMask<B>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 2> {
+        let d = self.head_dim;
         // [batch * seq, heads * d] -> [batch, seq, heads, d], per-head norm (Qwen3), then
         // [batch, heads, seq, d]
         let split = |t: Tensor<B, 2>, heads: usize, norm: Option<&RmsNorm<B>>| {
@@ -188,11 +206,10 @@ impl<B: AttentionBackend> Qwen2Attention<B> {
             Some(cache) => cache.append(k, v),
             None => (k, v),
         };
-        // [batch, heads, seq, d] -> [batch, seq, heads * d]
-        let out =
-            ops::attention(q, k, v, mask)
-                .swap_dims(1, 2)
-                .reshape([batch, seq, self.num_heads * d]);
+        // [batch, heads, seq, d] -> [batch * seq, heads * d]
+        let out = ops::attention(q, k, v, mask)
+            .swap_dims(1, 2)
+            .reshape([batch * seq, self.num_heads * d]);
         self.o_proj.forward(out)
     }
 }
@@ -226,21 +243,29 @@ impl<B: AttentionBackend> Qwen2DecoderLayer<B> {
         mask: &AttentionMask<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let dims = x.dims();
-        let [batch, seq, hidden] = dims;
-        // The residual stream as [rows, hidden] views: each norm reads the very tensor that its
-        // residual addition reads, so that the norm's backward adds the two gradients as it
-        // writes its own (`ops::rms_norm`).
+        let [batch, seq, hidden] = x.dims();
         let x = x.reshape([batch * seq, hidden]);
-        let normed = self.input_layernorm.forward(x.clone()).reshape(dims);
-        let attended = self.self_attn.forward(normed, rope, mask, cache);
-        let x = x + attended.reshape([batch * seq, hidden]);
-        let normed = self
-            .post_attention_layernorm
-            .forward(x.clone())
-            .reshape(dims);
-        let mlp_out = self.mlp.forward(normed);
-        (x + mlp_out.reshape([batch * seq, hidden])).reshape(dims)
+        self.forward_rows(x, [batch, seq], rope, mask, cache)
+            .reshape([batch, seq, hidden])
+    }
+
+    /// [`forward`](Self::forward) on the residual stream as `[batch * seq, hidden]` rows:
+    /// each norm reads the very tensor that its residual addition reads, so that the norm's
+    /// backward adds the two gradients as it writes its own (`ops::rms_norm`), and the model
+    /// passes these rows from layer to layer with no reshape (a reshape that merges the
+    /// dimensions of a pitched buffer copies it).
+    pub fn forward_rows(
+        &self,
+        x: Tensor<B, 2>,
+        dims: [usize; 2],
+        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        mask: &AttentionMask<B>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 2> {
+        let normed = self.input_layernorm.forward(x.clone());
+        let x = x + self.self_attn.forward_rows(normed, dims, rope, mask, cache);
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        x + self.mlp.forward_rows(normed)
     }
 }
 
@@ -524,17 +549,20 @@ impl<B: AttentionBackend> Qwen2ForCausalLM<B> {
                 .with_implementation(self.attention_impl)
         };
 
-        let mut x = ops::embedding(
+        let x = ops::embedding(
             self.model.embed_tokens.weight.val(),
             input.input_ids.clone(),
-        )
-        .cast(self.compute_dtype);
+        );
+        let hidden = x.dims()[2];
+        // The residual stream as rows from here to the final norm (`forward_rows`), reshaped
+        // before the cast, while it is the lookup's packed buffer.
+        let mut x = x.reshape([batch * seq, hidden]).cast(self.compute_dtype);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let mask = mask_for(self.windows[i]);
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, &mask, layer_cache);
+            x = layer.forward_rows(x, [batch, seq], &rope, &mask, layer_cache);
         }
-        self.model.norm.forward(x)
+        self.model.norm.forward(x).reshape([batch, seq, hidden])
     }
 
     /// Logits for every position.
