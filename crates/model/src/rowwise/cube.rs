@@ -493,6 +493,10 @@ const SUM_COLUMN_UNITS: usize = 32;
 const SUM_ROW_UNITS: usize = 8;
 /// Cubes a column sum aims at: about four per SM of an H200, whatever the column count.
 const SUM_CUBES: usize = 512;
+/// The most parts whose cubes add into one row of sums by atomics: each column's value takes
+/// one atomic addition per part, and those to one address wait on each other (at 256 parts a
+/// `[16384, 128]` bf16 sum, 4 MB, took 16 us on the H200, s19 call 3).
+const SUM_ATOMIC_PARTS: usize = 32;
 /// The fewest rows of a part: eight for each of a cube's row units.
 const SUM_MIN_PART_ROWS: usize = 8 * SUM_ROW_UNITS;
 /// The widest vector of any dtype (8 bf16 in 16 bytes), for the sums' shared buffer.
@@ -682,8 +686,9 @@ fn norm_weight_sums_atomic_kernel<E: Float, N: Size>(
 
 /// Column sums of `x` `[rows, cols]` (or, given `norm = (x, rstd)`, of RMSNorm's
 /// weight-gradient terms of `grad = x` here and those), as `[parts, cols]` f32: the parts'
-/// sum is the whole sum. Parts are chosen so that the grid has about [`SUM_CUBES`] cubes, each
-/// part at least [`SUM_MIN_PART_ROWS`] rows. Where the runtime adds f32 atomically (CUDA), the
+/// sum is the whole sum. Parts are chosen so that the grid has about [`SUM_CUBES`] cubes (at
+/// most [`SUM_ATOMIC_PARTS`] parts where they add atomically), each part at least
+/// [`SUM_MIN_PART_ROWS`] rows. Where the runtime adds f32 atomically (CUDA), the
 /// parts' cubes add into one row of zeros, and `parts` is 1: one kernel (and the zeros' fill)
 /// instead of a second stage, which for a few hundred columns is a kernel of its own each time
 /// (about 10 us on the H200 against 2 for the fill).
@@ -714,10 +719,13 @@ pub fn column_sums<R: CubeRuntime>(
         None => vector_size(&[&x], cols),
     };
     let column_cubes = (cols / vector_size).div_ceil(SUM_COLUMN_UNITS);
-    let parts = SUM_CUBES.div_ceil(column_cubes).clamp(1, rows.max(1));
+    let atomic = adds_f32_atomically(&x.client);
+    let mut parts = SUM_CUBES.div_ceil(column_cubes).clamp(1, rows.max(1));
+    if atomic {
+        parts = parts.min(SUM_ATOMIC_PARTS);
+    }
     let rows_per_part = rows.div_ceil(parts).max(SUM_MIN_PART_ROWS);
     let parts = rows.div_ceil(rows_per_part).max(1);
-    let atomic = adds_f32_atomically(&x.client);
     let out_rows = if atomic { 1 } else { parts };
     let zeros = || {
         burn_cubecl::ops::numeric::zeros_client(
