@@ -130,7 +130,6 @@ where
         transpose_b: bool,
         acc: burn_cubecl::tensor::CubeTensor<R>,
     ) -> burn_cubecl::tensor::CubeTensor<R> {
-        use burn::tensor::ops::FloatTensorOps;
         let shape = crate::gemm_shape(a.meta.shape(), b.meta.shape(), transpose_a, transpose_b);
         let k = crate::inner_dim(a.meta.shape(), transpose_a);
         if crate::takes_picked_body(&shape, k)
@@ -147,8 +146,7 @@ where
         {
             return sum;
         }
-        let product = Self::gemm_to(a, b, transpose_a, transpose_b, acc.dtype);
-        Self::float_add(acc, product)
+        crate::gemm_add_reference::<Self>(a, b, transpose_a, transpose_b, acc)
     }
 
     #[cfg(feature = "cublaslt")]
@@ -309,15 +307,13 @@ mod fusion {
             transpose_b: bool,
             acc: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
-            use burn::tensor::ops::FloatTensorOps;
             let shape = gemm_shape(&a.shape, &b.shape, transpose_a, transpose_b);
             let k = inner_dim(&a.shape, transpose_a);
             if B::gemm_name() == GemmBody::Burn.name()
                 || !takes_picked_body(&shape, k)
                 || acc.shape != shape
             {
-                let product = Self::gemm_to(a, b, transpose_a, transpose_b, acc.dtype);
-                return Self::float_add(acc, product);
+                return crate::gemm_add_reference::<Self>(a, b, transpose_a, transpose_b, acc);
             }
             let client = a.client.clone();
             let streams = OperationStreams::with_inputs([&a, &b, &acc]);

@@ -96,8 +96,7 @@ pub trait GemmBackend: Backend {
         transpose_b: bool,
         acc: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let product = Self::gemm_to(a, b, transpose_a, transpose_b, acc.dtype());
-        Self::float_add(acc, product)
+        gemm_add_reference::<Self>(a, b, transpose_a, transpose_b, acc)
     }
 
     /// The body that runs [`gemm`](Self::gemm) here: a [`GemmBody::name`].
@@ -203,6 +202,19 @@ pub fn set_gemm_min_flops(flops: u64) {
 /// The size set by [`set_gemm_min_flops`].
 pub fn gemm_min_flops() -> u64 {
     MIN_FLOPS.load(Ordering::Relaxed)
+}
+
+/// The body of [`GemmBackend::gemm_add`] for a backend whose products do not add into an
+/// accumulator: the product in `acc`'s dtype ([`GemmBackend::gemm_to`]), then an addition.
+pub fn gemm_add_reference<B: GemmBackend>(
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    transpose_a: bool,
+    transpose_b: bool,
+    acc: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let product = B::gemm_to(a, b, transpose_a, transpose_b, acc.dtype());
+    B::float_add(acc, product)
 }
 
 /// `t` in `dtype`, untouched where it already is.

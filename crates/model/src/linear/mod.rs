@@ -9,9 +9,11 @@
 //!
 //! [`LinearBackend::dense`] is the differentiable `x @ w^T`: on `Autodiff<B>` it registers one
 //! backward node that calls `B::gemm` twice, so the fast kernel serves the backward pass too.
-//! Autodiff keeps `x` and `w`, as burn's own matmul node does. The body of `gemm` (burn's
-//! matmul, or cuBLASLt on CUDA with the `cublaslt` feature) is qwen-gemm's business; its
-//! switch is re-exported here.
+//! Autodiff keeps `x` and `w`, as burn's own matmul node does. Where `x` has other readers
+//! whose gradients are registered already (q, k and v read one `x`), `dx` is added to theirs by
+//! the product itself ([`GemmBackend::gemm_add`]), not by an addition of its own. The body of
+//! `gemm` (burn's matmul, or cuBLASLt on CUDA with the `cublaslt` feature) is qwen-gemm's
+//! business; its switch is re-exported here.
 
 mod autodiff;
 mod backends;
