@@ -18,13 +18,21 @@ pub(crate) fn register<B: Backend, const N: usize>(
     }
 }
 
-/// Takes the gradient registered so far for the tracked tensor `of` out of `grads`, if any: a
-/// node that adds its own share into it in one kernel (a product with `beta = 1`, say) then
-/// registers the sum, where `Gradients::register` would add the two in a kernel of its own.
-/// Whatever registers later adds to that sum as usual.
+/// Takes the gradient registered so far for the tracked tensor `of` (node `id`) out of
+/// `grads`, if any and if it `fits` the taker: a node that adds its own share into it in one
+/// kernel (a product with `beta = 1`, say) then registers the sum, where
+/// `Gradients::register` would add the two in a kernel of its own. One that does not fit stays
+/// registered, to be added as usual; so does whatever registers later.
 pub(crate) fn take<B: Backend, C: CheckpointStrategy>(
     grads: &mut Gradients,
     of: &FloatTensor<Autodiff<B, C>>,
+    id: NodeId,
+    fits: impl FnOnce(&FloatTensor<B>) -> bool,
 ) -> Option<FloatTensor<B>> {
-    grads.remove::<B>(of)
+    let acc = grads.remove::<B>(of)?;
+    if fits(&acc) {
+        return Some(acc);
+    }
+    grads.register::<B>(id, acc);
+    None
 }

@@ -45,12 +45,9 @@ impl<B: LinearBackend, C: CheckpointStrategy> Backward<B, 2> for LinearBackward<
             // [rows, out] @ [out, in], added by the product itself to what x's other readers
             // gave it so far (q, k and v read one x; gate and up another)
             let w = B::cast_param(w, compute);
-            let grad_x = match crate::grads::take::<B, C>(grads, &tracked_x) {
-                Some(acc) if acc.dtype() == compute => B::gemm_add(grad, w, false, false, acc),
-                Some(acc) => {
-                    grads.register::<B>(node.id, acc);
-                    B::gemm(grad, w, false, false)
-                }
+            let fits = |acc: &FloatTensor<B>| acc.dtype() == compute;
+            let grad_x = match crate::grads::take::<B, C>(grads, &tracked_x, node.id, fits) {
+                Some(acc) => B::gemm_add(grad, w, false, false, acc),
                 None => B::gemm(grad, w, false, false),
             };
             grads.register::<B>(node.id, grad_x);

@@ -35,20 +35,10 @@ impl<B: RowwiseBackend, C: CheckpointStrategy> Backward<B, 2> for RmsNormBackwar
         let (tracked_x, rstd, weight) = ops.state;
         let x = tracked_x.primitive.clone();
         let request = [node_x.is_some(), node_weight.is_some()];
-        let acc = match node_x {
-            Some(_) => crate::grads::take::<B, C>(grads, &tracked_x),
-            None => None,
-        };
-        // An accumulator the kernel cannot take goes back to be added as usual.
-        let acc = match acc {
-            Some(acc) if acc.dtype() == x.dtype() && acc.shape() == x.shape() => Some(acc),
-            Some(acc) => {
-                let id = node_x.as_ref().expect("taken for a tracked x").id;
-                grads.register::<B>(id, acc);
-                None
-            }
-            None => None,
-        };
+        let fits = |acc: &FloatTensor<B>| acc.dtype() == x.dtype() && acc.shape() == x.shape();
+        let acc = node_x
+            .as_ref()
+            .and_then(|node| crate::grads::take::<B, C>(grads, &tracked_x, node.id, fits));
         let [dx, dw] = B::rms_norm_backward(x, rstd, weight, grad, request, acc);
         crate::grads::register::<B, 2>(
             grads,
@@ -125,7 +115,8 @@ impl<B: RowwiseBackend, C: CheckpointStrategy> Backward<B, 1> for EmbeddingBackw
         let grad = grads.consume::<B>(&ops.node); // [n, hidden]
         let (ids, table, vocab, dtype) = ops.state;
         if let Some(node) = node_weight {
-            let acc = crate::grads::take::<B, C>(grads, &table);
+            // Any dtype or layout: the backend adds what it cannot add into.
+            let acc = crate::grads::take::<B, C>(grads, &table, node.id, |_| true);
             grads.register::<B>(
                 node.id,
                 B::token_embedding_backward(grad, ids, vocab, dtype, acc),

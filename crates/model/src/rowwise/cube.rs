@@ -689,7 +689,7 @@ fn norm_weight_sums_atomic_kernel<E: Float, N: Size>(
 /// sum is the whole sum. Parts are chosen so that the grid has about [`SUM_CUBES`] cubes (at
 /// most [`SUM_ATOMIC_PARTS`] parts where they add atomically), each part at least
 /// [`SUM_MIN_PART_ROWS`] rows. Where the runtime adds f32 atomically (CUDA), the
-/// parts' cubes add into one row of zeros, and `parts` is 1: one kernel (and the zeros' fill)
+/// parts' cubes add into one row of zeros, the whole sum: one kernel (and the zeros' fill)
 /// instead of a second stage, which for a few hundred columns is a kernel of its own each time
 /// (about 10 us on the H200 against 2 for the fill).
 pub fn column_sums<R: CubeRuntime>(
